@@ -1,0 +1,1 @@
+"""STDiT-style text-to-video diffusion: training on clips with captions and sampling to mp4."""

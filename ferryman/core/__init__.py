@@ -1,0 +1,1 @@
+"""App-agnostic machinery: configs, CLI helpers, parallelism, chunking, memory placement."""

@@ -1,0 +1,29 @@
+"""Process groups and the collectives of dynamic axial parallelism (DAP) and sequence parallelism."""
+
+from ferryman.core.parallel.collectives import (
+    AsyncHandle,
+    all_to_all,
+    all_to_all_async,
+    gather,
+    gather_async,
+    pad_to_multiple,
+    scatter,
+    wait,
+)
+from ferryman.core.parallel.dims import ParallelDims, grid_groups, init_parallel
+from ferryman.core.parallel.launch import run_distributed
+
+__all__ = [
+    "AsyncHandle",
+    "ParallelDims",
+    "all_to_all",
+    "all_to_all_async",
+    "gather",
+    "gather_async",
+    "grid_groups",
+    "init_parallel",
+    "pad_to_multiple",
+    "run_distributed",
+    "scatter",
+    "wait",
+]

@@ -1,0 +1,25 @@
+"""Test harness: Triton's interpreter on CPU-only machines, and the gpu/distributed/slow markers."""
+
+import os
+
+import pytest
+import torch
+
+# Must happen before anything imports ferryman.kernels: Triton decides at kernel definition
+# time whether it runs compiled or interpreted.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

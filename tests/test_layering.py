@@ -1,0 +1,111 @@
+"""Imports point one way: ferryman.kernels <- ferryman.core <- ferryman.apps.<app>; apps are independent."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import ferryman
+
+ROOT = Path(ferryman.__file__).parent
+HEAVY = {"diffusers", "transformers", "av", "decord", "Bio", "openmm", "pdbfixer", "matplotlib", "peft"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported module, imported at module level) for every import in a file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    top_level = {id(node) for node in tree.body}
+    for node in tree.body:  # imports guarded by try/if at module level still run at import time
+        if isinstance(node, ast.Try | ast.If):
+            top_level.update(id(n) for n in ast.walk(node))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in top_level) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                name = ".".join([*base, node.module] if node.module else base)
+            else:
+                name = node.module or ""
+            found.append((name, id(node) in top_level))
+    return found
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] != "ferryman" or len(parts) == 1:
+        return "root"
+    if parts[1] == "apps" and len(parts) > 2:
+        return f"apps.{parts[2]}"
+    return parts[1]
+
+
+def _violations() -> list[str]:
+    bad = []
+    for path in sorted(ROOT.rglob("*.py")):
+        here = _layer(_module_name(path))
+        for target, _ in _imports(path):
+            if not target.startswith("ferryman."):
+                continue
+            there = _layer(target)
+            if here == "kernels" and there not in ("kernels",):
+                bad.append(f"{path}: kernels imports {target}")
+            elif here == "core" and there.startswith("apps"):
+                bad.append(f"{path}: core imports {target}")
+            elif here.startswith("apps.") and there.startswith("apps.") and there != here:
+                bad.append(f"{path}: {here} imports {target}")
+    return bad
+
+
+def test_imports_point_one_way():
+    assert _violations() == []
+
+
+def test_core_and_kernels_never_import_heavy_app_dependencies():
+    bad = [
+        f"{path}: {target}"
+        for layer in ("core", "kernels")
+        for path in sorted((ROOT / layer).rglob("*.py"))
+        for target, _ in _imports(path)
+        if target.split(".")[0] in HEAVY
+    ]
+    assert bad == []
+
+
+def test_apps_import_heavy_dependencies_lazily():
+    bad = [
+        f"{path}: {target}"
+        for path in sorted((ROOT / "apps").rglob("*.py"))
+        for target, top_level in _imports(path)
+        if top_level and target.split(".")[0] in HEAVY
+    ]
+    assert bad == [], "import these inside the function that needs them"
+
+
+def test_importing_the_package_and_clis_loads_no_heavy_dependency():
+    code = (
+        "import sys, ferryman.cli, ferryman.core.parallel, ferryman.core.config, ferryman.core.chunking\n"
+        "import ferryman.apps.fastfold.cli, ferryman.apps.opensora.cli\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(HEAVY)!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_checker_catches_a_bad_import(tmp_path, monkeypatch):
+    fake = tmp_path / "ferryman"
+    (fake / "core").mkdir(parents=True)
+    (fake / "apps" / "a").mkdir(parents=True)
+    (fake / "core" / "x.py").write_text("from ferryman.apps.a import thing\n")
+    (fake / "apps" / "a" / "y.py").write_text("def f():\n    from ..b import z\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
+    found = _violations()
+    assert any("core imports ferryman.apps.a" in v for v in found)
+    assert any("apps.a imports ferryman.apps.b" in v for v in found)
