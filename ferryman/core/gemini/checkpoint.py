@@ -1,0 +1,138 @@
+"""Sharded Gemini checkpoints: each rank writes its chunk shards; any layout and world size reads them.
+
+Folder layout::
+
+    gemini.json                    layout: world size, per chunk its parameters (name, offset,
+                                   numel, shape), trainable flag; loss-scaler state
+    shard-00000-of-00002.safetensors   rank 0's shards: c{i}.master, c{i}.exp_avg, c{i}.exp_avg_sq,
+                                   c{i}.step (trainable chunks), c{i}.shard (frozen), buffer.<name>
+
+Loading reassembles per-parameter tensors from every shard file and repacks them in the current
+layout, so a run may resume on a different number of ranks or with different chunk sizes.
+Everything is safetensors and JSON: no pickled code is run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from ferryman.core.errors import UserError
+from ferryman.core.gemini.state import MOMENTS, optim_state
+from ferryman.core.io import atomic_path, write_text
+
+LAYOUT = "gemini.json"
+
+
+def _shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def save_sharded(engine, folder: str | Path) -> None:
+    """Write this rank's shards (every rank calls it) and, on rank 0, the layout file."""
+    folder = Path(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    for chunk in engine.chunks:
+        key = f"c{chunk.index}"
+        if chunk.master is None:
+            tensors[f"{key}.shard"] = chunk.shard.detach().cpu()
+            continue
+        tensors[f"{key}.master"] = chunk.master.detach().cpu()
+        state = optim_state(engine, chunk)
+        for moment in MOMENTS:
+            if state:
+                tensors[f"{key}.{moment}"] = state[moment].cpu()
+        if state:
+            tensors[f"{key}.step"] = state["step"].reshape(1).float().cpu()
+    if engine.rank == 0:
+        tensors |= {f"buffer.{n}": b.detach().cpu() for n, b in engine.module.named_buffers()}
+    with atomic_path(folder / _shard_name(engine.rank, engine.world)) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    if engine.rank == 0:
+        layout = {
+            "format": "ferryman-gemini-1",
+            "world_size": engine.world,
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "loss_scale": engine.scaler.scale,
+            "calm_steps": engine.scaler.calm_steps,
+            "aliases": engine.aliases,
+            "chunks": [
+                {
+                    "numel": c.numel,
+                    "trainable": c.trainable,
+                    "params": [[s.name, s.offset, s.numel, list(s.shape)] for s in c.slots],
+                }
+                for c in engine.chunks
+            ],
+        }
+        write_text(folder / LAYOUT, json.dumps(layout, indent=1))
+    if engine.group is not None:
+        dist.barrier(group=engine.group)
+
+
+def read_layout(folder: str | Path) -> dict:
+    path = Path(folder) / LAYOUT
+    if not path.is_file():
+        raise UserError(f"{path}: not found; is {folder} a Gemini checkpoint folder?")
+    try:
+        layout = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if layout.get("format") != "ferryman-gemini-1":
+        raise UserError(f"{path}: unknown format {layout.get('format')!r}")
+    return layout
+
+
+def read_full(folder: str | Path) -> tuple[dict, dict, dict, dict]:
+    """(values, moments, buffers, layout) with per-parameter tensors reassembled from every shard."""
+    folder = Path(folder)
+    layout = read_layout(folder)
+    world = layout["world_size"]
+    files = []
+    for rank in range(world):
+        path = folder / _shard_name(rank, world)
+        if not path.is_file():
+            raise UserError(f"{path}: missing; the checkpoint was written by {world} ranks")
+        files.append(load_file(str(path)))
+    values, moments = {}, {}
+    for index, chunk in enumerate(layout["chunks"]):
+        key = f"c{index}"
+        kind = "master" if chunk["trainable"] else "shard"
+        flat = {name: torch.cat([f[f"{key}.{name}"] for f in files]) for name in (kind, *MOMENTS) if f"{key}.{name}" in files[0]}
+        step = float(files[0][f"{key}.step"][0]) if f"{key}.step" in files[0] else None
+        for name, offset, numel, shape in chunk["params"]:
+            piece = lambda t, o=offset, n=numel, s=shape: t[o : o + n].view(s).clone()  # noqa: E731
+            values[name] = piece(flat[kind])
+            if step is not None:
+                moments[name] = {m: piece(flat[m]) for m in MOMENTS} | {"step": step}
+    buffers = {k.removeprefix("buffer."): v for k, v in files[0].items() if k.startswith("buffer.")}
+    return values, moments, buffers, layout
+
+
+def load_sharded(engine, folder: str | Path) -> None:
+    """Load weights, Adam state, buffers and loss scale into ``engine`` (any saved layout)."""
+    values, moments, buffers, layout = read_full(folder)
+    missing = sorted(set(engine.params) - set(values))
+    if missing:
+        raise UserError(f"{folder}: checkpoint lacks {len(missing)} parameters of this model, e.g. {missing[:3]}")
+    for name, value in values.items():
+        if name in engine.shapes and tuple(value.shape) != engine.shapes[name]:
+            raise UserError(f"{folder}: {name} has shape {tuple(value.shape)}, the model wants {engine.shapes[name]}")
+    engine._build(engine.layout_order, {n: values[n] for n in engine.params}, moments)
+    named = dict(engine.module.named_buffers())
+    for name, value in buffers.items():
+        if name in named:
+            named[name].copy_(value)
+    engine.scaler.scale = float(layout["loss_scale"])
+    engine.scaler.calm_steps = int(layout["calm_steps"])
+
+
+def consolidate(folder: str | Path) -> dict[str, torch.Tensor]:
+    """A plain ``state_dict`` (fp32 master weights and buffers) from a sharded checkpoint folder."""
+    values, _, buffers, layout = read_full(folder)
+    values |= {alias: values[name] for alias, name in layout.get("aliases", {}).items()}
+    return values | buffers

@@ -1,0 +1,118 @@
+"""Packing parameters into flat chunks: which parameter goes where, and how big a chunk is.
+
+Parameters are packed in the order the model uses them (recorded in the warm-up step; module
+registration order before that), never split across chunks, into chunks of one size searched to
+leave the least padding (the chunk-size search of ColossalAI Gemini). Small models are chunked
+too: the size is capped so that there are at least ``min_num_chunks`` chunks whenever the model has
+that many parameters (ColossalAI's fixed 32M-element minimum folds models under ~33M parameters
+into one chunk, which makes offloading all-or-nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class Slot:
+    """One parameter's place in a chunk: elements [offset, offset + numel) of the full chunk."""
+
+    name: str
+    param: nn.Parameter
+    offset: int
+    numel: int
+    shape: tuple[int, ...]
+
+
+@dataclass(kw_only=True)
+class ChunkSpec:
+    """Parameters of one chunk; all share ``trainable`` and ``decay`` so one flat update fits all."""
+
+    slots: list[Slot]
+    numel: int  # padded to a multiple of the alignment (the data-parallel world size at least)
+    trainable: bool
+    decay: bool
+
+    @property
+    def used(self) -> int:
+        return sum(s.numel for s in self.slots)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pack(numels: list[int], chunk_numel: int) -> list[list[int]]:
+    """Greedy packing in order: indices of the parameters in each chunk."""
+    groups: list[list[int]] = []
+    fill = chunk_numel
+    for i, n in enumerate(numels):
+        if fill + n > chunk_numel:
+            groups.append([])
+            fill = 0
+        groups[-1].append(i)
+        fill += n
+    return groups
+
+
+def waste(numels: list[int], chunk_numel: int, align: int) -> int:
+    """Padding elements when packing ``numels`` into chunks of ``chunk_numel``."""
+    groups = pack(numels, chunk_numel)
+    used = [sum(numels[i] for i in g) for g in groups]
+    # the last chunk is only as long as it needs to be
+    return sum(chunk_numel - u for u in used[:-1]) + _round_up(used[-1], align) - used[-1]
+
+
+def search_chunk_numel(
+    numels: list[int], *, min_num_chunks: int, max_chunk_numel: int, align: int, num_candidates: int = 64
+) -> int:
+    """Chunk size in [largest parameter, total / min_num_chunks] that wastes the least padding."""
+    if not numels:
+        return align
+    largest, total = max(numels), sum(numels)
+    low = _round_up(largest, align)
+    high = _round_up(max(low, min(max_chunk_numel, math.ceil(total / min_num_chunks))), align)
+    step = max(align, _round_up(max(1, (high - low) // num_candidates), align))
+    candidates = range(low, high + 1, step)
+    # ties go to the larger chunk: fewer, longer transfers
+    return min(candidates, key=lambda size: (waste(numels, size, align), -size))
+
+
+def plan_chunks(
+    named: list[tuple[str, nn.Parameter]],
+    *,
+    shapes: dict[str, tuple[int, ...]],
+    decays: Callable[[str], bool],
+    chunk_numel: int,
+    min_num_chunks: int,
+    max_chunk_numel: int,
+    align: int,
+) -> list[ChunkSpec]:
+    """Split parameters by (trainable, decay) and pack each group in the given order."""
+    groups: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
+    for name, param in named:
+        trainable = param.requires_grad
+        key = (trainable, trainable and decays(name))
+        groups.setdefault(key, []).append((name, param))
+    total = sum(math.prod(shapes[n]) for n, _ in named)
+    specs: list[ChunkSpec] = []
+    for (trainable, decay), members in groups.items():
+        numels = [math.prod(shapes[n]) for n, _ in members]
+        # each group gets its share of the minimum chunk count
+        share = max(1, round(min_num_chunks * sum(numels) / max(total, 1)))
+        size = chunk_numel or search_chunk_numel(
+            numels, min_num_chunks=min(share, len(numels)), max_chunk_numel=max_chunk_numel, align=align
+        )
+        size = max(size, _round_up(max(numels), align))
+        for idx in pack(numels, size):
+            slots, offset = [], 0
+            for i in idx:
+                name, param = members[i]
+                slots.append(Slot(name=name, param=param, offset=offset, numel=numels[i], shape=shapes[name]))
+                offset += numels[i]
+            specs.append(ChunkSpec(slots=slots, numel=_round_up(offset, align), trainable=trainable, decay=decay))
+    return specs

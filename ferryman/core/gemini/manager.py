@@ -1,0 +1,317 @@
+"""Chunk manager: where each chunk lives, the device-memory accounting, and eviction under a budget.
+
+Every byte of model data the manager puts on the device (compute shards, gathered payloads,
+gradient buffers, optimizer shards) goes through :meth:`ChunkManager.reserve`, which evicts and,
+if that is not enough, raises instead of running out of memory. The accounting is the manager's
+own, so the budget holds and can be tested on a CPU, where "device" and "host" are both RAM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ferryman.core.errors import UserError
+from ferryman.core.gemini.chunk import Chunk
+from ferryman.core.gemini.config import GeminiConfig
+from ferryman.core.gemini.tracer import MemTracer
+
+
+class ChunkManager:
+    """Placement (static or auto), accounting, gather/release and eviction of chunks."""
+
+    def __init__(
+        self,
+        chunks: list[Chunk],
+        cfg: GeminiConfig,
+        *,
+        device: torch.device,
+        group: dist.ProcessGroup | None,
+        budget: float,
+    ) -> None:
+        self.chunks = chunks
+        self.cfg = cfg
+        self.device = device
+        self.host = torch.device("cpu")
+        self.group = group
+        self.budget = budget
+        self.tracer = MemTracer()
+        self.clock = 0
+        self.device_bytes = 0
+        self.peak_bytes = 0
+        self.num_evictions = 0
+        self.num_fetches = 0
+        self._prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.module_chunks: dict[int, list[int]] = {}  # module index -> chunk indices (set by the engine)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def _add(self, nbytes: int) -> None:
+        self.device_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.device_bytes)
+
+    def soft_limit(self) -> float:
+        """Bytes of model data allowed now: the budget less the activations expected at this point."""
+        if self.cfg.placement == "static" or math.isinf(self.budget):
+            return self.budget
+        if not self.tracer.ready:
+            return self.budget * (1.0 - self.cfg.warmup_non_model_fraction)
+        return self.budget - self.tracer.non_model_at(self.clock)
+
+    def non_model_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return max(0, torch.cuda.memory_allocated(self.device) - self.device_bytes)
+        return max(0, self.tracer.saved_bytes)
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Account ``nbytes`` more on the device, evicting unused chunks to make room."""
+        while self.device_bytes + nbytes > self.soft_limit():
+            if not self._evict_one():
+                break
+        if self.device_bytes + nbytes > self.budget:
+            in_use = sum(c.payload_bytes for c in self.chunks if c.in_use)
+            raise UserError(
+                f"gemini: {what} needs {_size(nbytes)} but the device budget "
+                f"(gemini.device_budget_bytes={self.budget:.0f}) is full: {_size(self.device_bytes)} "
+                f"of model data, {_size(in_use)} of it in use by running modules; raise the budget, "
+                f"move optimizer state to the host (optim_host_fraction) or use smaller chunks"
+            )
+        self._add(nbytes)
+
+    # -- initial placement ---------------------------------------------------------------------
+    def place(self) -> None:
+        """Put shards and optimizer state where the policy says, and account for them."""
+        host_params, host_optim = self._host_sets()
+        for chunk in self.chunks:
+            on_device = chunk.index not in host_params
+            if on_device:
+                chunk.shard = chunk.shard.to(self.device)
+                chunk.shard_loc = "device"
+                self._add(chunk.shard_bytes)
+            else:
+                chunk.host_shard = self._host_home(chunk)
+                chunk.host_shard.copy_(chunk.shard)
+                chunk.shard, chunk.shard_loc, chunk.host_valid = chunk.host_shard, "host", True
+            if chunk.master is not None:
+                chunk.optim_loc = "host" if chunk.index in host_optim else "device"
+                chunk.master.data = chunk.master.data.to(self.device if chunk.optim_on_device else self.host)
+                chunk.master.grad = torch.zeros_like(chunk.master.data)
+                if chunk.optim_on_device:
+                    self._add(chunk.optim_bytes)
+            if self.world == 1 and chunk.shard_on_device:
+                chunk.payload = chunk.shard
+                chunk.bind()
+            else:
+                chunk.unbind()
+
+    @property
+    def world(self) -> int:
+        return self.chunks[0].world if self.chunks else 1
+
+    def _host_sets(self) -> tuple[set[int], set[int]]:
+        order = list(reversed(self.chunks))  # the last-used chunks go to the host first
+        if self.cfg.placement == "static":
+            return (
+                _take_fraction(order, self.cfg.param_host_fraction, lambda c: c.shard_bytes),
+                _take_fraction(
+                    [c for c in order if c.trainable], self.cfg.optim_host_fraction, lambda c: c.optim_bytes
+                ),
+            )
+        room = self.budget * (1.0 - self.cfg.warmup_non_model_fraction)
+        host_params, used = set(), 0
+        for chunk in self.chunks:  # parameters first: they are what every step waits for
+            if used + chunk.shard_bytes <= room:
+                used += chunk.shard_bytes
+            else:
+                host_params.add(chunk.index)
+        host_optim = set()
+        for chunk in self.chunks:
+            if used + chunk.optim_bytes <= room:
+                used += chunk.optim_bytes
+            else:
+                host_optim.add(chunk.index)
+        return host_params, host_optim
+
+    # -- gather / release ----------------------------------------------------------------------
+    def access(self, chunks: list[Chunk]) -> None:
+        """Make the chunks' full compute copies resident and mark them in use."""
+        for chunk in chunks:
+            chunk.in_use += 1  # before fetching, so fetching one cannot evict another
+        for chunk in chunks:
+            if chunk.payload is None:
+                self._fetch(chunk)
+        self.clock += 1
+        self._prefetch()
+
+    def release(self, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            chunk.in_use -= 1
+            assert chunk.in_use >= 0, f"{chunk} released more often than used"
+            if chunk.in_use == 0 and self.cfg.placement == "static" and not chunk.payload_is_shard:
+                self._drop_payload(chunk)
+
+    def _fetch(self, chunk: Chunk) -> None:
+        self.num_fetches += 1
+        if self.world == 1:
+            if self.cfg.placement == "auto":
+                self._move_shard(chunk, "device")
+                chunk.payload = chunk.shard
+            else:
+                self.reserve(chunk.payload_bytes, f"gathering chunk {chunk.index}")
+                chunk.payload = self._take_prefetched(chunk)
+                if chunk.payload is None:  # copy=True: on a CPU run .to() would alias the host shard
+                    chunk.payload = chunk.shard.to(self.device, non_blocking=True, copy=True)
+        else:
+            self.reserve(chunk.payload_bytes, f"gathering chunk {chunk.index}")
+            chunk.payload = torch.empty(chunk.numel, dtype=chunk.dtype, device=self.device)
+            source = chunk.shard.to(self.device, non_blocking=True)
+            dist.all_gather_into_tensor(chunk.payload, source, group=self.group)
+        chunk.bind()
+
+    def _host_home(self, chunk: Chunk) -> torch.Tensor:
+        """The chunk's persistent host buffer (pinned on CUDA, allocated once: pinning is slow)."""
+        if chunk.host_shard is None:
+            chunk.host_shard = torch.empty(chunk.shard_numel, dtype=chunk.dtype, pin_memory=self.device.type == "cuda")
+        return chunk.host_shard
+
+    def _move_shard(self, chunk: Chunk, where: str) -> None:
+        """Move the compute shard; a host copy that is still current makes eviction free."""
+        if chunk.shard_loc == where:
+            return
+        if where == "device":
+            self.reserve(chunk.shard_bytes, f"moving chunk {chunk.index} to the device")
+            moved = self._take_prefetched(chunk)
+            if moved is None:
+                moved = chunk.shard.to(self.device, non_blocking=True, copy=True)
+        else:
+            moved = self._host_home(chunk)
+            if not chunk.host_valid:
+                moved.copy_(chunk.shard)
+                chunk.host_valid = True
+            self.device_bytes -= chunk.shard_bytes
+        chunk.shard, chunk.shard_loc = moved, where
+
+    def refresh(self, chunk: Chunk) -> None:
+        """After an optimizer step: the compute copy takes the new fp32 master values."""
+        assert chunk.master is not None
+        self._cancel_prefetch(chunk)  # a copy in flight carries the old values
+        if chunk.shard_on_device and chunk.optim_on_device:
+            chunk.shard.copy_(chunk.master.data)
+            chunk.host_valid = False
+        elif chunk.shard_on_device:  # host master: cast on the host, then one copy up
+            home = self._host_home(chunk)
+            home.copy_(chunk.master.data)
+            chunk.shard.copy_(home)
+            chunk.host_valid = True
+        else:
+            chunk.shard.copy_(chunk.master.data)
+            chunk.host_valid = True
+        if chunk.payload is not None and not chunk.payload_is_shard:  # a cached full copy is now stale
+            self._drop_payload(chunk)
+
+    def _drop_payload(self, chunk: Chunk) -> None:
+        if chunk.payload is None:
+            return
+        if not chunk.payload_is_shard:
+            self.device_bytes -= chunk.payload_bytes
+        chunk.payload = None
+        chunk.unbind()
+
+    def _evict_one(self) -> bool:
+        """Drop the resident, unused chunk whose next use is furthest away; False if none can go."""
+        auto = self.cfg.placement == "auto"
+        candidates = [
+            c
+            for c in self.chunks
+            if not c.in_use and ((c.payload is not None and not c.payload_is_shard) or (auto and c.shard_on_device))
+        ]
+        if not candidates:
+            return False
+        victim = max(candidates, key=lambda c: (self.tracer.next_use(c.index, self.clock), c.index))
+        self._drop_payload(victim)
+        if auto and victim.shard_on_device:
+            self._move_shard(victim, "host")
+        self.num_evictions += 1
+        return True
+
+    # -- prefetch (CUDA only: on a CPU every copy is synchronous, so there is nothing to overlap) --
+    def _prefetch(self) -> None:
+        if self._stream is None or not self.tracer.ready or self.world != 1:
+            return
+        wanted: list[Chunk] = []
+        for module in self.tracer.upcoming(self.clock - 1, 2 * self.cfg.prefetch):
+            for index in self.module_chunks.get(module, []):
+                chunk = self.chunks[index]
+                if chunk.payload is None and not chunk.shard_on_device and index not in self._prefetched:
+                    wanted.append(chunk)
+        for chunk in wanted[: self.cfg.prefetch]:
+            if self.device_bytes + chunk.shard_bytes > self.soft_limit():
+                break  # prefetching must never cause an eviction
+            self._add(chunk.shard_bytes)
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                copy = chunk.shard.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            self._prefetched[chunk.index] = (copy, event)
+
+    def _cancel_prefetch(self, chunk: Chunk) -> None:
+        if chunk.index in self._prefetched:
+            self._prefetched.pop(chunk.index)
+            self.device_bytes -= chunk.shard_bytes
+
+    def _take_prefetched(self, chunk: Chunk) -> torch.Tensor | None:
+        """A copy started by _prefetch, already accounted; the reserve made for it is returned."""
+        if chunk.index not in self._prefetched:
+            return None
+        assert self._stream is not None
+        copy, event = self._prefetched.pop(chunk.index)
+        torch.cuda.current_stream(self.device).wait_event(event)
+        copy.record_stream(torch.cuda.current_stream(self.device))
+        self.device_bytes -= chunk.shard_bytes  # reserve() has just counted these bytes again
+        return copy
+
+    def recount(self) -> int:
+        """Device bytes recomputed from the chunks' tensors and flags (between steps; a check on
+        the running account, which also covers transient buffers)."""
+        total = 0
+        for chunk in self.chunks:
+            total += chunk.shard_bytes if chunk.shard_on_device else 0
+            total += chunk.payload_bytes if chunk.payload is not None and not chunk.payload_is_shard else 0
+            total += chunk.optim_bytes if chunk.optim_on_device else 0
+            total += chunk.payload_bytes if chunk.grad_full is not None else 0
+        total += sum(c.shard_bytes for c in self.chunks if c.index in self._prefetched)
+        return total
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "device_bytes": self.device_bytes,
+            "peak_bytes": self.peak_bytes,
+            "budget_bytes": self.budget,
+            "evictions": self.num_evictions,
+            "fetches": self.num_fetches,
+            "chunks_on_device": sum(c.shard_on_device for c in self.chunks),
+            "num_chunks": len(self.chunks),
+        }
+
+
+def _take_fraction(chunks: list[Chunk], fraction: float, size) -> set[int]:
+    """Indices of leading chunks whose sizes add up to ``fraction`` of the total (rounded to chunks)."""
+    total = sum(size(c) for c in chunks)
+    chosen, taken = set(), 0
+    for chunk in chunks:
+        if taken + size(chunk) / 2 > fraction * total:
+            break
+        chosen.add(chunk.index)
+        taken += size(chunk)
+    return chosen
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GiB"

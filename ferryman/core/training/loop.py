@@ -1,0 +1,212 @@
+"""The one training loop: an app hands it a model builder, a data-loader builder and a loss function.
+
+    result = train(cfg, build_model=lambda: Net(...), build_loader=lambda: loader,
+                   loss_fn=lambda engine, batch: criterion(engine(batch["x"]), batch["y"]))
+
+``loss_fn`` calls the engine like the model and returns the loss (or ``(loss, {name: value})``
+to log more). With data parallelism (``dims``), ``build_loader`` gives each rank its own part of
+the data (e.g. a DistributedSampler); the loop averages the logged loss over ranks. The loop owns device and precision, the plain or Gemini engine, gradient
+accumulation, clipping, the LR schedule, the weight EMA, checkpoints, exact resume, metrics, the
+loss plot, the progress bar and the saved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ferryman.core.config import save_config
+from ferryman.core.errors import UserError
+from ferryman.core.gemini import gemini
+from ferryman.core.gemini.config import parse_dtype
+from ferryman.core.parallel import ParallelDims
+from ferryman.core.training import checkpoint as ckpt
+from ferryman.core.training.config import TrainConfig
+from ferryman.core.training.metrics import MetricsLog, plot_losses
+from ferryman.core.training.plain import PlainEngine
+from ferryman.core.training.schedule import EMA, lr_at
+
+LossFn = Callable[[Any, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    losses: list[float]  # one per update made by this call
+    out_dir: Path
+    engine: Any
+    ema_state_dict: dict[str, torch.Tensor] | None
+    last_checkpoint: Path | None
+
+
+def pick_device(name: str, dims: ParallelDims | None) -> torch.device:
+    if dims is not None and dims.world_size > 1:
+        return dims.device
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, dims: ParallelDims | None = None):
+    """The plain or Gemini engine for ``model``, as the config says."""
+    device = pick_device(cfg.device, dims)
+    if cfg.engine == "gemini":
+        gcfg = dataclasses.replace(cfg.gemini, precision=cfg.precision)
+        return gemini(model, gcfg, cfg.optim, dims, device=device)
+    return PlainEngine(model, cfg.optim, parse_dtype(cfg.precision), device, dims)
+
+
+class _Batches:
+    """Endless micro-batches over epochs; each epoch's order is seeded so a resume can replay it."""
+
+    def __init__(self, loader: Iterable, seed: int, epoch: int = 0, skip: int = 0) -> None:
+        self.loader, self.seed = loader, seed
+        self.epoch, self.index = epoch, 0
+        self._it = self._start()
+        for _ in range(skip):
+            self.next()
+
+    def _start(self) -> Iterator:
+        # The sampler draws its seed from the global RNG on the first batch: seed that draw, then
+        # put the global RNG back so dropout and friends are untouched by data loading.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + self.epoch)
+            it = iter(self.loader)
+            first = next(it, _END)
+        if first is _END:
+            raise UserError("the data loader yielded no batches (is the dataset empty or the batch size too big?)")
+        return _chain(first, it)
+
+    def next(self) -> Any:
+        batch = next(self._it, _END)
+        if batch is _END:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._it = self._start()
+            batch = next(self._it)
+        self.index += 1
+        return batch
+
+
+_END = object()
+
+
+def _chain(first: Any, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _mean_over_ranks(value: float, dims: ParallelDims | None) -> float:
+    if dims is None or dims.dp_group is None or dims.dp == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=dims.device)
+    dist.all_reduce(t, group=dims.dp_group)
+    return t.item() / dims.dp
+
+
+def train(
+    cfg: TrainConfig,
+    build_model: Callable[[], nn.Module],
+    build_loader: Callable[[], Iterable],
+    loss_fn: LossFn,
+    *,
+    dims: ParallelDims | None = None,
+) -> TrainResult:
+    """Train up to ``cfg.max_steps`` optimizer updates (resuming first if ``cfg.resume``); a
+    checkpoint is written every ``ckpt_every`` updates and where this call stops."""
+    out = Path(cfg.out_dir)
+    rank = dims.rank if dims is not None else 0
+    group = dims.dp_group if dims is not None else None
+    _seed_all(cfg.seed)  # every rank builds the same initial weights
+    model = build_model()
+    _seed_all(cfg.seed + 1000 * rank)  # but draws its own dropout noise
+    engine = build_engine(model, cfg, dims)
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+    step, epoch, skip, ema_named = 0, 0, 0, None
+    if cfg.resume:
+        trainer, ema_named = ckpt.load_checkpoint(ckpt.resolve(cfg.resume, out), engine, rank=rank)
+        step, epoch, skip = trainer["step"], trainer["epoch"], trainer["batch_in_epoch"]
+    ema = EMA(engine.master_tensors(), cfg.ema_decay) if cfg.ema_decay else None
+    if ema is not None and ema_named is not None:
+        ema.shadow = engine.flat_from(ema_named)
+    if ema is not None:
+        engine.track(ema.shadow)  # Gemini repacks its chunks after the first forward
+    batches = _Batches(build_loader(), cfg.seed, epoch, skip)
+    log = MetricsLog(out / "metrics.jsonl", start_step=step) if rank == 0 else None
+    bar = _progress(cfg, step, rank)
+    losses, last = [], None
+    engine.train()
+    end = min(cfg.max_steps, step + cfg.stop_after) if cfg.stop_after else cfg.max_steps
+    while step < end:
+        started = time.perf_counter()
+        engine.lr = lr_at(
+            step, base_lr=cfg.optim.lr, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
+            schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio,
+        )
+        loss, extra = _accumulate(engine, batches, loss_fn, cfg.grad_accum, engine.device)
+        result = engine.step()
+        engine.zero_grad()
+        if ema is not None:
+            ema.update(engine.master_tensors())
+        step += 1
+        loss = _mean_over_ranks(loss, dims)
+        losses.append(loss)
+        record = {"step": step, "loss": loss, "lr": engine.lr, **result, **extra, "step_s": time.perf_counter() - started}
+        if log is not None and (step % cfg.log_every == 0 or step == end):
+            log.write(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{engine.lr:.2e}")
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end:
+            trainer = {"step": step, "epoch": batches.epoch, "batch_in_epoch": batches.index, "engine": cfg.engine}
+            ema_now = engine.named_from(ema.shadow) if ema is not None else None
+            last = ckpt.save_checkpoint(out / "checkpoints", step, engine, ema_now, trainer, rank=rank, group=group)
+            if rank == 0:
+                ckpt.prune(out / "checkpoints", cfg.keep_last)
+    if bar is not None:
+        bar.close()
+    if rank == 0 and cfg.plot and log is not None:
+        plot_losses(log.read(), out / "loss.png")
+    ema_state = engine.named_from(ema.shadow) if ema is not None else None
+    return TrainResult(step=step, losses=losses, out_dir=out, engine=engine, ema_state_dict=ema_state, last_checkpoint=last)
+
+
+def _accumulate(engine, batches: _Batches, loss_fn: LossFn, accum: int, device: torch.device) -> tuple[float, dict]:
+    total, extra = 0.0, {}
+    for _ in range(accum):
+        batch = tree_map(lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x, batches.next())
+        out = loss_fn(engine, batch)
+        loss, logs = out if isinstance(out, tuple) else (out, {})
+        if engine.dtype != torch.float16 and not torch.isfinite(loss.detach()).all():  # fp16 skips the step
+            raise UserError(f"loss became {loss.item()} at epoch {batches.epoch}, batch {batches.index}; lower optim.lr")
+        engine.backward(loss / accum)
+        total += loss.item() / accum
+        for key, value in logs.items():
+            extra[key] = extra.get(key, 0.0) + float(value) / accum
+    return total, extra
+
+
+def _progress(cfg: TrainConfig, step: int, rank: int):
+    if not cfg.progress or rank != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
