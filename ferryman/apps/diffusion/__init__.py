@@ -1,0 +1,1 @@
+"""Stable Diffusion finetuning (sd-finetune) and memory-lean text-to-image (sd-generate) on diffusers models."""

@@ -1,0 +1,258 @@
+"""sd-finetune: set up the models, the data stream and the loss, run the steps, write the outputs.
+
+The train step is ``NoisePredictionLoss(model, batch) -> loss`` (loss.py); this file wires it to a
+core engine (plain PyTorch or Gemini), checkpoints, EMA, validation and the final diffusers
+pipeline folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ferryman.apps.diffusion import data as data_mod
+from ferryman.apps.diffusion.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ferryman.apps.diffusion.config import FinetuneConfig
+from ferryman.apps.diffusion.lora import TEXT_TARGETS, UNET_TARGETS, add_lora, save_lora
+from ferryman.apps.diffusion.loss import NoisePredictionLoss, TrainModule
+from ferryman.apps.diffusion.report import plot_loss_curve, write_loss_csv
+from ferryman.core.config import save_config
+from ferryman.core.errors import UserError
+from ferryman.core.gemini.config import GeminiConfig, OptimConfig
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(kw_only=True)
+class Parts:
+    """The pieces of a Stable Diffusion folder that training touches."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+
+
+@dataclass(kw_only=True)
+class FinetuneResult:
+    out: Path
+    losses: list[float] = field(default_factory=list)  # every step's loss, from step 1
+    start_step: int = 0
+    data_summary: str = ""
+    model: torch.nn.Module | None = None  # the trained module, final (EMA) weights
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"--model {path}: not a diffusers pipeline folder (no model_index.json); a single "
+                        "checkpoint file must first be converted with StableDiffusionPipeline.from_single_file")
+    return path
+
+
+def load_parts(model_dir: str | Path) -> Parts:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = str(check_model_dir(model_dir))
+    try:
+        return Parts(
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model {path}: cannot load the pipeline parts: {str(err).splitlines()[0]}") from None
+
+
+def prepare_model(cfg: FinetuneConfig, parts: Parts, device: torch.device) -> TrainModule:
+    """Freeze what is not trained, add LoRA, place the frozen parts; returns the trained module.
+
+    The trained module stays where it is: the engine (plain or Gemini) places it.
+    """
+    frozen_dtype = DTYPES[cfg.precision]
+    parts.vae.requires_grad_(False).eval()
+    if frozen_dtype != torch.float32:
+        parts.vae.to(frozen_dtype)
+    text_encoder = None
+    if cfg.use_lora:
+        alpha = cfg.lora.alpha or cfg.lora.rank
+        add_lora(parts.unet, rank=cfg.lora.rank, alpha=alpha, targets=UNET_TARGETS)
+        if cfg.train_text_encoder:
+            add_lora(parts.text_encoder, rank=cfg.lora.rank, alpha=alpha, targets=TEXT_TARGETS)
+    if cfg.train_text_encoder:
+        text_encoder = parts.text_encoder.train()
+        if not cfg.use_lora:
+            text_encoder.requires_grad_(True)
+    else:
+        parts.text_encoder.requires_grad_(False).eval().to(frozen_dtype)  # diffusers' weight_dtype
+    if cfg.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        if text_encoder is not None:
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
+            enable()
+    model = TrainModule(parts.unet.train(), text_encoder)
+    for module in (parts.vae, parts.text_encoder):
+        if module is not text_encoder:
+            module.to("cpu" if cfg.offload_frozen else device)
+    return model
+
+
+def build_stream(cfg: FinetuneConfig, tokenizer) -> tuple[data_mod.CaptionStream, str]:
+    d = cfg.data
+    if d.instance_prompt:  # DreamBooth: one prompt for every image
+        scan = data_mod.scan_prompt_folder(d.path, d.instance_prompt, on_bad=d.on_bad)
+    else:
+        scan = data_mod.scan_folder(d.path, caption_column=d.caption_column, image_column=d.image_column,
+                                    on_bad=d.on_bad)
+    prior = data_mod.scan_prompt_folder(d.class_path, d.class_prompt, on_bad=d.on_bad) if d.class_path else None
+    summary = scan.summary() + (f"; class images: {prior.summary()}" if prior else "")
+    stream = data_mod.CaptionStream(scan.records, tokenizer, resolution=d.resolution, center_crop=d.center_crop,
+                                    random_flip=d.random_flip, seed=cfg.seed,
+                                    prior=prior.records if prior else None)
+    return stream, summary
+
+
+def build_engine(cfg: FinetuneConfig, model: TrainModule, device: torch.device):
+    """The core engine for ``cfg.memory``: plain PyTorch, Gemini auto, or Gemini with all on the host."""
+    from ferryman.core.gemini import gemini
+    from ferryman.core.training import PlainEngine
+
+    # diffusers' script decays every parameter; the norm scales and biases included
+    optim = OptimConfig(lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, no_decay_1d=False,
+                        max_grad_norm=cfg.max_grad_norm)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError("nothing to train: every parameter is frozen")
+    if cfg.memory == "plain":
+        return PlainEngine(model, optim, DTYPES[cfg.precision], device)
+    placement = {"placement": "auto"} if cfg.memory == "gemini-auto" else {
+        "placement": "static", "param_host_fraction": 1.0, "optim_host_fraction": 1.0}
+    return gemini(model, GeminiConfig(precision=cfg.precision, **placement), optim, device=device)
+
+
+def resolved(cfg: FinetuneConfig, parts: Parts) -> FinetuneConfig:
+    """``cfg`` with the prediction type taken from the model's scheduler when not given."""
+    if cfg.loss.prediction_type:
+        return cfg
+    kind = parts.noise_scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise UserError(f"the model's scheduler predicts {kind!r}; set --prediction-type epsilon or v_prediction")
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, prediction_type=kind))
+
+
+def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
+    """Run sd-finetune as configured; see the command's --help for the outputs."""
+    import copy
+
+    from ferryman.apps.diffusion.loop import Run, run_steps
+
+    if not cfg.model or not cfg.out or not cfg.data.path:
+        raise UserError("--model, --data and --out are required")
+    device = resolve_device(cfg.device)
+    parts = load_parts(cfg.model)
+    cfg = resolved(cfg, parts)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    stream, summary = build_stream(cfg, parts.tokenizer)
+    torch.manual_seed(cfg.seed)  # LoRA initialisation
+    model = prepare_model(cfg, parts, device)
+    shadow = copy.deepcopy(model) if cfg.memory != "plain" else None  # Gemini takes over model's storage
+    engine = build_engine(cfg, model, device)
+    ema_named = engine.named_from(engine.master_tensors()) if cfg.ema else None
+    loss_fn = NoisePredictionLoss(
+        vae=parts.vae, scheduler=parts.noise_scheduler, cfg=cfg.loss, device=device,
+        frozen_text_encoder=None if cfg.train_text_encoder else parts.text_encoder, offload=cfg.offload_frozen,
+    )
+    run = Run(cfg=cfg, parts=parts, model=model, engine=engine, loss_fn=loss_fn, stream=stream, out=out,
+              shadow=shadow, ema_named=ema_named)
+    resume_from = resolve_resume(out, cfg.resume)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, engine=engine, with_ema=cfg.ema)
+        run.ema_named = state.pop("ema", None) or run.ema_named
+        run.losses, run.lrs = state["losses"], state["lrs"]
+    result = FinetuneResult(out=out, start_step=len(run.losses), data_summary=summary)
+    run_steps(run, progress=progress, summary=summary)
+    result.losses = run.losses
+    result.model = finish(run)
+    return result
+
+
+def checkpoint(run) -> Path:
+    state = {"losses": run.losses, "lrs": run.lrs, "base_model": str(Path(run.cfg.model).resolve()),
+             "lora": run.cfg.use_lora, "train_text_encoder": run.cfg.train_text_encoder, "memory": run.cfg.memory}
+    return save_checkpoint(run.out, len(run.losses), engine=run.engine, state=state, ema=run.ema,
+                           export=lambda folder: export_weights(run, folder), keep=run.cfg.checkpoints_total_limit)
+
+
+def export_weights(run, folder: Path) -> None:
+    """Weights in the layout diffusers reads: unet/ (and text_encoder/, unet_ema/), or the LoRA file."""
+    if run.cfg.use_lora:
+        with run.ema_weights() as module:
+            save_lora(folder, module.unet, module.text_encoder)
+        return
+    module = run.weights()
+    module.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    if module.text_encoder is not None:
+        module.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    if run.ema is not None:
+        with run.ema_weights() as averaged:
+            averaged.unet.save_pretrained(folder / "unet_ema", safe_serialization=True)
+
+
+def finish(run) -> torch.nn.Module:
+    """Final outputs: the pipeline folder (or LoRA file), loss.csv, loss_curve.png, last validation.
+
+    Returns the module holding the final (EMA, when on) weights.
+    """
+    out, cfg = run.out, run.cfg
+    write_loss_csv(out / "loss.csv", run.losses, run.lrs)
+    plot_loss_curve(out / "loss_curve.png", run.losses)
+    module = run.weights(ema=True)  # the averaged weights are the result
+    if cfg.use_lora:
+        save_lora(out, module.unet, module.text_encoder)
+    else:
+        save_pipeline(run, module, out)
+    if cfg.validation_prompts:
+        from ferryman.apps.diffusion.validation import render_validation
+
+        render_validation(run, module, out / "validation" / "final.png")
+    return module
+
+
+def save_pipeline(run, module: TrainModule, out: Path) -> None:
+    """A full StableDiffusionPipeline folder in ``out``, written beside and moved in at the end."""
+    from diffusers import StableDiffusionPipeline
+
+    extra = {"text_encoder": module.text_encoder} if module.text_encoder is not None else {}
+    pipe = StableDiffusionPipeline.from_pretrained(run.cfg.model, unet=module.unet, **extra)
+    if pipe.scheduler.config.get("prediction_type") != run.cfg.loss.prediction_type:
+        pipe.scheduler.register_to_config(prediction_type=run.cfg.loss.prediction_type)
+    tmp = out / ".pipeline.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")  # the index goes last
+    for entry in entries:
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        entry.replace(target)
+    tmp.rmdir()
+
+
+__all__ = ["FinetuneResult", "build_engine", "finetune", "load_parts", "prepare_model"]

@@ -1,0 +1,111 @@
+"""Caption folders: the three layouts, bad input (clear error or counted skip), seeded stream."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from ferryman.apps.diffusion import data
+from ferryman.core.errors import UserError
+
+from .conftest import SAMPLES
+
+
+def _images(folder, n=3, size=(40, 24)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", size, (40 * i, 100, 200)).save(folder / f"img{i}.png")
+    return [f"img{i}.png" for i in range(n)]
+
+
+def _jsonl(folder, rows):
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_shipped_samples_scan():
+    scan = data.scan_folder(SAMPLES)
+    assert len(scan.records) == 8 and not scan.skipped
+    assert scan.records[0].caption == "a red circle on a blue background"
+
+
+def test_csv_layout_with_other_columns(tmp_path):
+    names = _images(tmp_path)
+    lines = ["image,caption"] + [f"{n},caption {i}" for i, n in enumerate(names)]
+    (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
+    scan = data.scan_folder(tmp_path, caption_column="caption")
+    assert [r.caption for r in scan.records] == ["caption 0", "caption 1", "caption 2"]
+    assert scan.records[1].path == tmp_path / "img1.png"
+
+
+def test_txt_sidecars_and_image_without_caption_is_counted(tmp_path):
+    names = _images(tmp_path)
+    for name in names[:2]:
+        (tmp_path / name).with_suffix(".txt").write_text(f"  a picture of {name}\n")
+    scan = data.scan_folder(tmp_path)
+    assert [r.caption for r in scan.records] == ["a picture of img0.png", "a picture of img1.png"]
+    assert scan.skipped == {"without caption": 1}
+    assert "1 without caption" in scan.summary()
+
+
+def test_missing_caption_column_names_file_and_columns(tmp_path):
+    names = _images(tmp_path)
+    _jsonl(tmp_path, [{"file_name": n, "caption": "x"} for n in names])
+    with pytest.raises(UserError, match=r"metadata.jsonl.*line 1.*'text'.*columns: caption, file_name"):
+        data.scan_folder(tmp_path)
+
+
+def test_missing_and_corrupt_images_are_counted_skips(tmp_path):
+    names = _images(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    _jsonl(tmp_path, [{"file_name": n, "text": "ok"} for n in names]
+           + [{"file_name": "gone.png", "text": "x"}, {"file_name": "broken.png", "text": "y"}])
+    scan = data.scan_folder(tmp_path)
+    assert len(scan.records) == 3
+    assert scan.skipped == {"missing": 1, "unreadable": 1}
+    with pytest.raises(UserError, match=r"gone\.png: missing"):
+        data.scan_folder(tmp_path, on_bad="error")
+
+
+def test_corrupt_image_with_on_bad_error_names_file(tmp_path):
+    _images(tmp_path, n=1)
+    (tmp_path / "broken.png").write_bytes(b"garbage")
+    _jsonl(tmp_path, [{"file_name": "broken.png", "text": "y"}])
+    with pytest.raises(UserError, match=r"broken.png: unreadable"):
+        data.scan_folder(tmp_path, on_bad="error")
+
+
+def test_no_usable_image_is_an_error(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    _jsonl(tmp_path, [{"file_name": "gone.png", "text": "x"}])
+    with pytest.raises(UserError, match=r"no usable images.*1 missing"):
+        data.scan_folder(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        data.scan_folder(tmp_path / "nope")
+
+
+def test_transform_crop_flip_and_range():
+    image = Image.new("RGB", (60, 30), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 30, 30))  # left half white
+    import random
+
+    center = data.transform(image, resolution=16, center_crop=True, random_flip=False, rng=random.Random(0))
+    assert center.shape == (3, 16, 16) and center.min() >= -1 and center.max() <= 1
+    flips = [data.transform(image, resolution=16, center_crop=True, random_flip=True, rng=random.Random(s))
+             for s in range(8)]
+    flipped = [t for t in flips if not torch.equal(t, center)]
+    assert flipped and all(torch.equal(t, center.flip(-1)) for t in flipped)
+
+
+def test_stream_resumes_mid_run(tokenizer):
+    scan = data.scan_folder(SAMPLES)
+    stream = data.CaptionStream(scan.records, tokenizer, resolution=16, center_crop=False, random_flip=True, seed=3)
+    full = list(data.stream_loader(stream, batch_size=3, start_batch=0, num_batches=5))
+    tail = list(data.stream_loader(stream, batch_size=3, start_batch=2, num_batches=3))
+    for a, b in zip(full[2:], tail):
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["input_ids"], b["input_ids"])
+        assert int(a["noise_seed"]) == int(b["noise_seed"])
+    # every image appears once per epoch of 8 samples
+    first_epoch = torch.cat([b["input_ids"] for b in full])[:8]
+    assert len({tuple(row.tolist()) for row in first_epoch}) == 8
+    assert len({int(b["noise_seed"]) for b in full}) == 5

@@ -1,0 +1,70 @@
+"""The training objective against diffusers' own scheduler math, and the EMA update rule."""
+
+import pytest
+import torch
+
+from ferryman.apps.diffusion.loss import LossConfig, NoisePredictionLoss, TrainModule
+from ferryman.core.errors import ConfigError
+
+
+def _loss(tiny_model, **cfg):
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel
+
+    scheduler = DDPMScheduler.from_pretrained(str(tiny_model), subfolder="scheduler")
+    vae = AutoencoderKL.from_pretrained(str(tiny_model), subfolder="vae")
+    text = CLIPTextModel.from_pretrained(str(tiny_model), subfolder="text_encoder")
+    fn = NoisePredictionLoss(vae=vae, scheduler=scheduler, cfg=LossConfig(**cfg), frozen_text_encoder=text,
+                             device=torch.device("cpu"))
+    return fn, scheduler
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_noisy_latents_and_targets_match_diffusers_scheduler(tiny_model, kind):
+    fn, scheduler = _loss(tiny_model, prediction_type=kind)
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([0, 500, 999])
+    noisy, target = fn.noisy_and_target(latents, noise, timesteps)
+    torch.testing.assert_close(noisy, scheduler.add_noise(latents, noise, timesteps))
+    expected = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    torch.testing.assert_close(target, expected)
+
+
+def test_min_snr_weights_follow_the_paper(tiny_model):
+    from diffusers.training_utils import compute_snr
+
+    timesteps = torch.tensor([1, 100, 400, 900])
+    snr = compute_snr(_loss(tiny_model)[1], timesteps)
+    eps, _ = _loss(tiny_model, prediction_type="epsilon", snr_gamma=5.0)
+    v, _ = _loss(tiny_model, prediction_type="v_prediction", snr_gamma=5.0)
+    torch.testing.assert_close(eps.snr_weights(timesteps), torch.minimum(snr, torch.tensor(5.0)) / snr)
+    torch.testing.assert_close(v.snr_weights(timesteps), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+    assert eps.snr_weights(timesteps)[0] < 0.1 and eps.snr_weights(timesteps)[-1] == 1.0  # low t down-weighted
+
+
+def test_loss_depends_only_on_batch_seed(tiny_model):
+    from diffusers import UNet2DConditionModel
+
+    fn, _ = _loss(tiny_model, prediction_type="epsilon", noise_offset=0.1)
+    model = TrainModule(UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet"))
+    batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "input_ids": torch.randint(0, 600, (2, 77)),
+             "noise_seed": torch.tensor(123)}
+    first = fn(model, batch)
+    torch.randn(100)  # global RNG use in between must not matter
+    assert torch.equal(first, fn(model, batch))
+    assert not torch.equal(first, fn(model, {**batch, "noise_seed": torch.tensor(124)}))
+    first.backward()
+    assert all(p.grad is not None for p in model.unet.parameters() if p.requires_grad)
+
+
+def test_loss_config_rejects_unknown_prediction_type():
+    with pytest.raises(ConfigError, match="prediction_type"):
+        LossConfig(prediction_type="sample")
+
+
+def test_ema_decay_warms_up_like_diffusers():
+    from ferryman.apps.diffusion.loop import ema_decay_at
+
+    assert ema_decay_at(0.9999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.9999, 90) == pytest.approx(0.91)
+    assert ema_decay_at(0.99, 10_000) == 0.99
