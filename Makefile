@@ -43,10 +43,18 @@ test: install lint
 	$(PY) -m pytest -q
 
 demo: install
+	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/ferryman env
 	$(VENV)/bin/fastfold --help
 	$(VENV)/bin/opensora --help
 	$(VENV)/bin/sd-finetune --help
+	@echo "== sd-finetune: a tiny Stable Diffusion pipeline built from config, finetuned on data/diffusion"
+	$(PY) -m ferryman.apps.diffusion.presets --preset tiny --out $(DEMO_OUT)/sd-tiny
+	$(VENV)/bin/sd-finetune --model $(DEMO_OUT)/sd-tiny --data data/diffusion --out $(DEMO_OUT)/sd-finetune \
+	  --resolution 32 --center-crop --max-steps 30 --batch-size 4 --lr 1e-3 --checkpoint-every 15 \
+	  --validation-prompt "a red circle on a blue background" --validation-every 15 --set validation_inference_steps=5
+	$(VENV)/bin/sd-generate --model $(DEMO_OUT)/sd-finetune --prompt "a red circle on a blue background" \
+	  --height 32 --width 32 --steps 10 --out $(DEMO_OUT)/sd-generate
 	@echo "demo outputs are in $(DEMO_OUT)/"
 
 clean:

@@ -9,6 +9,8 @@ import ferryman
 
 ROOT = Path(ferryman.__file__).parent
 HEAVY = {"diffusers", "transformers", "av", "decord", "Bio", "openmm", "pdbfixer", "matplotlib", "peft"}
+# The core training loop draws loss curves, so core may import matplotlib, but only lazily.
+CORE_MAY_IMPORT_LAZILY = {"matplotlib"}
 
 
 def _module_name(path: Path) -> str:
@@ -73,8 +75,8 @@ def test_core_and_kernels_never_import_heavy_app_dependencies():
         f"{path}: {target}"
         for layer in ("core", "kernels")
         for path in sorted((ROOT / layer).rglob("*.py"))
-        for target, _ in _imports(path)
-        if target.split(".")[0] in HEAVY
+        for target, top_level in _imports(path)
+        if target.split(".")[0] in HEAVY and (top_level or target.split(".")[0] not in CORE_MAY_IMPORT_LAZILY)
     ]
     assert bad == []
 
@@ -82,7 +84,7 @@ def test_core_and_kernels_never_import_heavy_app_dependencies():
 def test_apps_import_heavy_dependencies_lazily():
     bad = [
         f"{path}: {target}"
-        for path in sorted((ROOT / "apps").rglob("*.py"))
+        for path in sorted(ROOT.rglob("*.py"))
         for target, top_level in _imports(path)
         if top_level and target.split(".")[0] in HEAVY
     ]
