@@ -97,11 +97,6 @@ class FinetuneConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay} must lie in [0, 1)")
-        if self.train_text_encoder and self.memory != "plain":
-            # CLIP's embeddings read position_embedding.weight.shape before calling that module;
-            # Gemini's released parameters are empty until their own module runs.
-            raise ConfigError(f"train_text_encoder with memory={self.memory} is not supported yet; "
-                              "use memory=plain to train the text encoder")
 
     @property
     def use_lora(self) -> bool:

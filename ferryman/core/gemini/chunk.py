@@ -2,7 +2,7 @@
 
 States (ColossalAI Gemini's chunk life cycle, reduced to what the schedule needs):
 - ``released``: only this rank's shard of the compute copy exists (on device or on host);
-  the parameters point at empty tensors.
+  the parameters point at a NaN placeholder of their own shape.
 - ``held``: the full compute copy (the payload) is on the device and the parameters view it, but no
   module is using it; it is a cache that the manager may drop.
 - ``compute``: one or more modules are running (forward, or backward between their pre- and
@@ -100,10 +100,15 @@ class Chunk:
             slot.param.data = self.payload[slot.offset : slot.offset + slot.numel].view(slot.shape)
 
     def unbind(self) -> None:
-        """Point every parameter at an empty tensor so stale reads fail loudly instead of silently."""
-        empty = _empty(self.dtype, self.device)
+        """Point every parameter at a one-element NaN tensor expanded to its shape.
+
+        Shape reads keep working (modules such as CLIP's embeddings read a child's
+        ``weight.shape`` before the child runs and its hook gathers the chunk), while a stale read
+        of the values poisons the result with NaN instead of silently using old numbers.
+        """
+        placeholder = torch.full((), float("nan"), dtype=self.dtype, device=self.device)
         for slot in self.slots:
-            slot.param.data = empty
+            slot.param.data = placeholder.expand(slot.shape)
 
     # -- full <-> shard helpers ----------------------------------------------------------------
     def shard_of(self, full: torch.Tensor) -> torch.Tensor:
