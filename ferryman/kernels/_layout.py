@@ -1,0 +1,79 @@
+"""Broadcast bookkeeping shared by the Triton wrappers.
+
+A kernel sees every operand as a batch of matrices. Instead of coalescing batch dims
+(and being limited to a fixed number of them), the host builds a small table with one row
+per batch index and one column per operand: the element offset of that operand's matrix.
+Broadcast dims get stride 0, so a pair bias [B, 1, H, Q, K] is read, never expanded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def lift(t: torch.Tensor | None, rank: int) -> torch.Tensor | None:
+    """View t with leading size-1 dims so it has ``rank`` dims (the broadcasting rule)."""
+    if t is None or t.dim() == rank:
+        return t
+    if t.dim() > rank:
+        raise ValueError(f"tensor of shape {tuple(t.shape)} has more dims than the logits ({rank})")
+    return t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+
+
+def matrix_strides(t: torch.Tensor | None) -> tuple[int, int]:
+    """(row, col) strides of the trailing matrix, 0 along a broadcast (size-1) dim."""
+    if t is None:
+        return 0, 0
+    rows, cols = t.shape[-2:]
+    return (t.stride(-2) if rows > 1 else 0), (t.stride(-1) if cols > 1 else 0)
+
+
+def batch_strides(t: torch.Tensor | None, batch_shape: tuple[int, ...]) -> list[int]:
+    """Strides of t's batch dims against batch_shape, 0 where t is broadcast."""
+    if t is None:
+        return [0] * len(batch_shape)
+    t = lift(t, len(batch_shape) + 2)
+    out = []
+    for dim, size in enumerate(batch_shape):
+        if t.shape[dim] == size and size > 1:
+            out.append(t.stride(dim))
+        elif t.shape[dim] == 1 or size == 1:
+            out.append(0)
+        else:
+            raise ValueError(f"shape {tuple(t.shape)} does not broadcast to batch {batch_shape}")
+    return out
+
+
+def offset_table(batch_shape, tensors, device) -> torch.Tensor:
+    """[prod(batch_shape), len(tensors)] int64 matrix offsets; None columns are 0."""
+    num = math.prod(batch_shape)
+    table = torch.zeros((*batch_shape, len(tensors)), dtype=torch.int64)
+    for col, t in enumerate(tensors):
+        for dim, stride in enumerate(batch_strides(t, tuple(batch_shape))):
+            if stride:
+                view = [1] * len(batch_shape)
+                view[dim] = batch_shape[dim]
+                idx = torch.arange(batch_shape[dim], dtype=torch.int64).view(view)
+                table[..., col] += idx * stride
+    return table.reshape(num, len(tensors)).to(device)
+
+
+def reduce_to(grad: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """Sum a gradient of the broadcast shape back to an operand's own shape, in fp32."""
+    lifted = (1,) * (grad.dim() - len(shape)) + tuple(shape)
+    dims = [d for d, (g, s) in enumerate(zip(grad.shape, lifted)) if s == 1 and g != 1]
+    if dims:
+        grad = grad.sum(dim=dims, keepdim=True, dtype=torch.float32)
+    return grad.reshape(shape).to(dtype)
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device, which need not be the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
