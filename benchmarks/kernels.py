@@ -296,7 +296,7 @@ def parse_args(argv=None):
     parser.add_argument("--small", action="store_true", help="tiny sizes (for CPU and the Triton interpreter)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on cuda, fp32 on cpu")
     parser.add_argument("--ops", default="attention,softmax,layer_norm", help="comma-separated subset")
-    parser.add_argument("--json", type=Path, help="default out/benchmarks/kernels-<device>.json")
+    parser.add_argument("--json", type=Path, help="default benchmarks/results/kernels-<device>.json")
     return parser.parse_args(argv)
 
 
@@ -342,7 +342,7 @@ def main(argv=None) -> dict:
     for title, rows in tables:
         print(f"\n{title}\n")
         common.print_table(rows, list(rows[0]))
-    path = args.json or Path("out/benchmarks") / f"kernels-{args.device}{'-small' if args.small else ''}.json"
+    path = args.json or Path("benchmarks/results") / f"kernels-{args.device}{'-small' if args.small else ''}.json"
     print(f"\nwrote {common.write_json(path, result)}")
     return result
 
