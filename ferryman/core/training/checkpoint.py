@@ -55,7 +55,11 @@ def _barrier(group) -> None:
 
 
 def save_checkpoint(root: Path, step: int, engine, ema_named: dict | None, trainer: dict, *, rank: int, group=None) -> Path:
-    """Write ``root/step-<step>`` (every rank calls this) and point ``root/latest`` at it."""
+    """Write ``root/step-<step>`` (every rank calls this) and point ``root/latest`` at it.
+
+    ``rank`` is the global rank and ``group`` defaults to the whole world: every rank, whatever
+    its DAP or sequence-parallel group, writes into the folder that rank 0 creates and renames.
+    """
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     if rank == 0:

@@ -133,7 +133,6 @@ def train(
     checkpoint is written every ``ckpt_every`` updates and where this call stops."""
     out = Path(cfg.out_dir)
     rank = dims.rank if dims is not None else 0
-    group = dims.dp_group if dims is not None else None
     _seed_all(cfg.seed)  # every rank builds the same initial weights
     model = build_model()
     _seed_all(cfg.seed + 1000 * rank)  # but draws its own dropout noise
@@ -178,7 +177,7 @@ def train(
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end:
             trainer = {"step": step, "epoch": batches.epoch, "batch_in_epoch": batches.index, "engine": cfg.engine}
             ema_now = engine.named_from(ema.shadow) if ema is not None else None
-            last = ckpt.save_checkpoint(out / "checkpoints", step, engine, ema_now, trainer, rank=rank, group=group)
+            last = ckpt.save_checkpoint(out / "checkpoints", step, engine, ema_now, trainer, rank=rank)
             if rank == 0:
                 ckpt.prune(out / "checkpoints", cfg.keep_last)
     if bar is not None:

@@ -1,0 +1,82 @@
+"""The clip table: CSV or parquet with columns path,text[,num_frames,height,width,fps] (Open-Sora's layout)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferryman.core.errors import UserError
+
+REQUIRED = ("path", "text")
+OPTIONAL_INT = ("num_frames", "height", "width")
+
+
+@dataclass(kw_only=True)
+class ClipRecord:
+    """One row; sizes are None when the table does not give them (they are then probed from the file)."""
+
+    row: int
+    path: Path
+    text: str
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    fps: float | None = None
+
+    @property
+    def has_sizes(self) -> bool:
+        return None not in (self.num_frames, self.height, self.width, self.fps)
+
+
+def _rows(path: Path) -> list[dict[str, object]]:
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or use a CSV") from None
+        return pq.read_table(path).to_pylist()
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None:
+            raise UserError(f"{path}: the file is empty; expected a header line path,text[,num_frames,height,width,fps]")
+        return list(reader)
+
+
+def _number(value: object, kind: type, path: Path, row: int, column: str) -> int | float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UserError(f"{path}, row {row}: column {column} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise UserError(f"{path}, row {row}: column {column} must be positive, got {value!r}")
+    return int(number) if kind is int else number
+
+
+def read_table(path: str | Path, root: Path | None = None) -> list[ClipRecord]:
+    """Parse and check the table; clip paths are relative to ``root`` (default: the table's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"clip table {path} does not exist")
+    rows = _rows(path)
+    if not rows:
+        raise UserError(f"{path}: no clips listed (only a header)")
+    missing = [c for c in REQUIRED if c not in rows[0]]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, rows[0]))}")
+    root = Path(root) if root is not None else path.parent
+    records = []
+    for i, row in enumerate(rows, start=2 if path.suffix.lower() != ".parquet" else 1):
+        clip, text = str(row.get("path") or "").strip(), row.get("text")
+        if not clip:
+            raise UserError(f"{path}, row {i}: empty path")
+        if text is None or not str(text).strip():
+            raise UserError(f"{path}, row {i}: empty text for {clip}")
+        sizes = {c: _number(row.get(c), int, path, i, c) for c in OPTIONAL_INT}
+        fps = _number(row.get("fps"), float, path, i, "fps")
+        full = Path(clip) if Path(clip).is_absolute() else root / clip
+        records.append(ClipRecord(row=i, path=full, text=str(text).strip(), fps=fps, **sizes))  # type: ignore[arg-type]
+    return records

@@ -1,0 +1,5 @@
+"""STDiT and its building blocks."""
+
+from .stdit import STDiT, num_parameters
+
+__all__ = ["STDiT", "num_parameters"]

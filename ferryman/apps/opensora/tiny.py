@@ -1,0 +1,84 @@
+"""Tiny text encoder and VAE folders with random weights, for tests, the demo and CPU trials.
+
+``write_tiny_models(out)`` writes ``out/t5`` (a 2-layer T5 encoder of width 32 with a word-level
+tokenizer in T5's special-token layout: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2) and ``out/vae`` (an
+AutoencoderKL that halves height and width, 4 latent channels). They load exactly like real ones.
+
+Run: ``python -m ferryman.apps.opensora.tiny --out DIR``
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+WORDS = [
+    "a", "an", "the", "of", "on", "in", "with", "and", "moving", "right", "left", "up", "down",
+    "diagonally", "background", "circle", "square", "triangle", "star", "ring", "shape", "red",
+    "green", "blue", "yellow", "white", "black", "purple", "orange", "pink", "grey", "cyan",
+    "small", "large", "big", "tiny", "slowly", "quickly", "video", "clip", "frame", "camera",
+    "pans", "zooms", "sky", "sea", "city", "cat", "dog", "person", "walking", "running", "flying",
+    "over", "under", ".",
+]
+SPECIALS = ["<pad>", "</s>", "<unk>"]
+
+
+def build_word_tokenizer(words: list[str] = WORDS):
+    """A T5-layout word-level tokenizer (lower-cased, split on whitespace and punctuation)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(words)))}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def write_tiny_t5(out: Path, tokenizer_dir: Path | None = None, *, d_model: int = 32, seed: int = 0) -> Path:
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_word_tokenizer()
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    T5EncoderModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
+def write_tiny_vae(out: Path, *, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), sample_size=32,
+    )
+    vae.save_pretrained(out)
+    return Path(out)
+
+
+def write_tiny_models(out: Path) -> tuple[Path, Path]:
+    out = Path(out)
+    return write_tiny_t5(out / "t5"), write_tiny_vae(out / "vae")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    t5, vae = write_tiny_models(parser.parse_args().out)
+    print(f"wrote {t5} and {vae}")
+
+
+if __name__ == "__main__":
+    main()
