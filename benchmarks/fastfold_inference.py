@@ -1,0 +1,219 @@
+"""AlphaFold2 inference at full model size: the eager path against Ferryman's default path.
+
+    python benchmarks/fastfold_inference.py                       # CUDA: N_res 256.. until OOM, bf16
+    python benchmarks/fastfold_inference.py --device cpu --small  # CPU: full-size model, N_res 16-48
+
+The model is a full-size AF2 monomer (``--preset``, default model_3_ptm: 48 Evoformer blocks,
+c_m=256, c_z=128, no templates) with seeded random weights, fed a single-sequence MSA (one MSA
+row, one extra-MSA row) and run for one recycling iteration (``num_recycle=0``: one pass through
+the network). Two paths are timed in the same run (on CPU: one run each, peak = resident-memory
+growth; on CUDA: median of 3 after a warm-up, peak = allocator high-water mark):
+
+- eager: PyTorch reference kernels, no chunking, out-of-place residual adds, fp32;
+- default: fused kernels (``kernels=auto``: Triton on CUDA, the reference on CPU), chunk size
+  chosen from free memory, in-place residual adds, bf16 trunk on CUDA (fp32 on CPU).
+
+For each N_res the table gives wall time, peak extra memory and the eager/default time ratio;
+``--find-max`` then searches the longest N_res the default path runs in bf16 on this GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+from ferryman.apps.fastfold.model import randomize_
+from ferryman.apps.fastfold.model.alphafold import AlphaFold
+from ferryman.apps.fastfold.model.primitives import skip_init
+from ferryman.apps.fastfold.presets import get_preset
+
+
+def single_sequence_features(n_res: int, device: torch.device, seed: int = 0) -> dict:
+    """AF2 features of a random sequence whose MSA is the sequence alone (one extra row too)."""
+    g = torch.Generator().manual_seed(seed)
+    aatype = torch.randint(0, 20, (n_res,), generator=g)
+    onehot = torch.nn.functional.one_hot(aatype, 23).float()
+    msa_feat = torch.cat([onehot, torch.zeros(n_res, 2), onehot, torch.zeros(n_res, 1)], dim=-1)[None]
+    batch = {
+        "aatype": aatype,
+        "residue_index": torch.arange(n_res),
+        "seq_mask": torch.ones(n_res),
+        "target_feat": torch.nn.functional.one_hot(aatype + 1, 22).float(),
+        "msa_feat": msa_feat,  # [1, N, 49]
+        "msa_mask": torch.ones(1, n_res),
+        "extra_msa": aatype[None],
+        "extra_msa_mask": torch.ones(1, n_res),
+        "extra_has_deletion": torch.zeros(1, n_res),
+        "extra_deletion_value": torch.zeros(1, n_res),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def build(preset: str, device: torch.device, seed: int) -> AlphaFold:
+    with skip_init():  # every value is overwritten by randomize_
+        model = AlphaFold(get_preset(preset, num_recycle=0))
+    return randomize_(model, seed=seed).to(device).eval()
+
+
+def configure(model: AlphaFold, path: str, device: torch.device) -> None:
+    cfg = model.cfg
+    if path == "eager":
+        cfg.kernels, cfg.chunk_size, cfg.auto_chunk, cfg.inplace, cfg.precision = "torch", None, False, False, "fp32"
+    else:
+        cfg.kernels, cfg.chunk_size, cfg.auto_chunk, cfg.inplace = "auto", None, True, True
+        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
+    model.set_kernels(cfg.kernels)
+    model.apply_precision()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+
+def _heap_in_use() -> int:
+    """Bytes malloc has handed out and not taken back (glibc mallinfo2): live tensor memory on CPU,
+    where torch allocates straight from malloc, unlike resident memory which freed pages inflate."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def cpu_time_and_peak(fn) -> dict:
+    """One timed run with malloc's bytes in use sampled every millisecond (the profiler's
+    allocation records cost more than the full-size model run itself)."""
+    base = peak = _heap_in_use()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _heap_in_use())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    done.set()
+    thread.join()
+    return {"ms": ms, "peak_mib": (peak - base) / common.MIB}
+
+
+def run_path(model: AlphaFold, path: str, n_res: int, device: torch.device, repeat: int, warmup: int) -> dict:
+    configure(model, path, device)
+    batch = single_sequence_features(n_res, device)
+
+    def forward():
+        with torch.no_grad():
+            return model(batch)["final_atom_positions"]
+
+    if device.type == "cpu":
+        gc.collect()
+        return cpu_time_and_peak(forward)
+    result = common.measure(forward, device, warmup=warmup, repeat=repeat)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def find_max_n_res(model: AlphaFold, device: torch.device, start: int, step: int) -> int | None:
+    """Largest multiple of ``step`` the default path runs without OOM (doubling, then bisection)."""
+    configure(model, "default", device)
+
+    def fits(n: int) -> bool:
+        try:
+            with torch.no_grad():
+                model(single_sequence_features(n, device))
+            return True
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not common.is_oom(exc):
+                raise
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    lo, hi = None, start
+    while fits(hi):
+        print(f"  N_res={hi} fits", file=sys.stderr)
+        lo, hi = hi, hi * 2
+    if lo is None:
+        return None
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        print(f"  bracket [{lo}, {hi})", file=sys.stderr)
+    return lo
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--small", action="store_true", help="N_res 16-48 (CPU); the model stays full size")
+    parser.add_argument("--preset", default="model_3_ptm")
+    parser.add_argument("--n-res", type=int, nargs="*", help="default 256 512 1024 2048 3072 4096 (16 32 64 small)")
+    parser.add_argument("--find-max", action="store_true", help="search the longest N_res the default path fits")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: a shared machine)")
+    parser.add_argument("--json", type=Path, help="default out/benchmarks/fastfold_inference-<device>.json")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device; use --device cpu --small")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    sizes = args.n_res or ([16, 32, 48] if args.small else [256, 512, 1024, 2048, 3072, 4096])
+    repeat, warmup = (1, 0) if args.small or device.type == "cpu" else (3, 1)
+    model = build(args.preset, device, seed=0)
+    params = sum(p.numel() for p in model.parameters())
+    result = {"env": common.environment(device), "preset": args.preset, "parameters": params, "rows": []}
+    eager_fits = True
+    for n in sizes:
+        row = {"N_res": n}
+        for path in ("eager", "default"):
+            if path == "eager" and not eager_fits:
+                row["eager_ms"] = None
+                continue
+            r = run_path(model, path, n, device, repeat, warmup)
+            if "error" in r:
+                eager_fits = eager_fits and path != "eager"
+                row[f"{path}_ms"] = "OOM"
+                continue
+            row[f"{path}_ms"], row[f"{path}_peak_mib"] = r["ms"], r["peak_mib"]
+        if isinstance(row.get("eager_ms"), float) and isinstance(row.get("default_ms"), float):
+            row["speedup"] = row["eager_ms"] / row["default_ms"]
+            row["memory_ratio"] = row["eager_peak_mib"] / max(row["default_peak_mib"], 1e-9)
+        print(f"  {row}", file=sys.stderr)
+        result["rows"].append(row)
+    if args.find_max:
+        if device.type != "cuda":
+            raise SystemExit("error: --find-max needs a CUDA device")
+        result["max_n_res_bf16"] = find_max_n_res(model, device, start=max(sizes), step=256)
+    columns = ["N_res", "eager_ms", "default_ms", "speedup", "eager_peak_mib", "default_peak_mib", "memory_ratio"]
+    print(f"\ndevice: {result['env']['device']}; {args.preset}, {params / 1e6:.1f}M parameters, "
+          f"single-sequence MSA, one pass (num_recycle=0)\n")
+    common.print_table(result["rows"], columns)
+    if "max_n_res_bf16" in result:
+        print(f"\nlongest N_res in bf16 (default path): {result['max_n_res_bf16']}")
+    path = args.json or Path("out/benchmarks") / f"fastfold_inference-{args.device}{'-small' if args.small else ''}.json"
+    print(f"\nwrote {common.write_json(path, result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The AlphaFold2 monomer model with recycling (AF2 Suppl. Alg. 2).
+
+Input features (one protein, no batch dimension; AF2/OpenFold names; N = residues, S = clustered
+MSA rows, E = extra MSA rows, T = templates)::
+
+    aatype                  [N]          int, 0..20 in residue_constants.restypes order (20 = X)
+    residue_index           [N]          int, residue numbers (gaps allowed)
+    seq_mask                [N]          float, 1 for real residues
+    target_feat             [N, 22]      float, one-hot: 0 = between-segment flag, 1..21 = aatype+1
+    msa_feat                [S, N, 49]   float, one-hot MSA (23) + has_deletion + deletion_value
+                                         + cluster profile (23) + cluster deletion mean
+    msa_mask                [S, N]       float
+    extra_msa               [E, N]       int, 0..22 (21 = gap, 22 = masked)
+    extra_msa_mask          [E, N]       float
+    extra_has_deletion      [E, N]       float
+    extra_deletion_value    [E, N]       float
+    template_aatype         [T, N]       int, 0..21 (only when the preset uses templates)
+    template_all_atom_positions [T, N, 37, 3]  float, Angstrom
+    template_all_atom_masks [T, N, 37]   float (``template_all_atom_mask`` is accepted too)
+    template_mask           [T]          float, 1 for real templates
+    template_pseudo_beta    [T, N, 3]    optional, computed from the atoms when absent
+    template_pseudo_beta_mask [T, N]     optional
+
+Outputs (float32): ``final_atom_positions`` [N, 37, 3], ``final_atom_mask`` [N, 37],
+``final_atom14_positions`` [N, 14, 3], ``plddt`` [N] (0-100), ``plddt_logits`` [N, 50],
+``distogram_logits`` [N, N, 64] with ``distogram_bin_edges`` [63], ``masked_msa_logits``
+[S, N, 23], ``experimentally_resolved_logits`` [N, 37], ``single`` [N, c_s], ``pair`` [N, N, c_z],
+``msa_first_row`` [N, c_m], structure-module trajectories (``traj`` [8, N, 7], ``angles_sin_cos``,
+``positions`` [8, N, 14, 3], ``sidechain_frames``), and for the ``_ptm`` presets ``pae_logits``
+[N, N, 64], ``predicted_aligned_error`` [N, N], ``max_predicted_aligned_error``,
+``aligned_confidence_probs`` and ``ptm`` (a scalar).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ferryman.apps.fastfold.model.config import AlphaFoldConfig
+from ferryman.apps.fastfold.model.embedders import ExtraMSAEmbedder, InputEmbedder, RecyclingEmbedder
+from ferryman.apps.fastfold.model.evoformer import EvoformerStack
+from ferryman.apps.fastfold.model.heads import (
+    DistogramHead,
+    ExperimentallyResolvedHead,
+    MaskedMsaHead,
+    PredictedAlignedErrorHead,
+    PredictedLDDTHead,
+    compute_plddt,
+    compute_predicted_aligned_error,
+    compute_tm,
+)
+from ferryman.apps.fastfold.model.primitives import add_
+from ferryman.apps.fastfold.model.structure_module import StructureModule
+from ferryman.apps.fastfold.model.template import TemplateEmbedder
+from ferryman.core.chunking import chunk_size_for_budget, free_memory_bytes
+from ferryman.core.errors import UserError
+
+REQUIRED_FEATURES = (
+    "aatype", "residue_index", "seq_mask", "target_feat", "msa_feat", "msa_mask",
+    "extra_msa", "extra_msa_mask", "extra_has_deletion", "extra_deletion_value",
+)  # fmt: skip
+TEMPLATE_FEATURES = ("template_aatype", "template_all_atom_positions", "template_mask")
+
+
+def auto_chunk_size(cfg: AlphaFoldConfig, n_res: int, n_seq: int, device: torch.device, fraction: float = 0.4):
+    """The largest power-of-two chunk whose attention logits fit in ``fraction`` of free memory.
+
+    The widest transient per chunk row is an attention score tensor: heads x N x N for MSA row and
+    triangle attention, heads x S x S for column attention; three copies cover logits, softmax and
+    the output staging.
+    """
+    heads = max(cfg.msa_heads, cfg.pair_heads, cfg.extra_msa_heads)
+    widest = max(n_res, n_seq)
+    bytes_per_row = 3 * 4 * heads * widest * widest
+    budget = int(free_memory_bytes(device) * fraction)
+    return chunk_size_for_budget(num_rows=widest, bytes_per_row=bytes_per_row, budget_bytes=budget, minimum=1)
+
+
+class AlphaFold(nn.Module):
+    """AlphaFold2 monomer: embedders, extra-MSA stack, Evoformer, structure module and heads."""
+
+    TRUNK = ("input_embedder", "recycling_embedder", "template_embedder", "extra_msa_embedder",
+             "extra_msa_stack", "evoformer")  # fmt: skip
+
+    def __init__(self, cfg: AlphaFoldConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.input_embedder = InputEmbedder(cfg)
+        self.recycling_embedder = RecyclingEmbedder(cfg, cfg.kernels)
+        self.template_embedder = TemplateEmbedder(cfg) if cfg.template.enabled else None
+        self.extra_msa_embedder = ExtraMSAEmbedder(cfg)
+        self.extra_msa_stack = EvoformerStack(cfg, extra=True)
+        self.evoformer = EvoformerStack(cfg)
+        self.structure_module = StructureModule(cfg)
+        self.predicted_lddt_head = PredictedLDDTHead(cfg)
+        self.distogram_head = DistogramHead(cfg)
+        self.masked_msa_head = MaskedMsaHead(cfg)
+        self.experimentally_resolved_head = ExperimentallyResolvedHead(cfg)
+        self.predicted_aligned_error_head = PredictedAlignedErrorHead(cfg) if cfg.heads.ptm else None
+        self.apply_precision()
+
+    @property
+    def trunk_dtype(self) -> torch.dtype:
+        return self.evoformer.blocks[0].msa_transition.transition1.weight.dtype
+
+    def apply_precision(self) -> AlphaFold:
+        """bf16 trunk (embedders and stacks), fp32 structure module and heads, as ``cfg.precision``."""
+        self.float()
+        if self.cfg.precision == "bf16":
+            for name in self.TRUNK:
+                module = getattr(self, name)
+                if module is not None:
+                    module.to(torch.bfloat16)
+        return self
+
+    def set_kernels(self, backend: str) -> None:
+        """Switch every fused op to ``backend`` (auto|triton|torch)."""
+        self.cfg.kernels = backend
+        for module in self.modules():
+            if hasattr(module, "backend"):
+                module.backend = backend
+
+    def _chunk_size(self, batch: dict[str, Tensor]) -> int | None:
+        if not self.cfg.auto_chunk:
+            return self.cfg.chunk_size
+        n_seq = max(batch["msa_feat"].shape[0], batch["extra_msa"].shape[0])
+        return auto_chunk_size(self.cfg, batch["aatype"].shape[0], n_seq, batch["aatype"].device)
+
+    def iteration(self, batch: dict[str, Tensor], prev: dict[str, Tensor], chunk_size: int | None) -> dict:
+        """One recycling iteration (AF2 Suppl. Alg. 2 lines 5-19)."""
+        dt, inplace = self.trunk_dtype, self.cfg.inplace
+        seq_mask = batch["seq_mask"].to(dt)
+        pair_mask = seq_mask[:, None] * seq_mask[None, :]
+        m, z = self.input_embedder(
+            batch["target_feat"].to(dt), batch["msa_feat"].to(dt), batch["residue_index"], chunk_size
+        )
+        m_row, z = self.recycling_embedder(
+            z, batch["aatype"], prev["prev_pos"], prev["prev_msa_first_row"], prev["prev_pair"], chunk_size
+        )
+        m[0] = m[0] + m_row
+        msa_mask = batch["msa_mask"].to(dt)
+        use_templates = self.template_embedder is not None and "template_aatype" in batch
+        if use_templates:
+            z = add_(z, self.template_embedder.pair_embedding(z, batch, pair_mask, chunk_size, inplace), inplace)
+        a = self.extra_msa_embedder(batch["extra_msa"], batch["extra_has_deletion"], batch["extra_deletion_value"])
+        _, z = self.extra_msa_stack(a, z, batch["extra_msa_mask"].to(dt), pair_mask, chunk_size, inplace)
+        del a
+        num_seq = m.shape[0]
+        if use_templates and self.cfg.template.embed_torsion_angles:
+            rows, rows_mask = self.template_embedder.single_embedding(batch, dt)
+            m, msa_mask = torch.cat([m, rows], dim=0), torch.cat([msa_mask, rows_mask], dim=0)
+        m, z = self.evoformer(m, z, msa_mask, pair_mask, chunk_size, inplace)
+        single = self.evoformer.single_activations(m[0])
+        # The pair stays in the trunk dtype: an fp32 copy would double the largest tensor.
+        sm = self.structure_module(single.float(), z, batch["aatype"], batch["seq_mask"].float(), chunk_size)
+        return {"msa": m[:num_seq], "pair": z, "single": single, "sm": sm}
+
+    def forward(self, batch: dict[str, Tensor], num_recycle: int | None = None) -> dict[str, Tensor]:
+        missing = [k for k in REQUIRED_FEATURES if k not in batch]
+        if missing:
+            raise UserError(f"AlphaFold input features lack {', '.join(missing)} (see ferryman.apps.fastfold.model.alphafold)")
+        num_recycle = self.cfg.num_recycle if num_recycle is None else num_recycle
+        chunk_size = self._chunk_size(batch)
+        n, device, dt = batch["aatype"].shape[0], batch["aatype"].device, self.trunk_dtype
+        prev = {
+            "prev_pos": torch.zeros(n, 37, 3, device=device),
+            "prev_msa_first_row": torch.zeros(n, self.cfg.c_m, device=device, dtype=dt),
+            "prev_pair": torch.zeros(n, n, self.cfg.c_z, device=device, dtype=dt),
+        }
+        for cycle in range(num_recycle + 1):
+            last = cycle == num_recycle
+            with torch.set_grad_enabled(torch.is_grad_enabled() and last):
+                out = self.iteration(batch, prev, chunk_size)
+            if not last:
+                prev = {
+                    "prev_pos": out["sm"]["final_atom_positions"].detach(),
+                    "prev_msa_first_row": out["msa"][0].detach(),
+                    "prev_pair": out["pair"].detach(),
+                }
+                del out
+        return self.heads(out, chunk_size)
+
+    def heads(self, out: dict, chunk_size: int | None = None) -> dict[str, Tensor]:
+        sm, pair = out["sm"], out["pair"]
+        result = {k: v for k, v in sm.items() if k != "single"}
+        result["structure_single"] = sm["single"]
+        result["single"] = out["single"].float()
+        result["pair"] = pair  # trunk dtype
+        result["msa_first_row"] = out["msa"][0].float()
+        result["plddt_logits"] = self.predicted_lddt_head(result["structure_single"])
+        result["plddt"] = compute_plddt(result["plddt_logits"])
+        result["distogram_logits"] = self.distogram_head(pair, chunk_size)
+        result["distogram_bin_edges"] = self.distogram_head.bin_edges(pair.device)
+        result["masked_msa_logits"] = self.masked_msa_head(out["msa"].float())
+        result["experimentally_resolved_logits"] = self.experimentally_resolved_head(result["single"])
+        if self.predicted_aligned_error_head is not None:
+            head = self.predicted_aligned_error_head
+            logits = head(pair, chunk_size)
+            breaks = head.breaks(pair.device)
+            result["pae_logits"] = logits
+            result.update(compute_predicted_aligned_error(logits, breaks, chunk_size))
+            result["ptm"] = compute_tm(logits, breaks, chunk_size=chunk_size)
+        return result

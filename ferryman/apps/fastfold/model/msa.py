@@ -1,0 +1,108 @@
+"""MSA-track modules of the Evoformer: row attention with pair bias, column attention, global
+column attention and the outer product mean. Inputs are unbatched: m ``[S, N, c_m]``,
+z ``[N, N, c_z]``, msa_mask ``[S, N]``; chunks are rows of the leading axis."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ferryman.apps.fastfold.model.primitives import Attention, GlobalAttention, Linear, layer_norm
+from ferryman.core.chunking import chunk_layer
+
+
+class MSARowAttentionWithPairBias(nn.Module):
+    """AF2 Suppl. Alg. 7: each MSA row attends over residues, biased by the pair representation."""
+
+    def __init__(self, c_m: int, c_z: int, c_hidden: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        self.query_norm = layer_norm(c_m, backend)
+        self.feat_2d_norm = layer_norm(c_z, backend)
+        self.feat_2d_weights = Linear(c_z, num_heads, bias=False, init="default")
+        self.attention = Attention(c_m, c_m, c_hidden, num_heads, backend=backend)
+
+    def pair_bias(self, z: Tensor) -> Tensor:
+        """``[H, N_rows_of_z, N]`` bias from (a row block of) the pair representation."""
+        return self.feat_2d_weights(self.feat_2d_norm(z)).permute(2, 0, 1)
+
+    def forward(self, m: Tensor, z: Tensor | None, mask: Tensor, chunk_size: int | None = None,
+                *, bias: Tensor | None = None) -> Tensor:  # fmt: skip
+        bias = self.pair_bias(z) if bias is None else bias  # [H, N, N]
+
+        def run(m: Tensor, mask: Tensor) -> Tensor:
+            m = self.query_norm(m)
+            return self.attention(m, m, (bias[None],), mask[:, None, None, :])
+
+        return chunk_layer(run, {"m": m, "mask": mask}, chunk_size=chunk_size, num_batch_dims=1)
+
+
+class MSAColumnAttention(nn.Module):
+    """AF2 Suppl. Alg. 8: each residue column attends over the sequences."""
+
+    def __init__(self, c_m: int, c_hidden: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        self.query_norm = layer_norm(c_m, backend)
+        self.attention = Attention(c_m, c_m, c_hidden, num_heads, backend=backend)
+
+    def _run(self, m: Tensor, mask: Tensor) -> Tensor:
+        m = self.query_norm(m)
+        return self.attention(m, m, (), mask[:, None, None, :])
+
+    def forward(self, m: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
+        m_t, mask_t = m.transpose(0, 1), mask.transpose(0, 1)  # [N, S, c_m], [N, S]
+        out = chunk_layer(self._run, {"m": m_t, "mask": mask_t}, chunk_size=chunk_size, num_batch_dims=1)
+        return out.transpose(0, 1)
+
+
+class MSAColumnGlobalAttention(nn.Module):
+    """AF2 Suppl. Alg. 19: column attention with one mean query per column (extra MSA stack)."""
+
+    def __init__(self, c_m: int, c_hidden: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        self.query_norm = layer_norm(c_m, backend)
+        self.attention = GlobalAttention(c_m, c_hidden, num_heads, backend=backend)
+
+    def _run(self, m: Tensor, mask: Tensor) -> Tensor:
+        return self.attention(self.query_norm(m), mask)
+
+    def forward(self, m: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
+        m_t, mask_t = m.transpose(0, 1), mask.transpose(0, 1)  # [N, S, c_m], [N, S]
+        out = chunk_layer(self._run, {"m": m_t, "mask": mask_t}, chunk_size=chunk_size, num_batch_dims=1)
+        return out.transpose(0, 1)
+
+
+class OuterProductMean(nn.Module):
+    """AF2 Suppl. Alg. 10: pair update from the mean over sequences of outer products.
+
+    ``output`` maps the flattened ``[c, c]`` outer product to c_z (AF2's output_w/output_b).
+    """
+
+    def __init__(self, c_m: int, c_z: int, c_hidden: int, backend: str = "auto", eps: float = 1e-3):
+        super().__init__()
+        self.c_hidden, self.eps = c_hidden, eps
+        self.layer_norm_input = layer_norm(c_m, backend)
+        self.left_projection = Linear(c_m, c_hidden)
+        self.right_projection = Linear(c_m, c_hidden)
+        self.output = Linear(c_hidden * c_hidden, c_z, init="final")
+
+    def projections(self, m: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Masked left and right projections ``[S, N, c]`` of the MSA (or of a column block)."""
+        m = self.layer_norm_input(m)
+        mask = mask[..., None].to(m.dtype)
+        return self.left_projection(m) * mask, self.right_projection(m) * mask
+
+    def combine(self, a: Tensor, b: Tensor, mask_a: Tensor, mask_b: Tensor, chunk_size: int | None = None) -> Tensor:
+        """Pair update ``[N_a, N_b, c_z]`` from projections a ``[S, N_a, c]``, b ``[S, N_b, c]``."""
+        # Counts of shared sequences in fp32: bf16 holds integers exactly only up to 256.
+        norm = torch.einsum("si,sj->ij", mask_a.float(), mask_b.float())  # [N_a, N_b]
+
+        def run(a: Tensor, norm: Tensor) -> Tensor:
+            outer = torch.einsum("isc,sjd->ijcd", a, b).flatten(-2)  # [i, N_b, c * c]
+            return (self.output(outer).float() / (self.eps + norm[..., None])).to(a.dtype)
+
+        a_t = a.transpose(0, 1)  # [N_a, S, c]
+        return chunk_layer(run, {"a": a_t, "norm": norm}, chunk_size=chunk_size, num_batch_dims=1)
+
+    def forward(self, m: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
+        a, b = self.projections(m, mask)
+        return self.combine(a, b, mask, mask, chunk_size)

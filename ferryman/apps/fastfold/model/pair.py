@@ -1,0 +1,96 @@
+"""Pair-track modules: triangle multiplicative updates and triangle attention (AF2 Suppl. Alg. 11-14).
+
+z is ``[N, N, c_z]`` (unbatched) and pair_mask ``[N, N]``. Each module exposes the pieces DAP
+needs to run on a block of rows (``projections``/``combine``, ``bias``) besides ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ferryman.apps.fastfold.model.primitives import Attention, Linear, layer_norm
+from ferryman.core.chunking import chunk_layer
+
+
+class TriangleMultiplication(nn.Module):
+    """AF2 Suppl. Alg. 11 (outgoing: ``z_ij = sum_k a_ik b_jk``) and Alg. 12 (incoming:
+    ``z_ij = sum_k a_kj b_ki``), with AF2's left/right naming so official weights map 1:1."""
+
+    def __init__(self, c_z: int, c_hidden: int, *, outgoing: bool, backend: str = "auto"):
+        super().__init__()
+        self.outgoing = outgoing
+        self.layer_norm_input = layer_norm(c_z, backend)
+        self.left_projection = Linear(c_z, c_hidden)
+        self.right_projection = Linear(c_z, c_hidden)
+        self.left_gate = Linear(c_z, c_hidden, init="gating")
+        self.right_gate = Linear(c_z, c_hidden, init="gating")
+        self.center_layer_norm = layer_norm(c_hidden, backend)
+        self.output_projection = Linear(c_hidden, c_z, init="final")
+        self.gating_linear = Linear(c_z, c_z, init="gating")
+
+    def projections(self, z: Tensor, mask: Tensor, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """Masked, gated left and right projections ``[rows, N, c]`` of (a row block of) z."""
+
+        def run(z: Tensor, mask: Tensor) -> Tensor:
+            z = self.layer_norm_input(z)
+            mask = mask[..., None].to(z.dtype)
+            left = mask * self.left_projection(z) * torch.sigmoid(self.left_gate(z))
+            right = mask * self.right_projection(z) * torch.sigmoid(self.right_gate(z))
+            return torch.cat([left, right], dim=-1)
+
+        both = chunk_layer(run, {"z": z, "mask": mask}, chunk_size=chunk_size, num_batch_dims=1)
+        return both.chunk(2, dim=-1)
+
+    def product(self, a: Tensor, b: Tensor) -> Tensor:
+        """The triangle product for this direction, as one batched matmul per channel."""
+        a_c, b_c = a.permute(2, 0, 1), b.permute(2, 0, 1)  # [c, rows, N]
+        if self.outgoing:  # sum_k a[i, k] b[j, k]
+            out = a_c @ b_c.transpose(-1, -2)
+        else:  # sum_k a[k, j] b[k, i]  ->  [i, j]
+            out = b_c.transpose(-1, -2) @ a_c
+        return out.permute(1, 2, 0)  # [i, j, c]
+
+    def finish(self, x: Tensor, z: Tensor, chunk_size: int | None = None) -> Tensor:
+        """Output projection of the product x, gated by z (both ``[rows, N, *]``)."""
+
+        def run(x: Tensor, z: Tensor) -> Tensor:
+            gate = torch.sigmoid(self.gating_linear(self.layer_norm_input(z)))
+            return self.output_projection(self.center_layer_norm(x)) * gate
+
+        return chunk_layer(run, {"x": x, "z": z}, chunk_size=chunk_size, num_batch_dims=1)
+
+    def forward(self, z: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
+        a, b = self.projections(z, mask, chunk_size)
+        return self.finish(self.product(a, b), z, chunk_size)
+
+
+class TriangleAttention(nn.Module):
+    """AF2 Suppl. Alg. 13 (starting node: row i attends over k with bias from z_jk) and Alg. 14
+    (ending node: the same on the transposed pair representation)."""
+
+    def __init__(self, c_z: int, c_hidden: int, num_heads: int, *, starting: bool, backend: str = "auto"):
+        super().__init__()
+        self.starting = starting
+        self.query_norm = layer_norm(c_z, backend)
+        self.feat_2d_weights = Linear(c_z, num_heads, bias=False, init="default")
+        self.attention = Attention(c_z, c_z, c_hidden, num_heads, backend=backend)
+
+    def bias(self, z_rows: Tensor) -> Tensor:
+        """``[H, rows, N]`` triangle bias from rows of the (already oriented) pair representation."""
+        return self.feat_2d_weights(self.query_norm(z_rows)).permute(2, 0, 1)
+
+    def attend(self, z_rows: Tensor, mask_rows: Tensor, bias: Tensor, chunk_size: int | None = None) -> Tensor:
+        """Update for rows ``[rows, N, c_z]`` of the oriented z given the full bias ``[H, N, N]``."""
+
+        def run(z: Tensor, mask: Tensor) -> Tensor:
+            z = self.query_norm(z)
+            return self.attention(z, z, (bias[None],), mask[:, None, None, :])
+
+        return chunk_layer(run, {"z": z_rows, "mask": mask_rows}, chunk_size=chunk_size, num_batch_dims=1)
+
+    def forward(self, z: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
+        if not self.starting:
+            z, mask = z.transpose(0, 1), mask.transpose(0, 1)
+        out = self.attend(z, mask, self.bias(z), chunk_size)
+        return out if self.starting else out.transpose(0, 1)

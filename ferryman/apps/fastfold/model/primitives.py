@@ -1,0 +1,153 @@
+"""Building blocks shared by the AlphaFold2 modules: initialised linears, LayerNorm, gated
+multi-head attention, global attention and the transition MLP.
+
+Attention runs through ``ferryman.kernels.attention`` and LayerNorm through
+``ferryman.kernels.LayerNorm``; the backend (auto|triton|torch) is a module attribute set from
+config, so one model tree serves every kernel choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ferryman.core.chunking import chunk_layer
+from ferryman.kernels import LayerNorm as FusedLayerNorm
+from ferryman.kernels import attention as fused_attention
+from ferryman.kernels import softmax as fused_softmax
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the AF2 initialisers (Suppl. 1.11.4): 'default' (LeCun normal), 'relu'
+    (He normal), 'glorot', 'gating' (zero weights, unit bias) and 'final' (zeros).
+
+    Inside ``skip_init()`` weights are left uninitialised, for models about to be loaded.
+    """
+
+    skip = False
+
+    def __init__(self, c_in: int, c_out: int, bias: bool = True, init: str = "default"):
+        self._init = init
+        super().__init__(c_in, c_out, bias=bias)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        init, c_in = self._init, self.in_features
+        if Linear.skip:
+            return
+        if init in ("default", "relu"):
+            # Truncated normal at two standard deviations; fmod folds the tails back cheaply.
+            std = math.sqrt((2.0 if init == "relu" else 1.0) / c_in) / 0.8796
+            self.weight.normal_().fmod_(2.0).mul_(std)
+        elif init == "glorot":
+            nn.init.xavier_uniform_(self.weight)
+        elif init in ("gating", "final"):
+            self.weight.zero_()
+        else:
+            raise ValueError(f"unknown init {init!r}")
+        if self.bias is not None:
+            self.bias.fill_(1.0 if init == "gating" else 0.0)
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Build modules without initialising their linears (every value is loaded afterwards)."""
+    Linear.skip = True
+    try:
+        yield
+    finally:
+        Linear.skip = False
+
+
+def layer_norm(c: int, backend: str = "auto") -> FusedLayerNorm:
+    return FusedLayerNorm(c, backend=backend)
+
+
+def add_(x: Tensor, update: Tensor, inplace: bool) -> Tensor:
+    """Residual add; in place when allowed and no autograd graph needs ``x``."""
+    if inplace and not torch.is_grad_enabled():
+        return x.add_(update)
+    return x + update
+
+
+class Attention(nn.Module):
+    """Gated multi-head attention with additive biases (AF2 Suppl. Alg. 7, 8, 13, 14, 17).
+
+    q_x: ``[*, Q, c_q]``, kv_x: ``[*, K, c_kv]``; biases broadcast to ``[*, H, Q, K]``; mask (1 =
+    attend) broadcast to the same. Parameter names follow AF2 (query_w, key_w, ...).
+    """
+
+    def __init__(self, c_q: int, c_kv: int, c_hidden: int, num_heads: int, *, gating: bool = True,
+                 c_out: int | None = None, backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        self.num_heads, self.c_hidden, self.backend = num_heads, c_hidden, backend
+        self.query_w = Linear(c_q, num_heads * c_hidden, bias=False, init="glorot")
+        self.key_w = Linear(c_kv, num_heads * c_hidden, bias=False, init="glorot")
+        self.value_w = Linear(c_kv, num_heads * c_hidden, bias=False, init="glorot")
+        self.gating = Linear(c_q, num_heads * c_hidden, init="gating") if gating else None
+        self.output = Linear(num_heads * c_hidden, c_out or c_q, init="final")
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.num_heads, self.c_hidden)).transpose(-2, -3)  # [*, H, L, D]
+
+    def forward(self, q_x: Tensor, kv_x: Tensor, biases=(), mask: Tensor | None = None) -> Tensor:
+        q = self._heads(self.query_w(q_x))
+        k = self._heads(self.key_w(kv_x))
+        v = self._heads(self.value_w(kv_x))
+        o = fused_attention(q, k, v, biases, mask, backend=self.backend)  # [*, H, Q, D]
+        o = o.transpose(-2, -3).flatten(-2)  # [*, Q, H * D]
+        if self.gating is not None:
+            o = o * torch.sigmoid(self.gating(q_x))
+        return self.output(o)
+
+
+class GlobalAttention(nn.Module):
+    """Global attention over the rows of each column, one averaged query (AF2 Suppl. Alg. 19).
+
+    m: ``[*, S, c]`` attended over S; mask ``[*, S]``.
+    """
+
+    def __init__(self, c_in: int, c_hidden: int, num_heads: int, *, backend: str = "auto", eps: float = 1e-10):
+        super().__init__()
+        self.num_heads, self.c_hidden, self.backend, self.eps = num_heads, c_hidden, backend, eps
+        self.query_w = Linear(c_in, num_heads * c_hidden, bias=False, init="glorot")
+        self.key_w = Linear(c_in, c_hidden, bias=False, init="glorot")
+        self.value_w = Linear(c_in, c_hidden, bias=False, init="glorot")
+        self.gating = Linear(c_in, num_heads * c_hidden, init="gating")
+        self.output = Linear(num_heads * c_hidden, c_in, init="final")
+
+    def forward(self, m: Tensor, mask: Tensor) -> Tensor:
+        # Sums over up to 5120 rows: fp32, since bf16 counts exactly only to 256.
+        mask32 = mask.float()
+        q_avg = ((m.float() * mask32[..., None]).sum(-2) / (mask32.sum(-1, keepdim=True) + self.eps)).to(m.dtype)
+        mask = mask.to(m.dtype)
+        q = self.query_w(q_avg).unflatten(-1, (self.num_heads, self.c_hidden))  # [*, H, D]
+        q = q * self.c_hidden**-0.5
+        k, v = self.key_w(m), self.value_w(m)  # [*, S, D]
+        logits = torch.einsum("...hd,...sd->...hs", q, k)
+        weights = fused_softmax(logits, mask[..., None, :], backend=self.backend)  # [*, H, S]
+        avg = torch.einsum("...hs,...sd->...hd", weights, v)  # [*, H, D]
+        gate = torch.sigmoid(self.gating(m)).unflatten(-1, (self.num_heads, self.c_hidden))  # [*, S, H, D]
+        return self.output((gate * avg[..., None, :, :]).flatten(-2))
+
+
+class Transition(nn.Module):
+    """Two-layer MLP on each position (AF2 Suppl. Alg. 9 MSATransition, Alg. 15 PairTransition)."""
+
+    def __init__(self, c: int, factor: int, backend: str = "auto"):
+        super().__init__()
+        self.input_layer_norm = layer_norm(c, backend)
+        self.transition1 = Linear(c, c * factor, init="relu")
+        self.transition2 = Linear(c * factor, c, init="final")
+
+    def _run(self, x: Tensor) -> Tensor:
+        return self.transition2(torch.relu(self.transition1(self.input_layer_norm(x))))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+        # The mask is unused, as in AF2: padded positions never feed real ones through a transition.
+        # Chunks are whole rows of the leading axis, like every other chunked op.
+        return chunk_layer(self._run, {"x": x}, chunk_size=chunk_size, num_batch_dims=max(x.dim() - 2, 1))

@@ -1,0 +1,92 @@
+"""Model presets: the five AlphaFold2 monomer models and their pTM variants at published sizes
+(Jumper et al. 2021, Suppl. Table 5; AF2 ``model/config.py`` CONFIG_DIFFS), plus ``tiny()`` and
+``debug()`` for tests.
+
+All ten real presets share the network sizes; models 1-2 embed templates (pair stack and torsion
+angles), 3-5 do not, and ``_ptm`` adds the predicted-aligned-error head. The data settings that
+differ between them (extra MSA depth, template use) are in ``data_settings``.
+"""
+
+from __future__ import annotations
+
+from ferryman.apps.fastfold.model.config import AlphaFoldConfig, HeadsConfig, StructureConfig, TemplateConfig
+from ferryman.core.errors import ConfigError
+
+MODEL_NAMES = tuple(f"model_{i}{s}" for s in ("", "_ptm") for i in range(1, 6))
+
+
+def _check(name: str) -> tuple[int, bool]:
+    if name not in MODEL_NAMES:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(MODEL_NAMES)}, tiny, debug")
+    return int(name.split("_")[1]), name.endswith("_ptm")
+
+
+def alphafold(name: str, **overrides) -> AlphaFoldConfig:
+    """Full-size config of the official model ``name`` (e.g. 'model_1', 'model_3_ptm')."""
+    index, ptm = _check(name)
+    templates = index in (1, 2)
+    cfg = AlphaFoldConfig(
+        template=TemplateConfig(enabled=templates, embed_torsion_angles=templates),
+        heads=HeadsConfig(ptm=ptm),
+        **overrides,
+    )
+    return cfg
+
+
+def data_settings(name: str) -> dict:
+    """Feature-pipeline settings of an official model (AF2 config.py ``data.common``/``eval``)."""
+    index, _ = _check(name)
+    return {
+        "max_extra_msa": 5120 if index in (1, 3, 4) else 1024,
+        "max_msa_clusters": 512,
+        "max_templates": 4,
+        "use_templates": index in (1, 2),
+        "reduce_msa_clusters_by_max_templates": index in (1, 2),
+        "num_recycle": 3,
+    }
+
+
+def tiny(**overrides) -> AlphaFoldConfig:
+    """A few thousand parameters with every module present (templates, torsions, pTM head)."""
+    base = dict(
+        c_m=16, c_z=8, c_s=16, c_e=8, msa_heads=2, c_hidden_msa=4, pair_heads=2, c_hidden_pair=4,
+        c_hidden_mul=8, c_hidden_opm=4, transition_factor=2, num_evoformer_blocks=2,
+        num_extra_msa_blocks=1, extra_msa_heads=2, c_hidden_extra=4, num_recycle=1,
+        template=TemplateConfig(
+            enabled=True, embed_torsion_angles=True, c_t=8, num_blocks=1, num_heads=2, c_hidden_att=4,
+            c_hidden_mul=8, pointwise_heads=2, c_hidden_pointwise=4,
+        ),
+        structure=StructureConfig(
+            num_layers=2, num_heads=2, c_hidden_scalar=4, num_qk_points=2, num_v_points=3, c_resnet=8,
+        ),
+        heads=HeadsConfig(plddt_channels=8, ptm=True),
+        kernels="torch",
+    )  # fmt: skip
+    base.update(overrides)
+    return AlphaFoldConfig(**base)
+
+
+def debug(**overrides) -> AlphaFoldConfig:
+    """Small but not trivial: for quick end-to-end runs of the predict and train commands."""
+    base = dict(
+        c_m=32, c_z=16, c_s=32, c_e=16, msa_heads=4, c_hidden_msa=8, pair_heads=2, c_hidden_pair=8,
+        c_hidden_mul=16, c_hidden_opm=8, num_evoformer_blocks=2, num_extra_msa_blocks=1,
+        extra_msa_heads=2, c_hidden_extra=8, num_recycle=1,
+        template=TemplateConfig(
+            enabled=True, embed_torsion_angles=True, c_t=16, num_blocks=1, num_heads=2, c_hidden_att=8,
+            c_hidden_mul=16, pointwise_heads=2, c_hidden_pointwise=8,
+        ),
+        structure=StructureConfig(num_layers=4, num_heads=4, c_hidden_scalar=8, c_resnet=16),
+        heads=HeadsConfig(plddt_channels=16, ptm=True),
+    )  # fmt: skip
+    base.update(overrides)
+    return AlphaFoldConfig(**base)
+
+
+def get_preset(name: str, **overrides) -> AlphaFoldConfig:
+    """Config by name: an official model name, 'tiny' or 'debug'."""
+    if name == "tiny":
+        return tiny(**overrides)
+    if name == "debug":
+        return debug(**overrides)
+    return alphafold(name, **overrides)
