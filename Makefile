@@ -48,6 +48,9 @@ demo: install
 	$(VENV)/bin/fastfold --help
 	$(VENV)/bin/opensora --help
 	$(VENV)/bin/sd-finetune --help
+	@echo "== fastfold: a small random model, real jackhmmer MSAs against data/fastfold/seqdb, Amber relax of the best model"
+	$(VENV)/bin/fastfold predict data/fastfold/sample.fasta --random-weights --uniref90-db data/fastfold/seqdb/globins45.fa \
+	  --models-to-relax best --out $(DEMO_OUT)/fastfold
 	@echo "== sd-finetune: a tiny Stable Diffusion pipeline built from config, finetuned on data/diffusion"
 	$(PY) -m ferryman.apps.diffusion.presets --preset tiny --out $(DEMO_OUT)/sd-tiny
 	$(VENV)/bin/sd-finetune --model $(DEMO_OUT)/sd-tiny --data data/diffusion --out $(DEMO_OUT)/sd-finetune \

@@ -213,6 +213,8 @@ def merge(cfg: T, data: dict[str, Any], *, where: str = "") -> T:
         old = current[key]
         if dataclasses.is_dataclass(old) and isinstance(value, dict):
             current[key] = merge(old, value, where=path)
+        elif isinstance(old, dict) and isinstance(value, dict):  # mapping fields merge key by key
+            current[key] = coerce({**old, **value}, hints[key], path)
         else:
             current[key] = coerce(value, hints[key], path)
     return type(cfg)(**current)

@@ -25,6 +25,7 @@ class Run:
     chunk_size: int | None = None
     out: Path = Path("out")
     layers: list[int] = field(default_factory=lambda: [1, 2])
+    extra: dict[str, int] = field(default_factory=dict)
     optim: Optim = field(default_factory=Optim)
 
     def __post_init__(self):
@@ -49,6 +50,7 @@ def test_overrides_are_typed():
     assert cfg.optim.lr == pytest.approx(1e-4) and cfg.optim.betas == (0.8, 0.9)
     assert cfg.layers == [3, 5, 8] and cfg.out == Path("/tmp/o")
     assert apply_overrides(Run(), ["chunk_size=128"]).chunk_size == 128
+    assert apply_overrides(Run(), ["extra.a=1", "extra.b=2"]).extra == {"a": 1, "b": 2}  # mappings merge
 
 
 @pytest.mark.parametrize(

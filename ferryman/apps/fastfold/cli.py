@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import click
 
-from ferryman.core.cli import FerrymanGroup
+from ferryman.core.cli import FerrymanGroup, config_options, resolve_config
+from ferryman.core.errors import UserError
+
+_PATH = click.Path(path_type=Path)
+_DATA_FLAGS = (
+    ("msa_dir", "Folder of precomputed alignments (a3m/Stockholm), one subfolder per target or files named after it."),
+    ("uniref90_db", "UniRef90 FASTA for jackhmmer."),
+    ("mgnify_db", "MGnify FASTA for jackhmmer."),
+    ("bfd_db", "BFD database prefix for hhblits."),
+    ("uniref30_db", "UniRef30 (UniClust30) database prefix for hhblits."),
+    ("pdb70_db", "PDB70 database prefix for hhsearch template search."),
+    ("template_mmcif_dir", "Folder of template mmCIF files."),
+    ("jackhmmer_binary", "jackhmmer to use (default: the one on PATH)."),
+    ("hhblits_binary", "hhblits to use (default: the one on PATH)."),
+    ("hhsearch_binary", "hhsearch to use (default: the one on PATH)."),
+    ("hmmsearch_binary", "hmmsearch to use (default: the one on PATH)."),
+    ("hmmbuild_binary", "hmmbuild to use (default: the one on PATH)."),
+    ("kalign_binary", "kalign to use (default: the one on PATH)."),
+)
 
 
 @click.group(cls=FerrymanGroup)
@@ -14,3 +36,76 @@ def main() -> None:
 
     Long sequences are chunked and can be split over GPUs with dynamic axial parallelism.
     """
+
+
+def _data_options(func):
+    for name, text in reversed(_DATA_FLAGS):
+        func = click.option(f"--{name.replace('_', '-')}", name, type=_PATH, default=None, help=text)(func)
+    return func
+
+
+@main.command()
+@click.argument("fasta", nargs=-1, required=True, type=_PATH)
+@click.option("--out", "out_dir", required=True, type=_PATH, help="Output folder; one subfolder per target.")
+@click.option("--params", type=_PATH, default=None, help="params_model_*.npz file, or a folder of them.")
+@click.option("--models", default=None, help="Comma-separated, e.g. model_1,model_3_ptm (default: all in --params).")
+@click.option("--random-weights", is_flag=True, default=None, help="A small random model to try the pipeline (outputs say so).")
+@_data_options
+@click.option("--chunk-size", default=None, metavar="N|auto", help="Chunk N_res x N_res work; 'auto' sizes it from free memory.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None, help="Inference precision (default fp32).")
+@click.option("--relax/--no-relax", default=None, help="Amber-relax with OpenMM (default on).")
+@click.option("--models-to-relax", type=click.Choice(["all", "best"]), default=None, help="Relax every model or the best one.")
+@click.option("--num-recycles", type=int, default=None, help="Recycling iterations (default: the model's, 3).")
+@click.option("--seed", type=int, default=None, help="Random seed for MSA sampling and random weights.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default=None, help="Fused kernels or the PyTorch reference.")
+@click.option("--gpus", type=int, default=1, show_default=True, help="Split each model over N processes with DAP (started with torchrun).")
+@click.option("--plots/--no-plots", default=None, help="Write pLDDT, PAE and MSA-coverage PNGs (default on).")
+@config_options
+def predict(fasta, out_dir, gpus, config_file, overrides, **flags) -> None:
+    """Predict structures for every record of the FASTA files.
+
+    Writes per target: ranked_*.pdb, unrelaxed_/relaxed_<model>.pdb and .cif (pLDDT in the
+    B-factor column), ranking_debug.json, timings.json, confidence_<model>.json, PNG plots,
+    features and msas/.
+
+    \b
+    Examples:
+      fastfold predict target.fasta --params params/ --models model_1,model_2_ptm --out out/
+      fastfold predict target.fasta --params params/ --msa-dir my_alignments/ --out out/
+      fastfold predict target.fasta --params params/ --uniref90-db uniref90.fasta --mgnify-db mgy.fa --out out/
+      fastfold predict long.fasta --params params/ --chunk-size auto --precision bf16 --gpus 4 --out out/
+      fastfold predict data/fastfold/sample.fasta --random-weights --no-relax --out try/
+    """
+    from ferryman.apps.fastfold.predict import PredictOptions, run
+
+    if gpus < 1:
+        raise UserError(f"--gpus must be at least 1, got {gpus}")
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_under_torchrun(gpus)
+    data_keys = {name for name, _ in _DATA_FLAGS}
+    mapped = {(f"data.{k}" if k in data_keys else k): v for k, v in flags.items()}
+    if mapped.get("models"):
+        mapped["models"] = [m.strip() for m in mapped["models"].split(",") if m.strip()]
+    opts = resolve_config(PredictOptions(), config_file=config_file, flags=mapped, overrides=overrides)
+    if gpus > 1:
+        from ferryman.core.parallel import init_parallel
+
+        opts.dims = init_parallel(dap=gpus)
+    summary = run(list(fasta), out_dir, opts)
+    if opts.dims is None or opts.dims.is_main:
+        for name, result in summary.items():
+            click.echo(f"{name}: {out_dir / name}" + (f" (best {result['order'][0]})" if result.get("order") else ""))
+
+
+def _relaunch_under_torchrun(gpus: int) -> None:
+    """Start this same command in ``gpus`` processes with torchrun and exit with its status."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+           "-m", "ferryman.apps.fastfold.cli", *sys.argv[1:]]  # fmt: skip
+    sys.exit(subprocess.call(cmd))
+
+
+if __name__ == "__main__":
+    main()

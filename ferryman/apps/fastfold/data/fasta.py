@@ -1,0 +1,123 @@
+"""FASTA input for `fastfold predict`: one target per record, validated before any work starts.
+
+Parsing uses Biopython's strict 'fasta' reader; every rejection is a UserError naming the file and
+the record so the user can fix the input without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferryman.core.errors import UserError
+
+STANDARD_AA = "ARNDCQEGHILKMFPSTWYV"
+
+# Ambiguity and rare codes a user may meet in UniProt records, with the usual substitution.
+_SUBSTITUTES = {
+    "X": "an unknown residue; replace it with the residue you expect, or remove it",
+    "B": "Asx (D or N); replace it with D or N",
+    "Z": "Glx (E or Q); replace it with E or Q",
+    "J": "Xle (L or I); replace it with L or I",
+    "U": "selenocysteine; replace it with C",
+    "O": "pyrrolysine; replace it with K",
+}
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FastaTarget:
+    """One prediction target: `name` is a file-system safe form of the record id."""
+
+    name: str
+    record_id: str
+    description: str
+    sequence: str
+    source: Path
+
+
+def safe_name(record_id: str) -> str:
+    """`sp|P68871|HBB_HUMAN` -> `sp_P68871_HBB_HUMAN`: usable as a folder name on every OS."""
+    name = _SAFE_NAME.sub("_", record_id).strip("._")
+    return name or "target"
+
+
+def validate_sequence(sequence: str, *, where: str) -> str:
+    """Return the sequence if it is a valid protein chain, else raise a UserError naming `where`."""
+    if sequence.endswith("*"):  # a translated stop codon is harmless; keep the chain before it
+        sequence = sequence[:-1]
+    if not sequence:
+        raise UserError(f"{where}: the sequence is empty")
+    for pos, letter in enumerate(sequence, start=1):
+        if letter in STANDARD_AA:
+            continue
+        if letter.isalpha() and letter.islower():
+            raise UserError(
+                f"{where}: lower-case letter {letter!r} at position {pos}; write the sequence in upper "
+                "case (lower case means an insertion in alignment formats, so it is not accepted here)"
+            )
+        if letter in _SUBSTITUTES:
+            raise UserError(f"{where}: {letter!r} at position {pos} is {_SUBSTITUTES[letter]}")
+        if letter == "-" or letter == ".":
+            raise UserError(f"{where}: gap {letter!r} at position {pos}; give the unaligned sequence")
+        raise UserError(f"{where}: {letter!r} at position {pos} is not an amino-acid letter ({STANDARD_AA})")
+    return sequence
+
+
+def read_fasta(path: str | Path) -> list[FastaTarget]:
+    """Parse and validate one FASTA file; at least one record is required."""
+    from Bio import SeqIO
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: FASTA file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a text FASTA file ({exc.reason} at byte {exc.start})") from None
+    if text.strip() and not text.lstrip().startswith(">"):
+        raise UserError(f"{path}: not a FASTA file: the first line must start with '>' (a record header)")
+    try:
+        records = list(SeqIO.parse(io.StringIO(text), "fasta"))
+    except ValueError as exc:
+        raise UserError(f"{path}: malformed FASTA: {str(exc).splitlines()[0]}") from None
+    if not records:
+        raise UserError(f"{path}: no FASTA records found")
+    targets = []
+    for index, record in enumerate(records, start=1):
+        record_id = record.id or f"record_{index}"
+        where = f"{path}: record {index} ({record_id!r})"
+        if not record.id:
+            raise UserError(f"{where}: the header line has no id after '>'")
+        sequence = validate_sequence(str(record.seq), where=where)
+        targets.append(
+            FastaTarget(
+                name=safe_name(record_id),
+                record_id=record_id,
+                description=record.description,
+                sequence=sequence,
+                source=path,
+            )
+        )
+    return targets
+
+
+def read_fastas(paths: list[str | Path]) -> list[FastaTarget]:
+    """All targets of all files; ids must be unique across files since they name output folders."""
+    if not paths:
+        raise UserError("no FASTA file given")
+    targets: list[FastaTarget] = []
+    seen: dict[str, FastaTarget] = {}
+    for path in paths:
+        for target in read_fasta(path):
+            if target.name in seen:
+                first = seen[target.name]
+                raise UserError(
+                    f"{target.source}: duplicate record id {target.record_id!r} (first seen in {first.source} "
+                    f"as {first.record_id!r}); every record needs a unique id because it names the output folder"
+                )
+            seen[target.name] = target
+            targets.append(target)
+    return targets

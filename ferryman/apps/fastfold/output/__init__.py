@@ -1,0 +1,1 @@
+"""Prediction outputs: PDB/mmCIF structures, confidence JSON files and plots."""

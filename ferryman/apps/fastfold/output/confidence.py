@@ -1,0 +1,109 @@
+"""Confidence metrics from head logits and the JSON files AlphaFold2 users read.
+
+pLDDT (AF2 Suppl. 1.9.6): expected lDDT-Cα over 50 equal bins of [0, 1], times 100.
+PAE and pTM (Suppl. 1.9.7): 64 error bins; the last bin is open, the others are 0.5 Å wide up to
+31 Å; pTM maximises the expected TM-score over alignment frames, d0 from the chain length.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ferryman.core.io import write_text
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def compute_plddt(logits: np.ndarray) -> np.ndarray:
+    """[N, num_bins] lDDT logits -> [N] pLDDT in 0..100."""
+    num_bins = logits.shape[-1]
+    centers = (np.arange(num_bins) + 0.5) / num_bins
+    return (softmax(logits.astype(np.float64)) @ centers * 100).astype(np.float32)
+
+
+def _error_bin_centers(num_bins: int, max_bin: float) -> np.ndarray:
+    breaks = np.linspace(0.0, max_bin, num_bins - 1)
+    step = breaks[1] - breaks[0]
+    centers = breaks + step / 2
+    return np.concatenate([centers, [centers[-1] + step]])  # AF2: 64 bins -> last centre 31.75 Å
+
+
+def compute_pae(logits: np.ndarray, max_bin: float = 31.0) -> tuple[np.ndarray, float]:
+    """[N, N, num_bins] aligned-error logits -> ([N, N] expected error in Å, the largest possible)."""
+    centers = _error_bin_centers(logits.shape[-1], max_bin)
+    pae = softmax(logits.astype(np.float64)) @ centers
+    return pae.astype(np.float32), float(centers[-1])
+
+
+def compute_ptm(logits: np.ndarray, max_bin: float = 31.0, residue_weights: np.ndarray | None = None) -> float:
+    """Predicted TM-score from [N, N, num_bins] aligned-error logits."""
+    num_res = logits.shape[0]
+    weights = np.ones(num_res) if residue_weights is None else residue_weights.astype(np.float64)
+    centers = _error_bin_centers(logits.shape[-1], max_bin)
+    clipped = max(int(weights.sum()), 19)  # d0 is undefined below 19 residues
+    d0 = 1.24 * (clipped - 15) ** (1.0 / 3) - 1.8
+    tm_per_bin = 1.0 / (1 + (centers / d0) ** 2)
+    expected = softmax(logits.astype(np.float64)) @ tm_per_bin  # [N, N]
+    per_frame = (expected * weights[None]).sum(-1) / (1e-8 + weights.sum())
+    return float((per_frame * weights).max())
+
+
+def plddt_category(plddt: np.ndarray) -> list[str]:
+    """AF DB bands: very high (>90), confident (70-90), low (50-70), very low (<50)."""
+    return ["very high" if p > 90 else "confident" if p > 70 else "low" if p > 50 else "very low" for p in plddt]
+
+
+def confidence_record(
+    *, model_name: str, plddt: np.ndarray, pae: np.ndarray | None = None, max_pae: float | None = None,
+    ptm: float | None = None, random_weights: bool = False,
+) -> dict:
+    """Everything about one model's confidence in one JSON object (AF2 field names where they exist)."""
+    plddt = np.asarray(plddt, np.float64)
+    record: dict = {
+        "model": model_name,
+        "residueNumber": list(range(1, len(plddt) + 1)),
+        "confidenceScore": [round(float(p), 2) for p in plddt],
+        "confidenceCategory": plddt_category(plddt),
+        "mean_plddt": round(float(plddt.mean()), 4),
+    }
+    if ptm is not None:
+        record["ptm"] = round(float(ptm), 6)
+    if pae is not None:
+        record["predicted_aligned_error"] = np.round(np.asarray(pae, np.float64), 2).tolist()
+        record["max_predicted_aligned_error"] = max_pae
+    if random_weights:
+        record["warning"] = RANDOM_WEIGHTS_NOTE
+    return record
+
+
+RANDOM_WEIGHTS_NOTE = "random weights: this structure is NOT a prediction, only a test of the pipeline"
+
+
+def write_json(path: str | Path, obj) -> Path:
+    write_text(path, json.dumps(obj, indent=1) + "\n")
+    return Path(path)
+
+
+def rank_models(plddts: dict[str, float], ptms: dict[str, float]) -> tuple[list[str], str]:
+    """Order best first: by pTM when every model has a pTM head, else by mean pLDDT."""
+    metric = "ptm" if ptms and set(ptms) == set(plddts) else "plddt"
+    scores = ptms if metric == "ptm" else plddts
+    return sorted(scores, key=lambda name: -scores[name]), metric
+
+
+def ranking_debug(plddts: dict[str, float], ptms: dict[str, float], random_weights: bool = False) -> dict:
+    order, metric = rank_models(plddts, ptms)
+    record: dict = {"plddts": plddts}
+    if ptms:
+        record["ptms"] = ptms
+    record.update({"ranking_metric": metric, "order": order})
+    if random_weights:
+        record["warning"] = RANDOM_WEIGHTS_NOTE
+    return record

@@ -1,0 +1,1 @@
+"""Amber relaxation of predicted structures (OpenMM + pdbfixer)."""

@@ -1,0 +1,57 @@
+"""`fastfold predict` from the command line: flags reach predict(), errors are one line, and the
+run_config.json a run writes can be passed back with --config."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ferryman.apps.fastfold.cli import main
+
+DATA = Path(__file__).parents[3] / "data" / "fastfold"
+QUICK = ["--random-weights", "--no-relax", "--no-plots", "--kernels", "torch", "--num-recycles", "1",
+         "--set", "inputs.max_msa_clusters=4", "--set", "inputs.max_extra_msa=4"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_predict_writes_structures_and_its_config_runs_again(tmp_path):
+    runner = CliRunner()
+    first = runner.invoke(main, ["predict", str(DATA / "villin.fasta"), "--out", str(tmp_path / "a"), "--seed", "5", *QUICK])
+    assert first.exit_code == 0, first.output
+    folder = tmp_path / "a" / "villin_n68h"
+    assert (folder / "ranked_0.pdb").is_file() and (folder / "ranking_debug.json").is_file()
+    config = json.loads((tmp_path / "a" / "run_config.json").read_text())
+    assert config["seed"] == 5 and config["num_recycles"] == 1 and config["inputs"] == {"max_msa_clusters": 4, "max_extra_msa": 4}
+    assert config["relax"] is False and config["kernels"] == "torch"
+
+    again = runner.invoke(main, ["predict", str(DATA / "villin.fasta"), "--out", str(tmp_path / "b"),
+                                 "--config", str(tmp_path / "a" / "run_config.json"), "--set", "progress=false"])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "b" / "run_config.json").read_text()) == dict(config, progress=False)
+    assert (tmp_path / "b" / "villin_n68h" / "ranked_0.pdb").read_text() == (folder / "ranked_0.pdb").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--out", "o"], "no weights given: pass --params"),
+        (["--out", "o", "--random-weights", "--chunk-size", "big"], "--chunk-size must be a positive integer or 'auto'"),
+        (["--out", "o", "--random-weights", "--set", "num_recycle=2"], "did you mean 'num_recycles'"),
+        (["--out", "o", "--random-weights", "--gpus", "0"], "--gpus must be at least 1"),
+    ],
+)
+def test_predict_refuses_bad_input_in_one_line(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["predict", str(DATA / "villin.fasta"), *args])
+    assert result.exit_code == 2
+    assert message in result.output and result.output.count("\n") == 1
+    assert not (tmp_path / "o" / "villin_n68h").exists()
