@@ -10,6 +10,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Test models are tiny, so each op is dominated by per-op overhead, and the machines that run the
+# suite have two cores shared with the gloo worker processes some tests spawn: a second intra-op
+# thread makes these tests several times slower, not faster.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -328,8 +328,8 @@ def _input_config(name: str, cfg, opts: PredictOptions) -> InputConfig:
 
 def load_models(opts: PredictOptions) -> list[LoadedModel]:
     """Build and load every model up front, so corrupt params fail before any output is written."""
-    from ferryman.apps.fastfold.model import build_model, random_weights_model
-    from ferryman.apps.fastfold.weights import load_official_params
+    from ferryman.apps.fastfold.model import random_weights_model
+    from ferryman.apps.fastfold.weights import model_from_official_params
 
     loaded = []
     for index, (name, path) in enumerate(resolve_params(opts)):
@@ -337,9 +337,7 @@ def load_models(opts: PredictOptions) -> list[LoadedModel]:
         if path is None:
             model = random_weights_model(cfg, seed=opts.seed + index)
         else:
-            model = build_model(cfg)
-            load_official_params(model, path)
-            model.apply_precision()
+            model = model_from_official_params(cfg, path)
         if opts.dims is not None:
             from ferryman.apps.fastfold.parallelize import parallelize
 

@@ -178,10 +178,10 @@ def model_from_official_params(preset_or_config, path: str | os.PathLike, **over
     parameters) is skipped.
     """
     from ferryman.apps.fastfold.model import build_model
-    from ferryman.apps.fastfold.model.primitives import skip_init
 
-    with skip_init():
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = build_model(preset_or_config, **overrides)
+    model = model.to_empty(device="cpu")
     load_official_params(model, path)
     return model.apply_precision().eval()
 

@@ -32,13 +32,3 @@ def tiny_config(model: Path, out: Path, **changes):
                 checkpoint_every=0, weight_decay=0.0, log_every=1)
     return FinetuneConfig(**{**base, **changes})
 
-
-@pytest.fixture(autouse=True, scope="package")
-def _one_thread():
-    """These tiny models are dominated by per-op overhead; one intra-op thread is faster on a shared 2-core box."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -36,11 +35,3 @@ def random_features(n_res: int = 11, n_seq: int = 5, n_extra: int = 7, n_templ: 
         "template_mask": torch.ones(n_templ),
     }
 
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning threads run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

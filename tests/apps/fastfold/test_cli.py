@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from ferryman.apps.fastfold.cli import main
@@ -14,13 +13,6 @@ DATA = Path(__file__).parents[3] / "data" / "fastfold"
 QUICK = ["--random-weights", "--no-relax", "--no-plots", "--kernels", "torch", "--num-recycles", "1",
          "--set", "inputs.max_msa_clusters=4", "--set", "inputs.max_extra_msa=4"]  # fmt: skip
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_predict_writes_structures_and_its_config_runs_again(tmp_path):

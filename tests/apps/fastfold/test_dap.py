@@ -11,12 +11,11 @@ from ferryman.apps.fastfold.parallelize import allreduce_dap_grads, parallelize
 from ferryman.apps.fastfold.presets import tiny
 from ferryman.core.parallel import run_distributed
 
-from ._model_inputs import random_features, single_thread  # noqa: F401
+from ._model_inputs import random_features
 
 N_RES, N_SEQ = 11, 5  # both odd: each rank's shard is padded
 STACKS = ("evoformer", "extra", "template")
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _inputs():

@@ -10,7 +10,7 @@ from ferryman.apps.fastfold.model.alphafold import auto_chunk_size
 from ferryman.apps.fastfold.presets import tiny
 from ferryman.core.errors import ConfigError, UserError
 
-from ._model_inputs import random_features, single_thread  # noqa: F401
+from ._model_inputs import random_features
 
 FLOAT_KEYS = ("final_atom_positions", "plddt", "distogram_logits", "pae_logits", "masked_msa_logits", "pair", "single")
 
@@ -23,7 +23,6 @@ def tiny_run():
         out = model(batch)
     return model, batch, out
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_outputs_shapes_and_ranges(tiny_run):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from ferryman.apps.fastfold.common import residue_constants as rc
@@ -24,11 +23,8 @@ from ferryman.apps.fastfold.model.msa import (
 from ferryman.apps.fastfold.model.pair import TriangleAttention, TriangleMultiplication
 from ferryman.apps.fastfold.model.structure_module import InvariantPointAttention
 
-from ._model_inputs import single_thread  # noqa: F401
-
 S, N, CM, CZ = 5, 9, 16, 8
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _rand(*shape):

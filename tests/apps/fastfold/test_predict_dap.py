@@ -9,16 +9,6 @@ from ferryman.core.parallel import run_distributed
 
 DATA = Path(__file__).parents[3] / "data" / "fastfold"
 
-
-@pytest.fixture(autouse=True, scope="module")  # before the module-scoped runs below
-def _one_torch_thread():
-    """Other test processes share these cores; spinning intra-op threads only slow everyone down."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 OPTIONS = dict(
     random_weights=True, models=["model_1_ptm"], relax=False, plots=False, kernels="torch", num_recycles=1,
     max_msa_clusters=6, max_extra_msa=6, msa_dir=DATA / "msas", progress=False, seed=3,

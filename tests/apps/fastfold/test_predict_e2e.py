@@ -16,16 +16,6 @@ from ferryman.apps.fastfold.predict import predict
 DATA = Path(__file__).parents[3] / "data" / "fastfold"
 
 
-@pytest.fixture(autouse=True, scope="module")  # before the module-scoped runs below
-def _one_torch_thread():
-    """Other test processes share these cores; spinning intra-op threads only slow everyone down."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny_params(tmp_path_factory):

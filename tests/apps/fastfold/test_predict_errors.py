@@ -9,16 +9,6 @@ from ferryman.core.errors import UserError
 
 DATA = Path(__file__).parents[3] / "data" / "fastfold"
 
-
-@pytest.fixture(autouse=True, scope="module")  # before the module-scoped runs below
-def _one_torch_thread():
-    """Other test processes share these cores; spinning intra-op threads only slow everyone down."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 FAST = dict(random_weights=True, relax=False, kernels="torch", num_recycles=0, progress=False)
 
 

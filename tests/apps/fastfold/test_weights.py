@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from ferryman.apps.fastfold.model import build_model, random_weights_model
-from ferryman.apps.fastfold.model.primitives import skip_init
 from ferryman.apps.fastfold.weights import (
     PREFIX,
     load_checkpoint,
@@ -20,7 +19,7 @@ from ferryman.apps.fastfold.weights import (
 )
 from ferryman.core.errors import UserError
 
-from ._model_inputs import random_features, single_thread  # noqa: F401
+from ._model_inputs import random_features
 
 # Module names as AF2's Haiku code creates them (modules.py / folding.py), written out here so
 # the test does not derive the expected keys from the code under test.
@@ -28,7 +27,6 @@ _ATT = ["query_w", "key_w", "value_w", "gating_w", "gating_b", "output_w", "outp
 _LN = ["scale", "offset"]
 _LIN = ["weights", "bias"]
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _tri(prefix: str) -> list[str]:
@@ -97,7 +95,7 @@ def expected_official_keys(templates: bool, ptm: bool) -> set[str]:
 
 
 def _meta_model(preset: str):
-    with skip_init():  # uninitialised: only names and shapes matter here
+    with torch.device("meta"):  # no memory, no initialisation: only names and shapes matter here
         return build_model(preset)
 
 

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[3]
 CLIPS = ROOT / "data" / "opensora"
@@ -18,11 +17,3 @@ def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("tiny_models")
     return write_tiny_t5(out / "t5", T5_TOKENIZER), write_tiny_vae(out / "vae")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two threads on a 2-core machine shared with other test processes run ~8x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -8,9 +8,7 @@ config, so one model tree serves every kernel choice.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -24,11 +22,7 @@ from ferryman.kernels import softmax as fused_softmax
 class Linear(nn.Linear):
     """nn.Linear with the AF2 initialisers (Suppl. 1.11.4): 'default' (LeCun normal), 'relu'
     (He normal), 'glorot', 'gating' (zero weights, unit bias) and 'final' (zeros).
-
-    Inside ``skip_init()`` weights are left uninitialised, for models about to be loaded.
     """
-
-    skip = False
 
     def __init__(self, c_in: int, c_out: int, bias: bool = True, init: str = "default"):
         self._init = init
@@ -37,8 +31,6 @@ class Linear(nn.Linear):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         init, c_in = self._init, self.in_features
-        if Linear.skip:
-            return
         if init in ("default", "relu"):
             # Truncated normal at two standard deviations; fmod folds the tails back cheaply.
             std = math.sqrt((2.0 if init == "relu" else 1.0) / c_in) / 0.8796
@@ -51,16 +43,6 @@ class Linear(nn.Linear):
             raise ValueError(f"unknown init {init!r}")
         if self.bias is not None:
             self.bias.fill_(1.0 if init == "gating" else 0.0)
-
-
-@contextlib.contextmanager
-def skip_init() -> Iterator[None]:
-    """Build modules without initialising their linears (every value is loaded afterwards)."""
-    Linear.skip = True
-    try:
-        yield
-    finally:
-        Linear.skip = False
 
 
 def layer_norm(c: int, backend: str = "auto") -> FusedLayerNorm:
