@@ -77,17 +77,18 @@ def predict(fasta, out_dir, gpus, config_file, overrides, **flags) -> None:
       fastfold predict long.fasta --params params/ --chunk-size auto --precision bf16 --gpus 4 --out out/
       fastfold predict data/fastfold/sample.fasta --random-weights --no-relax --out try/
     """
-    from ferryman.apps.fastfold.predict import PredictOptions, run
+    from ferryman.apps.fastfold.predict import PredictOptions, run, validate
 
     if gpus < 1:
         raise UserError(f"--gpus must be at least 1, got {gpus}")
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch_under_torchrun(gpus)
     data_keys = {name for name, _ in _DATA_FLAGS}
     mapped = {(f"data.{k}" if k in data_keys else k): v for k, v in flags.items()}
     if mapped.get("models"):
         mapped["models"] = [m.strip() for m in mapped["models"].split(",") if m.strip()]
     opts = resolve_config(PredictOptions(), config_file=config_file, flags=mapped, overrides=overrides)
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        validate(list(fasta), out_dir, opts)  # bad input fails here, in one line, not once per rank
+        _relaunch_under_torchrun(gpus)
     if gpus > 1:
         from ferryman.core.parallel import init_parallel
 
@@ -104,7 +105,12 @@ def _relaunch_under_torchrun(gpus: int) -> None:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            "-m", "ferryman.apps.fastfold.cli", *sys.argv[1:]]  # fmt: skip
-    sys.exit(subprocess.call(cmd))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
+    code = subprocess.call(cmd, env=env)
+    if code:
+        raise UserError(f"a DAP process failed (exit status {code}); its own message is printed above")
+    sys.exit(0)
 
 
 if __name__ == "__main__":

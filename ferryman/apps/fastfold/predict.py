@@ -117,10 +117,8 @@ def run(fasta_paths: list[str | Path], out_dir: Path, opts: PredictOptions) -> d
     """Validate everything, then predict; with DAP every rank runs this and rank 0 writes."""
     from tqdm import tqdm
 
-    targets = read_fastas([Path(p) for p in fasta_paths])
-    opts.data.check()
+    targets = validate(fasta_paths, out_dir, opts)
     models = load_models(opts)
-    check_output_dir(out_dir)
     if _is_main(opts):
         _write_run_config(out_dir, fasta_paths, opts, [m.name for m in models])
     summary = {}
@@ -132,6 +130,16 @@ def run(fasta_paths: list[str | Path], out_dir: Path, opts: PredictOptions) -> d
     finally:
         bar.close()
     return summary
+
+
+def validate(fasta_paths: list[str | Path], out_dir: Path, opts: PredictOptions) -> list[FastaTarget]:
+    """The cheap checks of every input (FASTA, databases, binaries, params paths, output folder),
+    so bad input fails in one line before models load or processes start."""
+    targets = read_fastas([Path(p) for p in fasta_paths])
+    opts.data.check()
+    resolve_params(opts)
+    check_output_dir(out_dir)
+    return targets
 
 
 def _is_main(opts: PredictOptions) -> bool:

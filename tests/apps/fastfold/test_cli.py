@@ -47,3 +47,27 @@ def test_predict_refuses_bad_input_in_one_line(tmp_path, monkeypatch, args, mess
     assert result.exit_code == 2
     assert message in result.output and result.output.count("\n") == 1
     assert not (tmp_path / "o" / "villin_n68h").exists()
+
+
+def _fastfold_script() -> str:
+    import shutil
+    import sys
+
+    path = shutil.which("fastfold", path=str(Path(sys.executable).parent))
+    assert path, "the fastfold console script is not installed next to this Python"
+    return path
+
+
+@pytest.mark.distributed
+def test_gpus_flag_starts_dap_processes_with_torchrun(tmp_path):
+    import subprocess
+
+    cmd = [_fastfold_script(), "predict", str(DATA / "villin.fasta"), "--out", str(tmp_path / "dap"), "--gpus", "2", *QUICK]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "dap" / "run_info.json").read_text())["dap"] == 2
+    assert (tmp_path / "dap" / "villin_n68h" / "ranked_0.pdb").is_file()
+
+    bad = subprocess.run([*cmd[:4], str(tmp_path / "bad"), "--gpus", "2"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("Error: no weights given") and bad.stderr.strip().count("\n") == 0
