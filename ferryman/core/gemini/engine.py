@@ -24,7 +24,7 @@ class GeminiEngine:
     """Chunked heterogeneous-memory training of any ``nn.Module`` (ColossalAI Gemini's design).
 
     Call it like the module; then ``backward(loss)``, ``step()``, ``zero_grad()``. Parameters of the
-    module become views into chunk payloads while in use and empty tensors otherwise; the fp32
+    module become views into chunk payloads while in use and shape-only NaN placeholders otherwise; the fp32
     master weights live in the chunks' shards (see ``state_dict``).
     """
 
