@@ -166,7 +166,7 @@ def parse_args(argv=None):
     parser.add_argument("--n-res", type=int, nargs="*", help="default 256 512 1024 2048 3072 4096 (16 32 64 small)")
     parser.add_argument("--find-max", action="store_true", help="search the longest N_res the default path fits")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: a shared machine)")
-    parser.add_argument("--json", type=Path, help="default out/benchmarks/fastfold_inference-<device>.json")
+    parser.add_argument("--json", type=Path, help="default benchmarks/results/fastfold_inference-<device>.json")
     return parser.parse_args(argv)
 
 
@@ -210,7 +210,7 @@ def main(argv=None) -> dict:
     common.print_table(result["rows"], columns)
     if "max_n_res_bf16" in result:
         print(f"\nlongest N_res in bf16 (default path): {result['max_n_res_bf16']}")
-    path = args.json or Path("out/benchmarks") / f"fastfold_inference-{args.device}{'-small' if args.small else ''}.json"
+    path = args.json or Path("benchmarks/results") / f"fastfold_inference-{args.device}{'-small' if args.small else ''}.json"
     print(f"\nwrote {common.write_json(path, result)}")
     return result
 
