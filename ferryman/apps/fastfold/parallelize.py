@@ -167,7 +167,7 @@ def parallelize(model: nn.Module, dims: ParallelDims | dist.ProcessGroup | None)
     return model
 
 
-def _sharded_parameters(model: nn.Module) -> list[nn.Parameter]:
+def sharded_parameters(model: nn.Module) -> list[nn.Parameter]:
     params = []
     for module in model.modules():
         if isinstance(module, EvoformerBlock) and module.dap is not None:
@@ -184,7 +184,7 @@ def allreduce_dap_grads(model: nn.Module, dims: ParallelDims | dist.ProcessGroup
     group = dims.dap_group if isinstance(dims, ParallelDims) else dims
     if group_size(group) == 1:
         return
-    grads = [p.grad for p in _sharded_parameters(model) if p.grad is not None]
+    grads = [p.grad for p in sharded_parameters(model) if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

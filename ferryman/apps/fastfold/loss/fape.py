@@ -47,7 +47,7 @@ def backbone_fape_loss(pred_frames: Rigid, true_frames: Rigid, frames_mask: Tens
     return loss.mean(dim=tuple(range(extra))) if extra else loss
 
 
-def _atom14_swap_tables(device) -> tuple[Tensor, Tensor]:
+def atom14_swap_tables(device) -> tuple[Tensor, Tensor]:
     """Per residue type: the atom14 permutation that swaps symmetric atoms ``[21, 14]`` and a mask
     of the atoms that are ambiguous ``[21, 14]`` (AF2 Suppl. 1.9.3, Table 3)."""
     perm = torch.arange(14).repeat(21, 1)
@@ -70,7 +70,7 @@ def rename_symmetric_atoms(aatype: Tensor, pred_atom14: Tensor, true_atom14: Ten
     aatype ``[*, N]``, positions ``[*, N, 14, 3]``, mask ``[*, N, 14]``. Returns the renamed true
     positions and mask and ``alt_naming_is_better`` ``[*, N]``.
     """
-    perm_table, amb_table = _atom14_swap_tables(aatype.device)
+    perm_table, amb_table = atom14_swap_tables(aatype.device)
     perm, ambiguous = perm_table[aatype.long()], amb_table[aatype.long()].to(true_atom14.dtype)  # [*, N, 14]
     alt_pos = torch.gather(true_atom14, -2, perm[..., None].expand(*perm.shape, 3))
     alt_mask = torch.gather(true_mask, -1, perm)

@@ -1,0 +1,85 @@
+"""A training loader over a folder of structures (AF2 Suppl. 1.2): each epoch visits every chain
+once in a seeded order, crops it, samples its MSA clusters and BERT mask, and draws the step's
+recycling count and whether backbone FAPE is clamped (Suppl. 1.10, 1.11.5).
+
+The loop seeds torch's global RNG before each epoch's ``iter``; the epoch seed is drawn from it,
+so a resumed run replays the same examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ferryman.apps.fastfold.data.msa import Msa, read_msa
+from ferryman.apps.fastfold.train.config import TrainPresetConfig
+from ferryman.apps.fastfold.train.crop import crop_chain, crop_indices, crop_msa
+from ferryman.apps.fastfold.train.features import training_example
+from ferryman.apps.fastfold.train.structure import Chain, load_structures
+from ferryman.core.errors import UserError
+
+MSA_SUFFIXES = (".a3m", ".sto")
+
+
+def find_msa(msa_dir: Path | None, stem: str) -> Msa | None:
+    if msa_dir is None:
+        return None
+    for suffix in MSA_SUFFIXES:
+        path = Path(msa_dir) / f"{stem}{suffix}"
+        if path.is_file():
+            return read_msa(path)
+    return None
+
+
+class StructureDataset:
+    """Iterable of training examples (dicts of tensors, one protein each, no batch dimension)."""
+
+    def __init__(self, chains: list[Chain], preset: TrainPresetConfig, *, msas: dict[str, Msa] | None = None,
+                 skipped: list[str] | None = None) -> None:  # fmt: skip
+        if not chains:
+            raise UserError("no readable structures to train on")
+        self.chains, self.preset, self.msas = chains, preset, msas or {}
+        self.skipped_reasons = list(skipped or [])  # one line per file that could not be read
+        self.skipped = len(self.skipped_reasons)
+        self.inputs = preset.input_config()
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, preset: TrainPresetConfig, *, msa_dir: str | Path | None = None) -> StructureDataset:
+        """Every readable PDB/mmCIF in ``folder``; ``skipped`` counts the files that were not."""
+        chains, skipped = load_structures(folder)
+        if not chains:
+            raise UserError(f"{folder}: no readable structure files (.pdb, .cif); {len(skipped)} skipped")
+        msas = {}
+        for chain in chains:
+            stem = chain.source or chain.name
+            msa = find_msa(Path(msa_dir) if msa_dir else None, stem)
+            if msa is not None:
+                if len(msa.sequences[0]) != len(chain):
+                    raise UserError(f"{msa_dir}/{stem}: the alignment has {len(msa.sequences[0])} columns, "
+                                    f"the structure {len(chain)} residues")  # fmt: skip
+                msas[chain.name] = msa
+        return cls(chains, preset, msas=msas, skipped=[reason for _, reason in skipped])
+
+    def __len__(self) -> int:
+        return len(self.chains)
+
+    def example(self, index: int, seed: int) -> dict[str, torch.Tensor]:
+        """The example of chain ``index`` for ``seed``: crop, MSA sample, recycling draw."""
+        rng = np.random.default_rng(seed)
+        chain = self.chains[index]
+        keep = crop_indices(chain, self.preset.crop_size, self.preset.crop_mode, rng)
+        msa = self.msas.get(chain.name)
+        example = training_example(crop_chain(chain, keep), crop_msa(msa, keep) if msa else None, self.inputs,
+                                   seed=int(rng.integers(2**31)))  # fmt: skip
+        example["num_recycle"] = torch.tensor(int(rng.integers(0, self.preset.max_recycle + 1)))
+        example["use_clamped_fape"] = torch.tensor(float(rng.random() < self.preset.fape_clamp_prob))
+        return example
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        order = np.random.default_rng(epoch_seed).permutation(len(self.chains))
+        for position, index in enumerate(order):
+            yield self.example(int(index), epoch_seed + position)

@@ -1,0 +1,116 @@
+"""``fastfold train``: a folder of structures -> the core training loop with the AF2 loss.
+
+Writes under ``out_dir``: the run config (``fastfold_train.yaml``, loadable with ``--config``),
+``data.json`` (structures used, files skipped and why), the core loop's ``config.yaml``,
+``metrics.jsonl``, ``loss.png`` and ``checkpoints/``, and ``lddt.png`` (lDDT-Cα per step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ferryman.apps.fastfold.train.config import FastfoldTrainConfig
+from ferryman.apps.fastfold.train.dataset import StructureDataset
+from ferryman.apps.fastfold.train.step import make_loss_fn
+from ferryman.core.config import save_config
+from ferryman.core.errors import ConfigError, UserError
+from ferryman.core.io import atomic_path, write_text
+from ferryman.core.parallel import ParallelDims
+from ferryman.core.training import TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+def sync_dap_grads(model, dims: ParallelDims | None) -> None:
+    """Sum the gradients of the DAP-sharded parameters over the DAP group as autograd produces
+    them (what ``allreduce_dap_grads`` does after a backward, done per micro-batch here because the
+    core loop owns ``backward`` and accumulates several micro-batches before it steps)."""
+    from ferryman.apps.fastfold.parallelize import sharded_parameters
+
+    if dims is None or dims.dap_group is None or dims.dap == 1:
+        return
+
+    def hook(grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=dims.dap_group)
+        return grad
+
+    for param in sharded_parameters(model):
+        param.register_hook(hook)
+
+
+def build_training_model(cfg: FastfoldTrainConfig, dims: ParallelDims | None = None):
+    """The preset's model with AF2 initialisation, DAP attached over ``dims`` and gradients synced."""
+    from ferryman.apps.fastfold.model import build_model
+    from ferryman.apps.fastfold.model.evoformer import EvoformerStack
+    from ferryman.apps.fastfold.parallelize import parallelize
+
+    model = build_model(cfg.preset.model)
+    if cfg.kernels is not None:
+        model.set_kernels(cfg.kernels)
+    if cfg.activation_checkpointing:  # recompute each Evoformer block in the backward pass
+        for module in model.modules():
+            if isinstance(module, EvoformerStack):
+                module.activation_checkpointing = True
+    if dims is not None and dims.dap > 1:
+        parallelize(model, dims)
+        sync_dap_grads(model, dims)
+    return model
+
+
+def plot_lddt(metrics_path: Path, png: Path) -> Path | None:
+    """lDDT-Cα against step from the metrics JSON lines (matplotlib Agg, no display)."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line] if metrics_path.is_file() else []
+    points = [(r["step"], r["lddt_ca"]) for r in records if "lddt_ca" in r]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([s for s, _ in points], [v for _, v in points], lw=1.2, color="tab:green")
+    ax.set_xlabel("step")
+    ax.set_ylabel("lDDT-Cα")
+    ax.set_ylim(0, 1)
+    ax.set_title("training lDDT-Cα")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return png
+
+
+def run(cfg: FastfoldTrainConfig, dims: ParallelDims | None = None) -> tuple[TrainResult, StructureDataset]:
+    """Train as ``cfg`` says; returns the loop's result and the dataset (with its skip count).
+
+    With ``dims`` (DAP over several processes), every rank reads the same examples and splits each
+    one's Evoformer work; rank 0 writes the files.
+    """
+    if not cfg.data:
+        raise ConfigError("data: give a folder of PDB/mmCIF structures (--data DIR)")
+    dap = dims.dap if dims is not None else 1
+    if cfg.dap != dap:
+        raise UserError(f"dap={cfg.dap} but {dap} DAP process(es) are running; start with --gpus {cfg.dap} (torchrun)")
+    main = dims is None or dims.is_main
+    out = Path(cfg.train.out_dir)
+    dataset = StructureDataset.from_folder(cfg.data, cfg.preset, msa_dir=cfg.msa_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "fastfold_train.yaml")
+        summary = {"structures": [c.name for c in dataset.chains], "num_skipped": dataset.skipped,
+                   "skipped": dataset.skipped_reasons}  # fmt: skip
+        write_text(out / "data.json", json.dumps(summary, indent=2) + "\n")
+    if dataset.skipped and main:
+        log.warning("%d structure file(s) in %s could not be read and were skipped (see data.json)", dataset.skipped, cfg.data)
+    result = train(cfg.train, lambda: build_training_model(cfg, dims), lambda: dataset,
+                   make_loss_fn(cfg.preset.weights), dims=dims)  # fmt: skip
+    if cfg.train.plot and main:
+        plot_lddt(out / "metrics.jsonl", out / "lddt.png")
+    return result, dataset
