@@ -18,6 +18,16 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def row_launch_config(n_rows: int, n_cols: int, interpreted: bool) -> tuple[int, int, int]:
+    """(rows per program, padded row length, warps) for the row-wise kernels (softmax, LayerNorm)."""
+    block_c = next_pow2(n_cols)
+    # The interpreter pays per program, a GPU per register: bigger tiles there.
+    budget, max_rows = (65536, 64) if interpreted else (4096, 4096)
+    block_r = max(1, min(next_pow2(n_rows), max_rows, budget // block_c))
+    num_warps = min(16, max(4, next_pow2(block_r * block_c // 1024)))
+    return block_r, block_c, num_warps
+
+
 def lift(t: torch.Tensor | None, rank: int) -> torch.Tensor | None:
     """View t with leading size-1 dims so it has ``rank`` dims (the broadcasting rule)."""
     if t is None or t.dim() == rank:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._layout import device_guard, lift, matrix_strides, next_pow2, offset_table, reduce_to
+from ._layout import device_guard, lift, matrix_strides, offset_table, reduce_to, row_launch_config
 from .backend import interpreter_enabled, resolve_backend
 
 try:
@@ -60,12 +60,7 @@ MAX_COLS = 65536  # one row lives in registers; longer rows take the reference
 
 
 def _launch_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    block_c = next_pow2(n_cols)
-    # The interpreter pays per program, a GPU per register: bigger tiles there.
-    budget, max_rows = (65536, 64) if interpreter_enabled() else (4096, 4096)
-    block_r = max(1, min(next_pow2(n_rows), max_rows, budget // block_c))
-    num_warps = min(16, max(4, next_pow2(block_r * block_c // 1024)))
-    return block_r, block_c, num_warps
+    return row_launch_config(n_rows, n_cols, interpreter_enabled())
 
 
 def _as_matrix_batch(x: torch.Tensor) -> torch.Tensor:

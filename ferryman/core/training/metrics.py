@@ -30,8 +30,22 @@ class MetricsLog:
 
 
 def plot_losses(records: list[dict[str, Any]], png: Path, title: str = "training loss") -> Path | None:
-    """Draw loss against step (matplotlib imported here, Agg backend: no display needed)."""
-    points = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    """Draw loss against step."""
+    return plot_metric(records, png, key="loss", ylabel="loss", title=title)
+
+
+def plot_metric(
+    records: list[dict[str, Any]],
+    png: Path,
+    *,
+    key: str,
+    ylabel: str,
+    title: str,
+    ylim: tuple[float, float] | None = None,
+) -> Path | None:
+    """Draw ``key`` against step from metrics records (matplotlib imported here, Agg backend:
+    no display needed); None when no record has the key."""
+    points = [(r["step"], r[key]) for r in records if key in r]
     if not points:
         return None
     import matplotlib
@@ -42,7 +56,9 @@ def plot_losses(records: list[dict[str, Any]], png: Path, title: str = "training
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([s for s, _ in points], [v for _, v in points], lw=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -18,9 +18,10 @@ from ferryman.apps.fastfold.train.dataset import StructureDataset
 from ferryman.apps.fastfold.train.step import make_loss_fn
 from ferryman.core.config import save_config
 from ferryman.core.errors import ConfigError, UserError
-from ferryman.core.io import atomic_path, write_text
+from ferryman.core.io import write_text
 from ferryman.core.parallel import ParallelDims
 from ferryman.core.training import TrainResult, train
+from ferryman.core.training.metrics import plot_metric
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +64,9 @@ def build_training_model(cfg: FastfoldTrainConfig, dims: ParallelDims | None = N
 
 
 def plot_lddt(metrics_path: Path, png: Path) -> Path | None:
-    """lDDT-Cα against step from the metrics JSON lines (matplotlib Agg, no display)."""
+    """lDDT-Cα against step from the loop's metrics JSON lines."""
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line] if metrics_path.is_file() else []
-    points = [(r["step"], r["lddt_ca"]) for r in records if "lddt_ca" in r]
-    if not points:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([s for s, _ in points], [v for _, v in points], lw=1.2, color="tab:green")
-    ax.set_xlabel("step")
-    ax.set_ylabel("lDDT-Cα")
-    ax.set_ylim(0, 1)
-    ax.set_title("training lDDT-Cα")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return png
+    return plot_metric(records, png, key="lddt_ca", ylabel="lDDT-Cα", title="training lDDT-Cα", ylim=(0, 1))
 
 
 def run(cfg: FastfoldTrainConfig, dims: ParallelDims | None = None) -> tuple[TrainResult, StructureDataset]:
