@@ -5,7 +5,12 @@ Folder layout::
     gemini.json                    layout: world size, per chunk its parameters (name, offset,
                                    numel, shape), trainable flag; loss-scaler state
     shard-00000-of-00002.safetensors   rank 0's shards: c{i}.master, c{i}.exp_avg, c{i}.exp_avg_sq,
-                                   c{i}.step (trainable chunks), c{i}.shard (frozen), buffer.<name>
+                                   c{i}.steps (trainable chunks: Adam step count per parameter, in
+                                   slot order, the same in every file), c{i}.shard (frozen),
+                                   buffer.<name>
+
+Format ``ferryman-gemini-2``. Format 1 kept one step count per chunk (``c{i}.step``); it still
+loads, every parameter of a chunk taking that chunk's count, as it had in the run that wrote it.
 
 Loading reassembles per-parameter tensors from every shard file and repacks them in the current
 layout, so a run may resume on a different number of ranks or with different chunk sizes.
@@ -26,6 +31,8 @@ from ferryman.core.gemini.state import MOMENTS, optim_state
 from ferryman.core.io import atomic_path, write_text
 
 LAYOUT = "gemini.json"
+FORMAT = "ferryman-gemini-2"
+READABLE = ("ferryman-gemini-1", FORMAT)
 
 
 def _shard_name(rank: int, world: int) -> str:
@@ -42,19 +49,16 @@ def save_sharded(engine, folder: str | Path) -> None:
             tensors[f"{key}.shard"] = chunk.shard.detach().cpu()
             continue
         tensors[f"{key}.master"] = chunk.master.detach().cpu()
-        state = optim_state(engine, chunk)
-        for moment in MOMENTS:
-            if state:
-                tensors[f"{key}.{moment}"] = state[moment].cpu()
-        if state:
-            tensors[f"{key}.step"] = state["step"].reshape(1).float().cpu()
+        state = optim_state(chunk)
+        for name in (*MOMENTS, "steps"):
+            tensors[f"{key}.{name}"] = state[name].cpu()
     if engine.rank == 0:
         tensors |= {f"buffer.{n}": b.detach().cpu() for n, b in engine.module.named_buffers()}
     with atomic_path(folder / _shard_name(engine.rank, engine.world)) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     if engine.rank == 0:
         layout = {
-            "format": "ferryman-gemini-1",
+            "format": FORMAT,
             "world_size": engine.world,
             "dtype": str(engine.dtype).removeprefix("torch."),
             "loss_scale": engine.scaler.scale,
@@ -82,8 +86,8 @@ def read_layout(folder: str | Path) -> dict:
         layout = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
-    if layout.get("format") != "ferryman-gemini-1":
-        raise UserError(f"{path}: unknown format {layout.get('format')!r}")
+    if layout.get("format") not in READABLE:
+        raise UserError(f"{path}: unknown format {layout.get('format')!r}; this version reads {', '.join(READABLE)}")
     return layout
 
 
@@ -103,14 +107,26 @@ def read_full(folder: str | Path) -> tuple[dict, dict, dict, dict]:
         key = f"c{index}"
         kind = "master" if chunk["trainable"] else "shard"
         flat = {name: torch.cat([f[f"{key}.{name}"] for f in files]) for name in (kind, *MOMENTS) if f"{key}.{name}" in files[0]}
-        step = float(files[0][f"{key}.step"][0]) if f"{key}.step" in files[0] else None
-        for name, offset, numel, shape in chunk["params"]:
+        steps = _step_counts(files[0], key, len(chunk["params"]), folder)
+        for (name, offset, numel, shape), step in zip(chunk["params"], steps):
             piece = lambda t, o=offset, n=numel, s=shape: t[o : o + n].view(s).clone()  # noqa: E731
             values[name] = piece(flat[kind])
             if step is not None:
                 moments[name] = {m: piece(flat[m]) for m in MOMENTS} | {"step": step}
     buffers = {k.removeprefix("buffer."): v for k, v in files[0].items() if k.startswith("buffer.")}
     return values, moments, buffers, layout
+
+
+def _step_counts(tensors: dict, key: str, num_params: int, folder) -> list[float | None]:
+    """Per-parameter Adam step counts of one chunk (None: no optimizer state saved)."""
+    if f"{key}.steps" in tensors:
+        steps = tensors[f"{key}.steps"].tolist()
+        if len(steps) != num_params:
+            raise UserError(f"{folder}: {key}.steps has {len(steps)} counts for {num_params} parameters")
+        return steps
+    if f"{key}.step" in tensors:  # format 1: one count for the whole chunk
+        return [float(tensors[f"{key}.step"][0])] * num_params
+    return [None] * num_params
 
 
 def load_sharded(engine, folder: str | Path) -> None:

@@ -10,7 +10,12 @@ States (ColossalAI Gemini's chunk life cycle, reduced to what the schedule needs
 
 With one data-parallel rank and the shard on the device, the payload *is* the shard (no copy).
 The fp32 master shard, Adam moments and fp32 gradient shard live together on the device or the
-host ("optimizer placement"); only the master shard is handed to the optimizer.
+host ("optimizer placement"); the Adam step counts are kept per parameter (``steps``).
+
+With several data-parallel ranks a chunk is all-gathered at most once per weight version (between
+optimizer steps), by every rank, in the engine's agreed order; a later use in the same step that
+finds the payload dropped takes it from a host copy of the gathered chunk (``full_host``) instead
+of gathering again, so ranks whose modules run different code paths still pair their collectives.
 """
 
 from __future__ import annotations
@@ -44,10 +49,20 @@ class Chunk:
         self.payload: torch.Tensor | None = None
         self.master: nn.Parameter | None = None
         self.grad_full: torch.Tensor | None = None  # [numel] compute dtype, during backward
+        self.exp_avg: torch.Tensor | None = None  # [shard_numel] fp32, beside the master
+        self.exp_avg_sq: torch.Tensor | None = None
+        self.steps: torch.Tensor | None = None  # [num slots] fp32 Adam step count per parameter
         self.in_use = 0
         self.grad_seen: set[int] = set()  # slot indices whose grads this backward delivered
         self.got_grad = torch.zeros(len(self.slots), dtype=torch.bool)  # since the last zero_grad
-        self.pending_reduce = False
+        # reduction state within one backward (see GradReducer)
+        self.expected: set[int] = set()  # slots of modules that ran forward with grad on this rank
+        self.reduced = False
+        self.late = False  # a gradient arrived after the chunk was reduced
+        # data-parallel gather state (see the module docstring)
+        self.gathered = False  # the full values of the current version are held on this rank
+        self.full_host: torch.Tensor | None = None
+        self.full_valid = False  # full_host holds the current version
         # Where the shard and the optimizer state live, kept as flags rather than read off the
         # tensors: on a CPU run "device" and "host" are the same memory but distinct places.
         self.shard_loc = "host"

@@ -11,11 +11,12 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ferryman.core.gemini import hooks
+from ferryman.core.gemini.adam import ShardAdamW, init_state
 from ferryman.core.gemini.chunk import Chunk
 from ferryman.core.gemini.config import GeminiConfig, OptimConfig
 from ferryman.core.gemini.layout import plan_chunks
 from ferryman.core.gemini.manager import ChunkManager
-from ferryman.core.gemini.optim import GradReducer, LossScaler, build_optimizers, optimizer_step
+from ferryman.core.gemini.optim import GradReducer, LossScaler, optimizer_step
 from ferryman.core.gemini.state import export_full, gather_full, import_optim_state
 from ferryman.core.parallel import ParallelDims
 
@@ -61,6 +62,7 @@ class GeminiEngine:
         self._first_forward_done = False
         self._tokens: list[hooks.CallToken] = []
         self._tracked: list[list[torch.Tensor]] = []
+        self._backward_pending = False  # a forward built a graph whose backward is not finished
         self._build(list(self.params), {n: p.detach() for n, p in self.params.items()}, {})
         self._handles = hooks.install(self, self.hook_modules)
         for name, param in self.params.items():
@@ -78,7 +80,8 @@ class GeminiEngine:
     def _build(self, order: list[str], values: dict[str, torch.Tensor], moments: dict[str, dict]) -> None:
         """(Re)build the chunks in ``order`` from full per-parameter values and optimizer moments."""
         old = getattr(self, "manager", None)
-        lr = self.lr if getattr(self, "optimizers", None) else self.ocfg.lr
+        expected = {s.name for c in getattr(self, "chunks", []) for i, s in enumerate(c.slots) if i in c.expected}
+        lr = self.lr if hasattr(self, "adam") else self.ocfg.lr
         specs = plan_chunks(
             [(n, self.params[n]) for n in order],
             shapes=self.shapes,
@@ -103,12 +106,25 @@ class GeminiEngine:
         if old is not None:  # one run, one accounting: keep the peak and the warm-up record
             self.manager.peak_bytes, self.manager.tracer = old.peak_bytes, old.tracer
         self._slot_of = {s.name: (c.index, i) for c in self.chunks for i, s in enumerate(c.slots)}
+        for name in expected:  # a re-layout between forward and backward (the warm-up step)
+            chunk_index, slot_index = self._slot_of[name]
+            self.chunks[chunk_index].expected.add(slot_index)
+        self._module_slots = [
+            [self._slot_of[n] for n in names if self.params[n].requires_grad] for names in self.module_params
+        ]
         self.manager.module_chunks = {
             i: sorted({self._slot_of[n][0] for n in names}) for i, names in enumerate(self.module_params)
         }
+        # forward order of the chunks: what the ranks gather in, and reverse what they reduce in
+        position = {name: i for i, name in enumerate(order)}
+        first_use = sorted(self.chunks, key=lambda c: min(position[s.name] for s in c.slots))
+        self.manager.gather_order = [c.index for c in first_use]
         self.manager.place()
-        self.reducer = GradReducer(self.manager, self.group, self.world)
-        self.optimizers = build_optimizers(self.chunks, self.ocfg)
+        for chunk in self.chunks:
+            if chunk.master is not None:
+                init_state(chunk)
+        self.reducer = GradReducer(self.manager, self.group, self.world, [c.index for c in reversed(first_use) if c.trainable])
+        self.adam = ShardAdamW(self.chunks, self.ocfg)
         import_optim_state(self, moments)
         self.lr = lr
         self.layout_order = order
@@ -133,6 +149,8 @@ class GeminiEngine:
         if not self._first_forward_done:
             self._first_forward_done = True
             self._reorder()
+        self.manager.complete_gathers()  # the chunks other ranks used and this one skipped
+        self._backward_pending |= torch.is_grad_enabled()
         return out
 
     def _is_model_data(self, t: torch.Tensor) -> bool:
@@ -141,7 +159,7 @@ class GeminiEngine:
 
     def _reorder(self) -> None:
         """Repack the chunks in the order the first forward used the parameters."""
-        order = self.order + [n for n in self.params if n not in self._seen]
+        order = self._agreed(self.order + [n for n in self.params if n not in self._seen])
         if not self.cfg.reorder_after_warmup or order == self.layout_order:
             return
         values, moments = export_full(self)
@@ -149,6 +167,16 @@ class GeminiEngine:
         self._build(order, values, moments)
         for flat, named in zip(self._tracked, tracked):
             flat[:] = self.flat_from(named)
+
+    def _agreed(self, order: list[str]) -> list[str]:
+        """Rank 0's order on every rank: a branch taken on one rank only must not change the layout."""
+        if self.group is None:
+            return order
+        names = list(self.params)
+        index = {n: i for i, n in enumerate(names)}
+        perm = torch.tensor([index[n] for n in order], dtype=torch.int64, device=self.device)
+        torch.distributed.broadcast(perm, src=torch.distributed.get_global_rank(self.group, 0), group=self.group)
+        return [names[i] for i in perm.tolist()]
 
     def _chunks_of(self, module_index: int) -> list[Chunk]:
         return [self.chunks[i] for i in self.manager.module_chunks[module_index]]
@@ -159,6 +187,9 @@ class GeminiEngine:
                 if name not in self._seen:
                     self._seen.add(name)
                     self.order.append(name)
+        if torch.is_grad_enabled():  # these parameters' gradients are due in the coming backward
+            for chunk_index, slot_index in self._module_slots[module_index]:
+                self.chunks[chunk_index].expected.add(slot_index)
         if self.manager.tracer.recording:
             self.manager.tracer.record(module_index, self.manager.non_model_bytes())
         self.manager.access(self._chunks_of(module_index))
@@ -190,6 +221,9 @@ class GeminiEngine:
         self.finish_backward()
 
     def finish_backward(self) -> None:
+        if not self._backward_pending:  # step() calls it too; a second call has nothing to finish
+            return
+        self._backward_pending = False
         for token in self._tokens:
             if token.pre_fired and not token.post_fired:
                 token.post_fired = True
@@ -213,12 +247,16 @@ class GeminiEngine:
 
     def _finish_warmup(self) -> None:
         tracer = self.manager.tracer
-        if self.group is not None and tracer.non_model:
-            # every rank must evict the same chunks at the same moments, or their all-gathers
-            # would not pair up: plan with the largest activation figure any rank saw
-            peaks = torch.tensor(tracer.non_model, dtype=torch.int64, device=self.device)
-            torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX, group=self.group)
-            tracer.non_model = peaks.tolist()
+        if self.group is not None:
+            # plan with the largest activation figure any rank saw at each point, where the ranks
+            # ran the same modules (eviction is local, so plans may differ where they did not)
+            lengths = torch.tensor([len(tracer.non_model), -len(tracer.non_model)], device=self.device)
+            torch.distributed.all_reduce(lengths, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            longest, shortest = lengths[0].item(), -lengths[1].item()
+            if longest == shortest > 0:
+                peaks = torch.tensor(tracer.non_model, dtype=torch.int64, device=self.device)
+                torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX, group=self.group)
+                tracer.non_model = peaks.tolist()
         tracer.finish(self.manager.module_chunks)
 
     def zero_grad(self) -> None:
@@ -230,13 +268,11 @@ class GeminiEngine:
 
     @property
     def lr(self) -> float:
-        return self.optimizers[0].param_groups[0]["lr"] if self.optimizers else self.ocfg.lr
+        return self.adam.lr
 
     @lr.setter
     def lr(self, value: float) -> None:
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = value
+        self.adam.lr = value
 
     # -- module-like passthrough ------------------------------------------------------------------
     def train(self, mode: bool = True) -> GeminiEngine:
@@ -247,7 +283,8 @@ class GeminiEngine:
         return self.train(False)
 
     def stats(self) -> dict[str, float]:
-        return self.manager.stats() | {"loss_scale": self.scaler.scale}
+        reducer = {"overlapped_reductions": self.reducer.num_overlapped, "late_reductions": self.reducer.num_late}
+        return self.manager.stats() | reducer | {"loss_scale": self.scaler.scale}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain consolidated state dict: fp32 master weights (compute copies of frozen ones), buffers."""

@@ -4,6 +4,14 @@ Every byte of model data the manager puts on the device (compute shards, gathere
 gradient buffers, optimizer shards) goes through :meth:`ChunkManager.reserve`, which evicts and,
 if that is not enough, raises instead of running out of memory. The accounting is the manager's
 own, so the budget holds and can be tested on a CPU, where "device" and "host" are both RAM.
+
+With several data-parallel ranks every all-gather is a collective, so all ranks must gather the
+same chunks in the same order even when their data send them down different branches of the
+model. Each chunk is gathered at most once per weight version, in ``gather_order`` (forward order,
+agreed by the ranks): gathering a chunk first gathers every earlier chunk of the order not yet
+gathered (the ones this rank skipped), and ``complete_gathers`` at the end of each forward gathers
+the rest. A chunk dropped after its gather keeps a host copy of the full values, so a later use in
+the same step is a local copy, not another collective.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ class ChunkManager:
         self.peak_bytes = 0
         self.num_evictions = 0
         self.num_fetches = 0
+        self.num_gathers = 0  # collective all-gathers
+        self.gather_order: list[int] = list(range(len(chunks)))  # set by the engine
         self._prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.module_chunks: dict[int, list[int]] = {}  # module index -> chunk indices (set by the engine)
@@ -152,6 +162,31 @@ class ChunkManager:
             if chunk.in_use == 0 and self.cfg.placement == "static" and not chunk.payload_is_shard:
                 self._drop_payload(chunk)
 
+    def _gather(self, chunk: Chunk) -> None:
+        """All-gather the chunk's payload (a collective: only through the agreed order)."""
+        self.reserve(chunk.payload_bytes, f"gathering chunk {chunk.index}")
+        chunk.payload = torch.empty(chunk.numel, dtype=chunk.dtype, device=self.device)
+        dist.all_gather_into_tensor(chunk.payload, chunk.shard.to(self.device, non_blocking=True), group=self.group)
+        chunk.gathered = True
+        self.num_gathers += 1
+        chunk.bind()
+        if not chunk.in_use and self.cfg.placement == "static":  # skipped here: keep it on the host
+            self._drop_payload(chunk)
+
+    def _gather_through(self, target: Chunk | None) -> None:
+        """Gather, in the agreed order, every chunk not yet gathered up to ``target`` (all if None)."""
+        for index in self.gather_order:
+            chunk = self.chunks[index]
+            if not chunk.gathered:
+                self._gather(chunk)
+            if chunk is target:
+                return
+
+    def complete_gathers(self) -> None:
+        """End of a forward: gather what this rank skipped, so every rank has gathered every chunk."""
+        if self.world > 1:
+            self._gather_through(None)
+
     def _fetch(self, chunk: Chunk) -> None:
         self.num_fetches += 1
         if self.world == 1:
@@ -163,11 +198,13 @@ class ChunkManager:
                 chunk.payload = self._take_prefetched(chunk)
                 if chunk.payload is None:  # copy=True: on a CPU run .to() would alias the host shard
                     chunk.payload = chunk.shard.to(self.device, non_blocking=True, copy=True)
-        else:
-            self.reserve(chunk.payload_bytes, f"gathering chunk {chunk.index}")
-            chunk.payload = torch.empty(chunk.numel, dtype=chunk.dtype, device=self.device)
-            source = chunk.shard.to(self.device, non_blocking=True)
-            dist.all_gather_into_tensor(chunk.payload, source, group=self.group)
+        elif not chunk.gathered:
+            self._gather_through(chunk)
+            return
+        else:  # gathered earlier in this step and dropped since: the host copy is current
+            assert chunk.full_valid and chunk.full_host is not None
+            self.reserve(chunk.payload_bytes, f"fetching chunk {chunk.index}")
+            chunk.payload = chunk.full_host.to(self.device, non_blocking=True, copy=True)
         chunk.bind()
 
     def _host_home(self, chunk: Chunk) -> torch.Tensor:
@@ -197,6 +234,7 @@ class ChunkManager:
         """After an optimizer step: the compute copy takes the new fp32 master values."""
         assert chunk.master is not None
         self._cancel_prefetch(chunk)  # a copy in flight carries the old values
+        chunk.gathered = chunk.full_valid = False  # gathered copies hold the old values
         if chunk.shard_on_device and chunk.optim_on_device:
             chunk.shard.copy_(chunk.master.data)
             chunk.host_valid = False
@@ -214,6 +252,11 @@ class ChunkManager:
     def _drop_payload(self, chunk: Chunk) -> None:
         if chunk.payload is None:
             return
+        if chunk.gathered and not chunk.full_valid:  # re-gathering it this step would be a collective
+            if chunk.full_host is None:
+                chunk.full_host = torch.empty(chunk.numel, dtype=chunk.dtype, pin_memory=self.device.type == "cuda")
+            chunk.full_host.copy_(chunk.payload)
+            chunk.full_valid = True
         if not chunk.payload_is_shard:
             self.device_bytes -= chunk.payload_bytes
         chunk.payload = None
@@ -292,6 +335,7 @@ class ChunkManager:
             "budget_bytes": self.budget,
             "evictions": self.num_evictions,
             "fetches": self.num_fetches,
+            "gathers": self.num_gathers,
             "chunks_on_device": sum(c.shard_on_device for c in self.chunks),
             "num_chunks": len(self.chunks),
         }

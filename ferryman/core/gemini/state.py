@@ -20,50 +20,47 @@ def gather_full(engine, chunk: Chunk, shard: torch.Tensor) -> torch.Tensor:
     return full.cpu()
 
 
-def optim_state(engine, chunk: Chunk) -> dict:
-    for optimizer in engine.optimizers:
-        if chunk.master in optimizer.state:
-            return optimizer.state[chunk.master]
-    return {}
+def optim_state(chunk: Chunk) -> dict[str, torch.Tensor]:
+    """The chunk's Adam state: flat moment shards and the per-parameter step counts ({} if frozen)."""
+    if chunk.master is None or chunk.steps is None:
+        return {}
+    return {"exp_avg": chunk.exp_avg, "exp_avg_sq": chunk.exp_avg_sq, "steps": chunk.steps}
 
 
 def export_full(engine, with_moments: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Per-parameter fp32 master values (frozen: compute copies) and Adam moments, consolidated.
+    """Per-parameter fp32 master values (frozen: compute copies) and Adam state, consolidated.
 
-    A collective when data-parallel: every rank must call it.
+    Adam state per parameter: ``{"exp_avg": t, "exp_avg_sq": t, "step": float}``. A collective when
+    data-parallel: every rank must call it.
     """
     values: dict[str, torch.Tensor] = {}
     moments: dict[str, dict] = {}
     for chunk in engine.chunks:
         source = chunk.master.data if chunk.master is not None else chunk.shard
         values.update({k: v.clone() for k, v in chunk.unflatten(gather_full(engine, chunk, source)).items()})
-        state = optim_state(engine, chunk) if with_moments else {}
+        state = optim_state(chunk) if with_moments else {}
         if not state:
             continue
         per_key = {key: chunk.unflatten(gather_full(engine, chunk, state[key])) for key in MOMENTS}
-        step = float(state["step"])
-        for slot in chunk.slots:
+        steps = state["steps"].tolist()  # the same on every rank
+        for slot, step in zip(chunk.slots, steps):
             moments[slot.name] = {key: per_key[key][slot.name].clone() for key in MOMENTS} | {"step": step}
     return values, moments
 
 
 def import_optim_state(engine, moments: dict[str, dict]) -> None:
-    """Give each chunk's master shard the Adam state of its parameters (flattened and sharded)."""
+    """Give each chunk's shards the Adam state of its parameters (fresh for the ones not given)."""
     if not moments:
         return
     for chunk in engine.chunks:
-        if chunk.master is None:
+        state = optim_state(chunk)
+        if not state:
             continue
         names = [s.name for s in chunk.slots if s.name in moments]
         if not names:
             continue
-        state = {}
-        for key in MOMENTS:
+        for key in MOMENTS:  # in place: the optimizer holds views of these tensors
             full = chunk.flatten({n: moments[n][key] for n in names}, torch.float32)
-            state[key] = chunk.shard_of(full).clone().to(chunk.master.device)
-        # one step count per chunk; parameters that joined later take the chunk's largest
-        step = max(float(moments[n]["step"]) for n in names)
-        state["step"] = torch.tensor(step, dtype=torch.float32, device=chunk.master.device)
-        for optimizer in engine.optimizers:
-            if any(chunk.master is p for group in optimizer.param_groups for p in group["params"]):
-                optimizer.state[chunk.master] = state
+            state[key].copy_(chunk.shard_of(full))
+        steps = [float(moments[s.name]["step"]) if s.name in moments else 0.0 for s in chunk.slots]
+        state["steps"].copy_(torch.tensor(steps, dtype=torch.float32))
