@@ -82,7 +82,8 @@ def data_check(csv, buckets, frame_stride, backend, dp, config_file, overrides) 
 @click.option("--text-encoder", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Local transformers folder with a T5 encoder and its tokenizer.")
 @click.option("--vae", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Local diffusers folder with an AutoencoderKL (or a video VAE).")
+              help="Local diffusers folder with an AutoencoderKL, applied per frame, or a video VAE (AutoencoderKLWan, "
+                   "-HunyuanVideo, -LTXVideo, -CogVideoX), whose buckets then need 1 + r k frames (r: its time compression).")
 @click.option("--preset", default=None, help="Model size: debug, tiny, S/2, B/2, XL/2.")
 @_data_options
 @click.option("--steps", type=int, default=None, help="Optimizer steps.")
@@ -108,6 +109,8 @@ def train(csv, text_encoder, vae, preset, buckets, frame_stride, backend, steps,
           --preset debug --bucket 32:8:2 --set data.size_multiple=8 --steps 20 --out run
       opensora train --out run --resume --steps 40
       torchrun --nproc-per-node 2 -m ferryman.apps.opensora.cli train --sp 2 --config run/opensora.yaml
+      torchrun --nproc-per-node 4 -m ferryman.apps.opensora.cli train --sp 2 --config run/opensora.yaml
+        (2 data-parallel groups of 2 sequence-parallel ranks; the global batch is 2 x the bucket batch)
     """
     from ferryman.core.config import read_mapping
 
@@ -133,7 +136,8 @@ def train(csv, text_encoder, vae, preset, buckets, frame_stride, backend, steps,
 @main.command()
 @click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="A run folder or a checkpoint folder.")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Caption; repeat for several videos.")
-@click.option("--num-frames", type=int, default=16, show_default=True)
+@click.option("--num-frames", type=int, default=16, show_default=True,
+              help="Frames to write; with a video VAE one of 1 + r k (r: its time compression, e.g. 9, 13, 17 for r=4).")
 @click.option("--resolution", default="64x64", show_default=True, help="HEIGHTxWIDTH in pixels, or one number.")
 @click.option("--steps", type=int, default=30, show_default=True, help="Sampler steps.")
 @click.option("--cfg-scale", type=float, default=4.0, show_default=True, help="Classifier-free guidance scale.")
@@ -175,6 +179,9 @@ def sample(ckpt, prompts, num_frames, resolution, steps, cfg_scale, fps, seed, t
     latents = sample_latents(model, encoders, cfg.diffusion, list(prompts), num_frames=num_frames, height=height,
                              width=width, steps=steps, cfg_scale=cfg_scale, fps=fps, seed=seed)
     videos = encoders.vae.decode(latents)  # [B, 3, T, H, W]
+    if tuple(videos.shape[2:]) != (num_frames, height, width):
+        raise UserError(f"the VAE in {vae_dir} decoded {tuple(videos.shape[2:])} frames x height x width, "
+                        f"not the requested {(num_frames, height, width)}")
     for i, (prompt, video) in enumerate(zip(prompts, videos)):
         path = out if len(prompts) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix or '.mp4'}")
         write_mp4(path, to_uint8(video), fps)

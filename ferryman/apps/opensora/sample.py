@@ -87,6 +87,7 @@ def sample_latents(
 ) -> Tensor:
     device = next(model.parameters()).device
     f = encoders.vae.downsample
+    latent_frames = encoders.vae.latent_frames(num_frames, "--num-frames")  # an impossible count fails first
     if height % f or width % f:
         raise UserError(f"--resolution {height}x{width}: height and width must be multiples of {f} (the VAE's downsampling)")
     y, mask = encoders.text.encode(prompts)
@@ -104,7 +105,7 @@ def sample_latents(
         return model(x, t, torch.cat([y, y]), torch.cat([mask, mask]), drop=drop, **twice)
 
     generator = torch.Generator(device=device).manual_seed(seed)
-    shape = (b, encoders.vae.latent_channels, num_frames, height // f, width // f)
+    shape = (b, encoders.vae.latent_channels, latent_frames, height // f, width // f)
     noise = torch.randn(shape, generator=generator, device=device)
     scheduler = build_scheduler(diffusion)
     return scheduler.sample(guided(cond_fn, cfg_scale), noise, steps=steps, height=height, width=width,

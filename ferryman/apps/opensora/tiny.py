@@ -2,7 +2,8 @@
 
 ``write_tiny_models(out)`` writes ``out/t5`` (a 2-layer T5 encoder of width 32 with a word-level
 tokenizer in T5's special-token layout: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2) and ``out/vae`` (an
-AutoencoderKL that halves height and width, 4 latent channels). They load exactly like real ones.
+AutoencoderKL that halves height and width, 4 latent channels); ``--video-vae`` adds ``out/video_vae``
+(a Wan video VAE that compresses 1 + 4k frames to 1 + k and sides by 4). They load exactly like real ones.
 
 Run: ``python -m ferryman.apps.opensora.tiny --out DIR``
 """
@@ -68,6 +69,44 @@ def write_tiny_vae(out: Path, *, seed: int = 0) -> Path:
     return Path(out)
 
 
+def tiny_video_vae(kind: str = "wan"):
+    """A video VAE of about 150k parameters that maps 1 + 4k frames of H x W to 1 + k latent frames of
+    H/4 x W/4 with 4 channels. ``kind``: wan, hunyuan, ltx or cogvideox (the slowest on CPU)."""
+    import diffusers
+
+    if kind == "wan":  # per-channel latents_mean/std in the config, as Wan 2.1 has
+        return diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                          temperal_downsample=[True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                          latents_std=[1.5, 0.5, 2.0, 1.0])
+    if kind == "hunyuan":
+        return diffusers.AutoencoderKLHunyuanVideo(
+            latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 3, up_block_types=("HunyuanVideoUpBlock3D",) * 3,
+            block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=4,
+            temporal_compression_ratio=4, mid_block_add_attention=False)
+    if kind == "ltx":  # latents_mean/std are buffers (saved with the weights), set below
+        return diffusers.AutoencoderKLLTXVideo(
+            latent_channels=4, block_out_channels=(8, 8, 16, 16), decoder_block_out_channels=(8, 8, 16, 16),
+            layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5, spatio_temporal_scaling=(True, True, False, False),
+            decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+            upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, patch_size=1, patch_size_t=1)
+    if kind == "cogvideox":
+        return diffusers.AutoencoderKLCogVideoX(
+            down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
+            block_out_channels=(8, 8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
+            sample_height=32, sample_width=32)
+    raise ValueError(f"unknown tiny video VAE {kind!r}: wan, hunyuan, ltx or cogvideox")
+
+
+def write_tiny_video_vae(out: Path, kind: str = "wan", *, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    vae = tiny_video_vae(kind)
+    if kind == "ltx":
+        vae.latents_mean.copy_(torch.tensor([0.2, 0.0, -0.1, 0.4]))
+        vae.latents_std.copy_(torch.tensor([0.5, 2.0, 1.0, 1.5]))
+    vae.save_pretrained(out)
+    return Path(out)
+
+
 def write_tiny_models(out: Path) -> tuple[Path, Path]:
     out = Path(out)
     return write_tiny_t5(out / "t5"), write_tiny_vae(out / "vae")
@@ -76,8 +115,13 @@ def write_tiny_models(out: Path) -> tuple[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    t5, vae = write_tiny_models(parser.parse_args().out)
+    parser.add_argument("--video-vae", choices=["wan", "hunyuan", "ltx", "cogvideox"], default=None,
+                        help="also write a tiny video VAE of this kind to OUT/video_vae")
+    args = parser.parse_args()
+    t5, vae = write_tiny_models(args.out)
     print(f"wrote {t5} and {vae}")
+    if args.video_vae:
+        print(f"wrote {write_tiny_video_vae(args.out / 'video_vae', args.video_vae)}")
 
 
 if __name__ == "__main__":

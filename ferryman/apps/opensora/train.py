@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ferryman.core.config import save_config
-from ferryman.core.errors import ConfigError
+from ferryman.core.errors import ConfigError, UserError
 from ferryman.core.parallel import ParallelDims
 
 from .config import OpenSoraConfig
@@ -61,6 +61,11 @@ def check_compatible(cfg: OpenSoraConfig, text: T5TextEncoder, vae: VideoVAE) ->
     if cfg.data.size_multiple % need:
         raise ConfigError(f"data.size_multiple={cfg.data.size_multiple} must be a multiple of the VAE's "
                           f"downsampling x patch size = {need}")
+    for bucket in cfg.data.buckets:  # a video VAE takes only some frame counts: say so before any decoding
+        try:
+            vae.latent_frames(bucket.num_frames, f"bucket {bucket.resolution}:{bucket.num_frames} num_frames")
+        except UserError as err:
+            raise ConfigError(str(err)) from None
 
 
 def build_model(cfg: OpenSoraConfig, dims: ParallelDims | None = None) -> STDiT:

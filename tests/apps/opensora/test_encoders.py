@@ -69,19 +69,54 @@ def test_vae_scaling_comes_from_its_config(tiny_models, tmp_path):
     assert torch.allclose(b, a * 0.5 / 0.18215, atol=1e-5)
 
 
-def test_video_vae_encodes_whole_clips(tmp_path):
-    """A diffusers video VAE (a tiny CogVideoX one) takes [B, C, T, H, W] at once and may compress time."""
-    from diffusers import AutoencoderKLCogVideoX
+@pytest.mark.parametrize("kind", ["wan", "hunyuan", "ltx", "cogvideox"])
+def test_video_vae_frame_rule_and_scaling_come_from_its_config(kind, tmp_path):
+    """Each diffusers video VAE class: the compression read from its config is what its encoder does
+    (9 frames of 16x24 -> 3 latent frames of 4x6 -> 9 frames), a count it cannot take is a UserError
+    naming the valid ones, and latents are normalised with its own scaling_factor / latents_mean / std."""
+    from ferryman.apps.opensora.tiny import write_tiny_video_vae
+
+    vae = VideoVAE(write_tiny_video_vae(tmp_path / kind, kind), micro_batch=1, sample=False)
+    assert not vae.per_frame and (vae.downsample, vae.temporal) == (4, 4)
+    video = torch.rand(2, 3, 9, 16, 24) * 2 - 1
+    z = vae.encode(video)
+    assert z.shape == (2, 4, vae.latent_frames(9), 4, 6) == (2, 4, 3, 4, 6)
+    raw = vae.model.encode(video[:1]).latent_dist.mean  # [1, 4, 3, 4, 6] before normalisation
+    config = json.loads((tmp_path / kind / "config.json").read_text())
+    buffers = dict(vae.model.named_buffers())  # LTX-Video keeps them there
+    mean = torch.as_tensor(config.get("latents_mean") or buffers.get("latents_mean", [0.0] * 4)).view(1, 4, 1, 1, 1)
+    std = torch.as_tensor(config.get("latents_std") or buffers.get("latents_std", [1.0] * 4)).view(1, 4, 1, 1, 1)
+    assert kind in ("hunyuan", "cogvideox") or not torch.equal(std, torch.ones_like(std))
+    scaling = config.get("scaling_factor") or 1.0
+    assert torch.allclose(z[:1], (raw - mean) * scaling / std, atol=1e-5)
+    assert vae.decode(z).shape == video.shape
+    bad = 8 if vae.frame_multiple == 8 else 6
+    with pytest.raises(UserError, match=rf"num_frames={bad}: .* takes 1 \+ {vae.frame_multiple}k frames: {1 + vae.frame_multiple}, "):
+        vae.latent_frames(bad)
+    with pytest.raises(UserError, match="clip frames=8"):
+        vae.encode(torch.zeros(1, 3, 8, 16, 16))
+
+
+def test_compression_rule_of_a_patched_residual_wan_vae_matches_its_encoder():
+    """Wan 2.2's VAE layout (2x2 pixel patches folded into 12 input channels, residual blocks) with
+    one temporal downsample: 8x spatial, 2x temporal, and still Wan's groups of 4 frames."""
+    from diffusers import AutoencoderKLWan
+
+    from ferryman.apps.opensora.vae import compression
 
     torch.manual_seed(0)
-    AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
-        up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-        layers_per_block=1, norm_num_groups=4, sample_height=32, sample_width=32,
-    ).save_pretrained(tmp_path / "video_vae")
-    vae = VideoVAE(tmp_path / "video_vae", micro_batch=1)
-    assert not vae.per_frame and vae.scaling == pytest.approx(1.15258426)
-    video = torch.rand(2, 3, 9, 16, 16) * 2 - 1
-    z = vae.encode(video, generator=torch.Generator().manual_seed(0))
-    assert z.shape[:2] == (2, 4) and z.shape[2] < 9 and z.shape[3:] == (8, 8)
-    assert vae.decode(z).shape == video.shape
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+                           is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    assert compression("AutoencoderKLWan", dict(vae.config)) == (8, 2, 4)
+    with torch.no_grad():
+        z = vae.encode(torch.rand(1, 3, 9, 16, 32) * 2 - 1).latent_dist.mean
+    assert z.shape == (1, 4, 5, 2, 4)  # 1 + (9 - 1) / 2 latent frames, 16x32 / 8
+
+
+def test_unsupported_video_vae_is_a_clear_error(tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLMochi"}))
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="AutoencoderKLMochi is not supported; use an image AutoencoderKL or one of"):
+        VideoVAE(tmp_path / "vae")

@@ -26,14 +26,14 @@ GOLDEN = Path(__file__).with_name("debug_loss_curve.json")
 OVERFIT_STEPS, OVERFIT_BOUND = 60, 0.35  # mean loss of the last 10 steps; it starts near 0.95
 
 
-def _cfg(tmp_path, tiny_models, *, csv=CLIPS / "clips.csv", steps=4, **train_kw) -> OpenSoraConfig:
+def _cfg(tmp_path, tiny_models, *, csv=CLIPS / "clips.csv", steps=4, buckets=None, **train_kw) -> OpenSoraConfig:
     t5, vae = tiny_models
     train = dict(out_dir=str(tmp_path), max_steps=steps, precision="fp32", optim=OptimConfig(lr=1e-3),
                  schedule="constant", ema_decay=0.9, progress=False, plot=False, seed=0)
     return OpenSoraConfig(
         model=model_preset("debug", attention_backend="torch", norm_backend="torch"),
         text_encoder=t5, vae=vae,
-        data=DataConfig(csv=csv, buckets=[Bucket(resolution=32, num_frames=8, batch_size=2)],
+        data=DataConfig(csv=csv, buckets=buckets or [Bucket(resolution=32, num_frames=8, batch_size=2)],
                         aspect_ratios=[0.75, 1.0, 1.3333], size_multiple=8),
         train=TrainConfig(**(train | train_kw)),
     )
