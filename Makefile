@@ -51,6 +51,12 @@ demo: install
 	@echo "== fastfold: a small random model, real jackhmmer MSAs against data/fastfold/seqdb, Amber relax of the best model"
 	$(VENV)/bin/fastfold predict data/fastfold/sample.fasta --random-weights --uniref90-db data/fastfold/seqdb/globins45.fa \
 	  --models-to-relax best --out $(DEMO_OUT)/fastfold
+	@echo "== fastfold train: the debug preset, 10 steps on the villin headpiece structure OpenMM ships (metrics.jsonl, loss.png, lddt.png)"
+	mkdir -p $(DEMO_OUT)/fastfold-train/data
+	cp "$$($(PY) -c 'import openmm.app, pathlib; print(pathlib.Path(openmm.app.__file__).parent / "data" / "test.pdb")')" \
+	  $(DEMO_OUT)/fastfold-train/data/villin.pdb
+	$(VENV)/bin/fastfold train --data $(DEMO_OUT)/fastfold-train/data --out $(DEMO_OUT)/fastfold-train/run \
+	  --preset debug --steps 10 --crop-size 32
 	@echo "== sd-finetune: a tiny Stable Diffusion pipeline built from config, finetuned on data/diffusion"
 	$(PY) -m ferryman.apps.diffusion.presets --preset tiny --out $(DEMO_OUT)/sd-tiny
 	$(VENV)/bin/sd-finetune --model $(DEMO_OUT)/sd-tiny --data data/diffusion --out $(DEMO_OUT)/sd-finetune \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +51,17 @@ def test_pdb_and_mmcif_give_the_same_chain(villin, tmp_path):
     assert cif.sequence == VILLIN_SEQUENCE
     np.testing.assert_allclose(cif.atom_positions, villin.atom_positions, atol=1e-3)
     np.testing.assert_array_equal(cif.residue_index, villin.residue_index)
+
+
+def test_raw_openmm_file_reads_like_the_cleaned_one(villin):
+    """OpenMM's own file: CHARMM residue names, hydrogens, water and OT1/OT2 terminal oxygens."""
+    import openmm.app
+
+    raw = read_structure(Path(openmm.app.__file__).parent / "data" / "test.pdb")
+    assert raw.sequence == VILLIN_SEQUENCE
+    np.testing.assert_array_equal(raw.atom_mask, villin.atom_mask)
+    assert raw.atom_mask[-1, rc.atom_order["O"]] == 1 and raw.atom_mask[-1, rc.atom_order["OXT"]] == 1
+    np.testing.assert_allclose(raw.atom_positions, villin.atom_positions, atol=1e-3)
 
 
 def test_unreadable_files_are_skipped_and_counted(villin_dir, tmp_path):

@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
 # Names some force fields and PDB files use for standard residues.
 _RESNAME_ALIASES = {"MSE": "MET", "HSD": "HIS", "HSE": "HIS", "HSP": "HIS", "HIE": "HIS", "HID": "HIS", "HIP": "HIS"}
+# CHARMM/Amber names of the C-terminal oxygens (OpenMM and MD files) -> PDB names.
+_ATOM_ALIASES = {"OT1": "O", "OT2": "OXT", "OC1": "O", "OC2": "OXT"}
 
 
 @dataclass(kw_only=True)
@@ -72,7 +74,7 @@ def _chain_arrays(chain) -> tuple[list[int], list[np.ndarray], list[np.ndarray],
         pos = np.zeros((rc.atom_type_num, 3), np.float32)
         mask = np.zeros((rc.atom_type_num,), np.float32)
         for atom in residue:
-            name = atom.get_name()
+            name = _ATOM_ALIASES.get(atom.get_name(), atom.get_name())
             if resname == "MET" and name == "SE":
                 name = "SD"
             if name in rc.atom_order:
