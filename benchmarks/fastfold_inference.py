@@ -15,6 +15,18 @@ growth; on CUDA: median of 3 after a warm-up, peak = allocator high-water mark):
 
 For each N_res the table gives wall time, peak extra memory and the eager/default time ratio;
 ``--find-max`` then searches the longest N_res the default path runs in bf16 on this GPU.
+
+    python benchmarks/fastfold_inference.py --device cpu --memory   # CPU peak memory vs N_res
+
+``--memory`` measures how peak memory grows with N_res on CPU, in units of one pair tensor
+(N_res^2 x c_z x 4 bytes): a full-width model (model_3_ptm widths) with ``--blocks`` Evoformer
+blocks and one extra-MSA block, one pass, single-sequence MSA. Each (path, N_res) point runs in a
+fresh subprocess with glibc told to serve every allocation over 1 MiB by mmap (so freed tensors
+leave the resident set at once); the subprocess builds the model and features, resets the
+kernel's resident high-water mark (``/proc/self/clear_refs``), and reports peak resident memory
+(VmHWM) minus resident memory just before the forward. The default path runs with a fixed
+``--chunk-size`` (the chunk auto-chunking picks once memory is short) and ``pair_logits=False``
+(the [N, N, 64] distogram and PAE logits that structure prediction does not use).
 """
 
 from __future__ import annotations
@@ -22,6 +34,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -34,7 +49,6 @@ import common
 
 from ferryman.apps.fastfold.model import randomize_
 from ferryman.apps.fastfold.model.alphafold import AlphaFold
-from ferryman.apps.fastfold.model.primitives import skip_init
 from ferryman.apps.fastfold.presets import get_preset
 
 
@@ -59,10 +73,10 @@ def single_sequence_features(n_res: int, device: torch.device, seed: int = 0) ->
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def build(preset: str, device: torch.device, seed: int) -> AlphaFold:
-    with skip_init():  # every value is overwritten by randomize_
-        model = AlphaFold(get_preset(preset, num_recycle=0))
-    return randomize_(model, seed=seed).to(device).eval()
+def build(preset: str, device: torch.device, seed: int, **overrides) -> AlphaFold:
+    with torch.device("meta"):  # shapes only: randomize_ writes every value
+        model = AlphaFold(get_preset(preset, num_recycle=0, **overrides))
+    return randomize_(model.to_empty(device="cpu"), seed=seed).to(device).eval()
 
 
 def configure(model: AlphaFold, path: str, device: torch.device) -> None:
@@ -118,7 +132,7 @@ def run_path(model: AlphaFold, path: str, n_res: int, device: torch.device, repe
 
     def forward():
         with torch.no_grad():
-            return model(batch)["final_atom_positions"]
+            return model(batch, pair_logits=path == "eager")["final_atom_positions"]
 
     if device.type == "cpu":
         gc.collect()
@@ -158,6 +172,73 @@ def find_max_n_res(model: AlphaFold, device: torch.device, start: int, step: int
     return lo
 
 
+# ---------------------------------------------------------------- CPU memory mode
+
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_point(path: str, n_res: int, blocks: int, chunk_size: int, preset: str) -> dict:
+    """One measurement, meant to run alone in a fresh process (see ``--memory``)."""
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    model = build(preset, device, seed=0, num_evoformer_blocks=blocks, num_extra_msa_blocks=1)
+    configure(model, path, device)
+    if path == "default":
+        model.cfg.auto_chunk, model.cfg.chunk_size = False, chunk_size
+    with torch.no_grad():  # one-time allocations (kernel libraries, lazily built state) go into the base
+        model(single_sequence_features(16, device), pair_logits=path == "eager")
+    batch = single_sequence_features(n_res, device)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
+    base = _proc_status_kib("VmRSS")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model(batch, pair_logits=path == "eager")
+    seconds = time.perf_counter() - t0
+    peak = _proc_status_kib("VmHWM") - base
+    pair_bytes = n_res * n_res * model.cfg.c_z * 4
+    return {"peak_mib": peak / 1024, "pair_mib": pair_bytes / common.MIB, "peak_pairs": peak * 1024 / pair_bytes, "s": seconds}
+
+
+def run_memory_mode(args) -> dict:
+    sizes = args.n_res or [128, 256, 384, 512]
+    result = {"env": common.environment("cpu"), "preset": args.preset, "blocks": args.blocks,
+              "chunk_size": args.chunk_size, "method": "VmHWM - VmRSS before forward, fresh process, mmap threshold 1 MiB",
+              "rows": []}  # fmt: skip
+    env = {**os.environ, **_MALLOC_ENV}
+    for n in sizes:
+        row = {"N_res": n}
+        for path in ("eager", "default"):
+            if path == "eager" and n > args.eager_max_n:
+                continue
+            cmd = [sys.executable, __file__, "--memory-point", path, str(n), str(args.blocks), str(args.chunk_size),
+                   "--preset", args.preset]  # fmt: skip
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"error: memory point {path} N_res={n} failed:\n{proc.stderr[-2000:]}")
+            point = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["pair_mib"] = point["pair_mib"]
+            for key in ("peak_mib", "peak_pairs", "s"):
+                row[f"{path}_{key}"] = point[key]
+        print(f"  {row}", file=sys.stderr)
+        result["rows"].append(row)
+    columns = ["N_res", "pair_mib", "eager_peak_mib", "eager_peak_pairs", "default_peak_mib", "default_peak_pairs",
+               "eager_s", "default_s"]  # fmt: skip
+    print(f"\ncpu peak memory: {args.preset} widths, {args.blocks} Evoformer blocks + 1 extra-MSA block, fp32, "
+          f"single-sequence MSA, one pass; default chunk size {args.chunk_size}\n")
+    common.print_table(result["rows"], columns)
+    path = args.json or Path("benchmarks/results") / "fastfold_inference-cpu-memory.json"
+    print(f"\nwrote {common.write_json(path, result)}")
+    return result
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
@@ -167,11 +248,23 @@ def parse_args(argv=None):
     parser.add_argument("--find-max", action="store_true", help="search the longest N_res the default path fits")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: a shared machine)")
     parser.add_argument("--json", type=Path, help="default benchmarks/results/fastfold_inference-<device>.json")
+    parser.add_argument("--memory", action="store_true", help="CPU peak memory against N_res (default 128 256 384 512)")
+    parser.add_argument("--blocks", type=int, default=1, help="--memory: Evoformer blocks (full width)")
+    parser.add_argument("--chunk-size", type=int, default=32, help="--memory: chunk size of the default path")
+    parser.add_argument("--eager-max-n", type=int, default=384, help="--memory: largest N_res for the eager path "
+                        "(its triangle-attention logits grow as N_res^3: 21 GB at 768)")  # fmt: skip
+    parser.add_argument("--memory-point", nargs=4, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.memory_point:
+        path, n, blocks, chunk = args.memory_point
+        print(json.dumps(memory_point(path, int(n), int(blocks), int(chunk), args.preset)))
+        return {}
+    if args.memory:
+        return run_memory_mode(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device; use --device cpu --small")

@@ -107,7 +107,7 @@ class DAPRunner:
         """One Evoformer block on shards; msa_mask ``[S_p, N_p]`` and pair_mask are full (padded)."""
         rows_mask, cols_mask = self._mine(msa_mask, 0), self._mine(msa_mask, 1)
         row_att = block.msa_row_attention_with_pair_bias
-        bias, handle = gather_async(row_att.pair_bias(z_loc), 1, self.group)  # [H, N_p, N_p]
+        bias, handle = gather_async(row_att.pair_bias(z_loc, chunk_size), 1, self.group)  # [H, N_p, N_p]
         m_loc = add_(m_loc, row_att(m_loc, None, rows_mask, chunk_size, bias=wait(bias, handle)), inplace)
 
         m_col = all_to_all(m_loc, scatter_dim=1, gather_dim=0, group=self.group)  # [S_p, N_p / P, c_m]
@@ -147,7 +147,7 @@ class DAPRunner:
         starting = name.endswith("starting_node")
         zt = z if starting else z.transpose(0, 1)
         mt = mask if starting else mask.transpose(0, 1)
-        bias = gather(mod.bias(zt), 1, self.group)  # [H, N_p, N_p]
+        bias = gather(mod.bias(zt, chunk_size), 1, self.group)  # [H, N_p, N_p]
         out = mod.attend(zt, mt, bias, chunk_size)
         return out if starting else out.transpose(0, 1)
 

@@ -394,7 +394,7 @@ def run_model(loaded: LoadedModel, feats: dict, opts: PredictOptions) -> dict:
     use_templates = getattr(model, "template_embedder", None) is not None
     batch = _to_batch(feats, use_templates, device)
     with torch.inference_mode():
-        out = model(batch, num_recycle=opts.num_recycles)
+        out = model(batch, num_recycle=opts.num_recycles, pair_logits=False)  # no [N, N, 64] logits
     keys = ("final_atom_positions", "final_atom_mask", "plddt", "predicted_aligned_error")
     result = {k: out[k].float().cpu().numpy() for k in keys if k in out}
     for key in ("max_predicted_aligned_error", "ptm"):

@@ -28,7 +28,17 @@ Outputs (float32): ``final_atom_positions`` [N, 37, 3], ``final_atom_mask`` [N, 
 ``msa_first_row`` [N, c_m], structure-module trajectories (``traj`` [8, N, 7], ``angles_sin_cos``,
 ``positions`` [8, N, 14, 3], ``sidechain_frames``), and for the ``_ptm`` presets ``pae_logits``
 [N, N, 64], ``predicted_aligned_error`` [N, N], ``max_predicted_aligned_error``,
-``aligned_confidence_probs`` and ``ptm`` (a scalar).
+``aligned_confidence_probs`` and ``ptm`` (a scalar). ``model(batch, pair_logits=False)`` leaves out
+the two ``[N, N, 64]`` logits tensors (``distogram_logits``, ``pae_logits``), computing PAE and pTM
+from row blocks of the pair instead.
+
+Memory at inference: with a chunk size set, in-place updates on and no autograd recording (the
+default inference path) every op adds its update into m or z block by block, so the trunk holds
+z plus one hidden-width triangle product (and its projection blocks, an eighth of the hidden
+width at a time): about 2.25 pair tensors in all, whatever N_res. The template stage holds at
+most z, one template, its triangle product and a running pointwise-attention sum. Fully masked
+attention rows (padding only) give zero output here and a uniform average in AF2; real residues
+never see padding, so their outputs agree (tests/apps/fastfold/test_model_masking.py).
 """
 
 from __future__ import annotations
@@ -48,12 +58,14 @@ from ferryman.apps.fastfold.model.heads import (
     compute_plddt,
     compute_predicted_aligned_error,
     compute_tm,
+    confidence_from_pair,
 )
-from ferryman.apps.fastfold.model.primitives import add_
+from ferryman.apps.fastfold.model.primitives import add_, lean
 from ferryman.apps.fastfold.model.structure_module import StructureModule
 from ferryman.apps.fastfold.model.template import TemplateEmbedder
 from ferryman.core.chunking import chunk_size_for_budget, free_memory_bytes
 from ferryman.core.errors import UserError
+from ferryman.kernels import resolve_backend
 
 REQUIRED_FEATURES = (
     "aatype", "residue_index", "seq_mask", "target_feat", "msa_feat", "msa_mask",
@@ -63,16 +75,23 @@ TEMPLATE_FEATURES = ("template_aatype", "template_all_atom_positions", "template
 
 
 def auto_chunk_size(cfg: AlphaFoldConfig, n_res: int, n_seq: int, device: torch.device, fraction: float = 0.4):
-    """The largest power-of-two chunk whose attention logits fit in ``fraction`` of free memory.
+    """The largest power-of-two chunk whose per-chunk transients fit ``fraction`` of the memory
+    left once the chunked path's resident pair buffers are counted (None: run every op whole).
 
-    The widest transient per chunk row is an attention score tensor: heads x N x N for MSA row and
-    triangle attention, heads x S x S for column attention; three copies cover logits, softmax and
-    the output staging.
+    Resident on the chunked path: z, the hidden-width triangle product and its projection blocks,
+    about 2.5 pair tensors. Per chunk row, the widest fp32 activation (the outer product's
+    c_hidden_opm^2 channels or the pair transition's hidden layer) and, where the PyTorch
+    reference attention runs, three copies of a row's logits (heads x N x N).
     """
+    itemsize = 2 if cfg.precision == "bf16" else 4
+    pair_bytes = n_res * n_res * cfg.c_z * itemsize
+    free = free_memory_bytes(device)
+    budget = int(max(free - 2.5 * pair_bytes, free * 0.05) * fraction)
     heads = max(cfg.msa_heads, cfg.pair_heads, cfg.extra_msa_heads)
     widest = max(n_res, n_seq)
-    bytes_per_row = 3 * 4 * heads * widest * widest
-    budget = int(free_memory_bytes(device) * fraction)
+    bytes_per_row = 4 * widest * max(cfg.c_hidden_opm**2, cfg.c_z * cfg.transition_factor)
+    if resolve_backend(cfg.kernels, torch.empty(0, device=device)) == "torch":
+        bytes_per_row += 3 * 4 * heads * widest * widest
     return chunk_size_for_budget(num_rows=widest, bytes_per_row=bytes_per_row, budget_bytes=budget, minimum=1)
 
 
@@ -134,13 +153,18 @@ class AlphaFold(nn.Module):
         m, z = self.input_embedder(
             batch["target_feat"].to(dt), batch["msa_feat"].to(dt), batch["residue_index"], chunk_size
         )
+        # Popped, not read: the caller's dict must not keep the previous pair alive all iteration.
+        prev_pair = prev.pop("prev_pair", None)
         m_row, z = self.recycling_embedder(
-            z, batch["aatype"], prev["prev_pos"], prev["prev_msa_first_row"], prev["prev_pair"], chunk_size
+            z, batch["aatype"], prev["prev_pos"], prev["prev_msa_first_row"], prev_pair, chunk_size
         )
+        del prev_pair
         m[0] = m[0] + m_row
         msa_mask = batch["msa_mask"].to(dt)
         use_templates = self.template_embedder is not None and "template_aatype" in batch
-        if use_templates:
+        if use_templates and lean(chunk_size, inplace):
+            z = self.template_embedder.add_pair_embedding_(z, batch, pair_mask, chunk_size)
+        elif use_templates:
             z = add_(z, self.template_embedder.pair_embedding(z, batch, pair_mask, chunk_size, inplace), inplace)
         a = self.extra_msa_embedder(batch["extra_msa"], batch["extra_has_deletion"], batch["extra_deletion_value"])
         _, z = self.extra_msa_stack(a, z, batch["extra_msa_mask"].to(dt), pair_mask, chunk_size, inplace)
@@ -155,17 +179,19 @@ class AlphaFold(nn.Module):
         sm = self.structure_module(single.float(), z, batch["aatype"], batch["seq_mask"].float(), chunk_size)
         return {"msa": m[:num_seq], "pair": z, "single": single, "sm": sm}
 
-    def forward(self, batch: dict[str, Tensor], num_recycle: int | None = None) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Tensor], num_recycle: int | None = None, *,
+                pair_logits: bool = True) -> dict[str, Tensor]:  # fmt: skip
+        """Run the model; ``pair_logits=False`` leaves out the ``[N, N, 64]`` distogram and PAE
+        logits, which structure prediction does not use (PAE and pTM are still computed)."""
         missing = [k for k in REQUIRED_FEATURES if k not in batch]
         if missing:
             raise UserError(f"AlphaFold input features lack {', '.join(missing)} (see ferryman.apps.fastfold.model.alphafold)")
         num_recycle = self.cfg.num_recycle if num_recycle is None else num_recycle
         chunk_size = self._chunk_size(batch)
         n, device, dt = batch["aatype"].shape[0], batch["aatype"].device, self.trunk_dtype
-        prev = {
+        prev = {  # no prev_pair: the recycling embedder reads its absence as zeros
             "prev_pos": torch.zeros(n, 37, 3, device=device),
             "prev_msa_first_row": torch.zeros(n, self.cfg.c_m, device=device, dtype=dt),
-            "prev_pair": torch.zeros(n, n, self.cfg.c_z, device=device, dtype=dt),
         }
         for cycle in range(num_recycle + 1):
             last = cycle == num_recycle
@@ -178,9 +204,9 @@ class AlphaFold(nn.Module):
                     "prev_pair": out["pair"].detach(),
                 }
                 del out
-        return self.heads(out, chunk_size)
+        return self.heads(out, chunk_size, pair_logits=pair_logits)
 
-    def heads(self, out: dict, chunk_size: int | None = None) -> dict[str, Tensor]:
+    def heads(self, out: dict, chunk_size: int | None = None, *, pair_logits: bool = True) -> dict[str, Tensor]:
         sm, pair = out["sm"], out["pair"]
         result = {k: v for k, v in sm.items() if k != "single"}
         result["structure_single"] = sm["single"]
@@ -189,11 +215,14 @@ class AlphaFold(nn.Module):
         result["msa_first_row"] = out["msa"][0].float()
         result["plddt_logits"] = self.predicted_lddt_head(result["structure_single"])
         result["plddt"] = compute_plddt(result["plddt_logits"])
-        result["distogram_logits"] = self.distogram_head(pair, chunk_size)
-        result["distogram_bin_edges"] = self.distogram_head.bin_edges(pair.device)
+        if pair_logits:
+            result["distogram_logits"] = self.distogram_head(pair, chunk_size)
+            result["distogram_bin_edges"] = self.distogram_head.bin_edges(pair.device)
         result["masked_msa_logits"] = self.masked_msa_head(out["msa"].float())
         result["experimentally_resolved_logits"] = self.experimentally_resolved_head(result["single"])
-        if self.predicted_aligned_error_head is not None:
+        if self.predicted_aligned_error_head is not None and not pair_logits:
+            result.update(confidence_from_pair(self.predicted_aligned_error_head, pair, chunk_size))
+        elif self.predicted_aligned_error_head is not None:
             head = self.predicted_aligned_error_head
             logits = head(pair, chunk_size)
             breaks = head.breaks(pair.device)

@@ -74,7 +74,9 @@ class AlphaFoldConfig:
     N_res x N_res and N_seq x N_res computation into pieces of that many rows (None = whole),
     ``auto_chunk`` picks the chunk size from free memory at each call, ``kernels`` selects the
     fused Triton kernels or the PyTorch reference, ``inplace`` adds residual updates in place
-    when no gradient is recorded, and ``precision`` is the dtype of the trunk.
+    when no gradient is recorded, and ``precision`` is the dtype of the trunk. A chunk size with
+    ``inplace`` and no gradient selects the memory-lean path: updates are added into the
+    representations chunk by chunk and never exist whole (``primitives.lean``).
     """
 
     c_m: int = 256

@@ -68,23 +68,26 @@ class RecyclingEmbedder(nn.Module):
         self.prev_msa_first_row_norm = layer_norm(cfg.c_m, backend)
         self.prev_pair_norm = layer_norm(cfg.c_z, backend)
 
-    def forward(self, z: Tensor, aatype: Tensor, prev_pos: Tensor, prev_msa_first_row: Tensor, prev_pair: Tensor,
-                chunk_size: int | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    def forward(self, z: Tensor, aatype: Tensor, prev_pos: Tensor, prev_msa_first_row: Tensor,
+                prev_pair: Tensor | None, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
         """The update ``[N, c_m]`` for the first MSA row, and z plus the recycled pair terms (written
         into z itself when no gradient is recorded)."""
         dtype = self.prev_pos_linear.weight.dtype
         cb = pseudo_beta(aatype, prev_pos)  # [N, 3]
         num_bins, min_bin, max_bin = self.bins
 
-        def pair_rows(z: Tensor, cb_rows: Tensor, prev: Tensor) -> Tensor:
+        def pair_rows(z: Tensor, cb_rows: Tensor, prev: Tensor | None = None) -> Tensor:
             lower = torch.linspace(min_bin, max_bin, num_bins, device=z.device) ** 2
             upper = torch.cat([lower[1:], lower.new_tensor([1e8])])
             d2 = ((cb_rows[:, None, :].float() - cb[None, :, :].float()) ** 2).sum(-1, keepdim=True)
             dgram = ((d2 > lower) & (d2 < upper)).to(dtype)
-            return z + self.prev_pos_linear(dgram) + self.prev_pair_norm(prev.to(dtype))
+            prev = torch.zeros_like(z, dtype=dtype) if prev is None else prev.to(dtype)
+            return z + self.prev_pos_linear(dgram) + self.prev_pair_norm(prev)
 
         out = z if not torch.is_grad_enabled() else None
-        inputs = {"z": z, "cb_rows": cb, "prev": prev_pair}
+        # No previous pair (the first iteration) means zeros, made a row block at a time rather
+        # than as a whole pair-sized tensor of zeros.
+        inputs = {"z": z, "cb_rows": cb} if prev_pair is None else {"z": z, "cb_rows": cb, "prev": prev_pair}
         z = chunk_layer(pair_rows, inputs, chunk_size=chunk_size, num_batch_dims=1, out=out)
         return self.prev_msa_first_row_norm(prev_msa_first_row.to(dtype)), z
 

@@ -19,7 +19,7 @@ from ferryman.apps.fastfold.model.msa import (
     OuterProductMean,
 )
 from ferryman.apps.fastfold.model.pair import TriangleAttention, TriangleMultiplication
-from ferryman.apps.fastfold.model.primitives import Linear, Transition, add_, layer_norm
+from ferryman.apps.fastfold.model.primitives import Linear, Transition, add_, layer_norm, lean
 
 
 class PairStackBlock(nn.Module):
@@ -48,6 +48,10 @@ class PairStackBlock(nn.Module):
         ]
         if template_order:
             mods = mods[2:] + mods[:2]
+        if lean(chunk_size, inplace):
+            for mod in mods:
+                z = mod.update_(z, mask, chunk_size)
+            return self.pair_transition.update_(z, chunk_size)
         for mod in [*mods, self.pair_transition]:
             z = add_(z, mod(z, mask, chunk_size), inplace)
         return z
@@ -87,11 +91,23 @@ class EvoformerBlock(nn.Module):
                 chunk_size: int | None = None, inplace: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
         if self.dap is not None:
             return self.dap.block_forward(self, m, z, msa_mask, pair_mask, chunk_size, inplace)
+        if lean(chunk_size, inplace):
+            return self._lean_forward(m, z, msa_mask, pair_mask, chunk_size)
         m = add_(m, self.msa_row_attention_with_pair_bias(m, z, msa_mask, chunk_size), inplace)
         m = add_(m, self.column_attention(m, msa_mask, chunk_size), inplace)
         m = add_(m, self.msa_transition(m, msa_mask, chunk_size), inplace)
         z = add_(z, self.outer_product_mean(m, msa_mask, chunk_size), inplace)
         z = self.pair_stack(z, pair_mask, chunk_size, inplace)
+        return m, z
+
+    def _lean_forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
+                      chunk_size: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """Alg. 6 with every update added into m or z in place, block by block."""
+        m = self.msa_row_attention_with_pair_bias.update_(m, z, msa_mask, chunk_size)
+        m = self.column_attention.update_(m, msa_mask, chunk_size)
+        m = self.msa_transition.update_(m, chunk_size)
+        z = self.outer_product_mean.update_(z, m, msa_mask, chunk_size)
+        z = self.pair_stack(z, pair_mask, chunk_size, True)
         return m, z
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ferryman.apps.fastfold.model.primitives import Attention, GlobalAttention, Linear, layer_norm
+from ferryman.apps.fastfold.model.primitives import Attention, GlobalAttention, Linear, chunk_add_, layer_norm
 from ferryman.core.chunking import chunk_layer
 
 
@@ -21,19 +21,34 @@ class MSARowAttentionWithPairBias(nn.Module):
         self.feat_2d_weights = Linear(c_z, num_heads, bias=False, init="default")
         self.attention = Attention(c_m, c_m, c_hidden, num_heads, backend=backend)
 
-    def pair_bias(self, z: Tensor) -> Tensor:
-        """``[H, N_rows_of_z, N]`` bias from (a row block of) the pair representation."""
-        return self.feat_2d_weights(self.feat_2d_norm(z)).permute(2, 0, 1)
+    def pair_bias(self, z: Tensor, chunk_size: int | None = None) -> Tensor:
+        """``[H, N_rows_of_z, N]`` bias from (a row block of) the pair representation, normalised
+        ``chunk_size`` rows at a time so no LayerNorm of the whole pair exists."""
+
+        def run(z: Tensor) -> Tensor:
+            return self.feat_2d_weights(self.feat_2d_norm(z))
+
+        return chunk_layer(run, {"z": z}, chunk_size=chunk_size, num_batch_dims=1).permute(2, 0, 1)
 
     def forward(self, m: Tensor, z: Tensor | None, mask: Tensor, chunk_size: int | None = None,
                 *, bias: Tensor | None = None) -> Tensor:  # fmt: skip
-        bias = self.pair_bias(z) if bias is None else bias  # [H, N, N]
+        bias = self.pair_bias(z, chunk_size) if bias is None else bias  # [H, N, N]
 
         def run(m: Tensor, mask: Tensor) -> Tensor:
             m = self.query_norm(m)
             return self.attention(m, m, (bias[None],), mask[:, None, None, :])
 
         return chunk_layer(run, {"m": m, "mask": mask}, chunk_size=chunk_size, num_batch_dims=1)
+
+    def update_(self, m: Tensor, z: Tensor, mask: Tensor, chunk_size: int) -> Tensor:
+        """``m += forward(m, z)`` in place, row blocks of the MSA at a time (the lean path)."""
+        bias = self.pair_bias(z, chunk_size)[None]  # [1, H, N, N]
+
+        def run(m: Tensor, mask: Tensor) -> Tensor:
+            x = self.query_norm(m)
+            return self.attention(x, x, (bias,), mask[:, None, None, :], query_chunk=chunk_size)
+
+        return chunk_add_(m, run, {"m": m, "mask": mask}, chunk_size)
 
 
 class MSAColumnAttention(nn.Module):
@@ -53,6 +68,11 @@ class MSAColumnAttention(nn.Module):
         out = chunk_layer(self._run, {"m": m_t, "mask": mask_t}, chunk_size=chunk_size, num_batch_dims=1)
         return out.transpose(0, 1)
 
+    def update_(self, m: Tensor, mask: Tensor, chunk_size: int) -> Tensor:
+        """``m += forward(m)`` in place, column blocks at a time through the transposed view."""
+        chunk_add_(m.transpose(0, 1), self._run, {"m": m.transpose(0, 1), "mask": mask.transpose(0, 1)}, chunk_size)
+        return m
+
 
 class MSAColumnGlobalAttention(nn.Module):
     """AF2 Suppl. Alg. 19: column attention with one mean query per column (extra MSA stack)."""
@@ -69,6 +89,11 @@ class MSAColumnGlobalAttention(nn.Module):
         m_t, mask_t = m.transpose(0, 1), mask.transpose(0, 1)  # [N, S, c_m], [N, S]
         out = chunk_layer(self._run, {"m": m_t, "mask": mask_t}, chunk_size=chunk_size, num_batch_dims=1)
         return out.transpose(0, 1)
+
+    def update_(self, m: Tensor, mask: Tensor, chunk_size: int) -> Tensor:
+        """``m += forward(m)`` in place, column blocks at a time through the transposed view."""
+        chunk_add_(m.transpose(0, 1), self._run, {"m": m.transpose(0, 1), "mask": mask.transpose(0, 1)}, chunk_size)
+        return m
 
 
 class OuterProductMean(nn.Module):
@@ -106,3 +131,19 @@ class OuterProductMean(nn.Module):
     def forward(self, m: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
         a, b = self.projections(m, mask)
         return self.combine(a, b, mask, mask, chunk_size)
+
+    def update_(self, z: Tensor, m: Tensor, mask: Tensor, chunk_size: int) -> Tensor:
+        """``z += forward(m)`` in place, row blocks of z at a time, each with its own block of
+        the normaliser (no ``[N, N]`` count or ``[N, N, c_z]`` update is ever whole)."""
+        a, b = self.projections(m, mask)
+        mask_b = mask.float()
+
+        def run(a: Tensor, mask_a: Tensor) -> Tensor:
+            norm = mask_a.float() @ mask_b  # [i, N_b]
+            outer = torch.einsum("isc,sjd->ijcd", a, b).flatten(-2)  # [i, N_b, c * c]
+            return (self.output(outer).float() / (self.eps + norm[..., None])).to(a.dtype)
+
+        # An outer-product row has c_hidden^2 channels (1024 in AF2, 8x a pair row): fewer rows per
+        # block keep its transient the size of chunk_size rows of the pair.
+        rows = max(1, chunk_size * z.shape[-1] // (self.c_hidden * self.c_hidden))
+        return chunk_add_(z, run, {"a": a.transpose(0, 1), "mask_a": mask.transpose(0, 1)}, rows)

@@ -6,11 +6,21 @@ needs to run on a block of rows (``projections``/``combine``, ``bias``) besides 
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ferryman.apps.fastfold.model.primitives import Attention, Linear, layer_norm
+from ferryman.apps.fastfold.model.primitives import Attention, Linear, chunk_add_, layer_norm, row_slices
 from ferryman.core.chunking import chunk_layer
+
+
+def channel_block(c_hidden: int, n: int, chunk_size: int) -> int:
+    """Hidden channels per step of the lean triangle product: the a and b blocks of that many
+    channels hold as many values as ``chunk_size`` rows of the full projections, and never fewer
+    than an eighth of the width, which bounds the extra LayerNorm passes over z to eight."""
+    return max(1, min(c_hidden, max(math.ceil(c_hidden * chunk_size / n), c_hidden // 8)))
 
 
 class TriangleMultiplication(nn.Module):
@@ -64,6 +74,49 @@ class TriangleMultiplication(nn.Module):
         a, b = self.projections(z, mask, chunk_size)
         return self.finish(self.product(a, b), z, chunk_size)
 
+    def _projection_block(self, z: Tensor, mask: Tensor, channels: slice, chunk_size: int) -> tuple[Tensor, Tensor]:
+        """Channels ``channels`` of the gated left and right projections, channel-first
+        ``[c, N, N]``, computed from row blocks of z (its LayerNorm is redone for each block)."""
+        c, n = channels.stop - channels.start, z.shape[0]
+        out = z.new_empty(2, c, n, z.shape[1])
+
+        def proj(lin: nn.Linear, gate: nn.Linear, x: Tensor, m: Tensor) -> Tensor:
+            p = F.linear(x, lin.weight[channels], lin.bias[channels])
+            return m * p * torch.sigmoid(F.linear(x, gate.weight[channels], gate.bias[channels]))
+
+        for rows in row_slices(n, chunk_size):
+            x = self.layer_norm_input(z[rows])
+            m = mask[rows][..., None].to(x.dtype)
+            out[0, :, rows] = proj(self.left_projection, self.left_gate, x, m).permute(2, 0, 1)
+            out[1, :, rows] = proj(self.right_projection, self.right_gate, x, m).permute(2, 0, 1)
+        return out[0], out[1]
+
+    def update_(self, z: Tensor, mask: Tensor, chunk_size: int) -> Tensor:
+        """``z += forward(z)`` holding one hidden-width product besides z (the lean path).
+
+        The product of every hidden channel must exist before the centre LayerNorm can mix them,
+        so it is the one pair-sized buffer; the projections feeding it are built a channel block
+        at a time and each block's product is written straight into it.
+        """
+        c_hidden, n = self.center_layer_norm.normalized_shape[0], z.shape[0]
+        x = z.new_empty(c_hidden, n, z.shape[1])  # [c, i, j]
+        step = channel_block(c_hidden, n, chunk_size)
+        for start in range(0, c_hidden, step):
+            channels = slice(start, min(start + step, c_hidden))
+            a, b = self._projection_block(z, mask, channels, chunk_size)  # [c, N, N] each
+            if self.outgoing:  # sum_k a[i, k] b[j, k]
+                torch.bmm(a, b.transpose(-1, -2), out=x[channels])
+            else:  # sum_k a[k, j] b[k, i]
+                torch.bmm(b.transpose(-1, -2), a, out=x[channels])
+            del a, b
+        # Row i of the update reads only row i of x and of z (the gate), so it can land in place.
+        x_rows = x.permute(1, 2, 0)  # [i, j, c] view
+        return chunk_add_(z, self._finish_rows, {"x": x_rows, "z": z}, chunk_size)
+
+    def _finish_rows(self, x: Tensor, z: Tensor) -> Tensor:
+        gate = torch.sigmoid(self.gating_linear(self.layer_norm_input(z)))
+        return self.output_projection(self.center_layer_norm(x)) * gate
+
 
 class TriangleAttention(nn.Module):
     """AF2 Suppl. Alg. 13 (starting node: row i attends over k with bias from z_jk) and Alg. 14
@@ -76,9 +129,14 @@ class TriangleAttention(nn.Module):
         self.feat_2d_weights = Linear(c_z, num_heads, bias=False, init="default")
         self.attention = Attention(c_z, c_z, c_hidden, num_heads, backend=backend)
 
-    def bias(self, z_rows: Tensor) -> Tensor:
-        """``[H, rows, N]`` triangle bias from rows of the (already oriented) pair representation."""
-        return self.feat_2d_weights(self.query_norm(z_rows)).permute(2, 0, 1)
+    def bias(self, z_rows: Tensor, chunk_size: int | None = None) -> Tensor:
+        """``[H, rows, N]`` triangle bias from rows of the (already oriented) pair representation,
+        normalised ``chunk_size`` rows at a time so no LayerNorm of the whole pair exists."""
+
+        def run(z: Tensor) -> Tensor:
+            return self.feat_2d_weights(self.query_norm(z))
+
+        return chunk_layer(run, {"z": z_rows}, chunk_size=chunk_size, num_batch_dims=1).permute(2, 0, 1)
 
     def attend(self, z_rows: Tensor, mask_rows: Tensor, bias: Tensor, chunk_size: int | None = None) -> Tensor:
         """Update for rows ``[rows, N, c_z]`` of the oriented z given the full bias ``[H, N, N]``."""
@@ -92,5 +150,19 @@ class TriangleAttention(nn.Module):
     def forward(self, z: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
         if not self.starting:
             z, mask = z.transpose(0, 1), mask.transpose(0, 1)
-        out = self.attend(z, mask, self.bias(z), chunk_size)
+        out = self.attend(z, mask, self.bias(z, chunk_size), chunk_size)
         return out if self.starting else out.transpose(0, 1)
+
+    def update_(self, z: Tensor, mask: Tensor, chunk_size: int) -> Tensor:
+        """``z += forward(z)`` in place (the lean path): with the bias fixed first, row i of the
+        (oriented) update depends on row i alone, so each row block is added as it is made; the
+        ending node adds into column blocks of z through the transposed view."""
+        zt, mt = (z, mask) if self.starting else (z.transpose(0, 1), mask.transpose(0, 1))
+        bias = self.bias(zt, chunk_size)[None]  # [1, H, N, N]
+
+        def run(z: Tensor, mask: Tensor) -> Tensor:
+            x = self.query_norm(z)
+            return self.attention(x, x, (bias,), mask[:, None, None, :], query_chunk=chunk_size)
+
+        chunk_add_(zt, run, {"z": zt, "mask": mt}, chunk_size)
+        return z

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ferryman.core.chunking import chunk_layer
 from ferryman.kernels import LayerNorm as FusedLayerNorm
 from ferryman.kernels import attention as fused_attention
+from ferryman.kernels import resolve_backend
 from ferryman.kernels import softmax as fused_softmax
 
 
@@ -56,6 +57,37 @@ def add_(x: Tensor, update: Tensor, inplace: bool) -> Tensor:
     return x + update
 
 
+def lean(chunk_size: int | None, inplace: bool) -> bool:
+    """Whether the memory-lean inference path runs: chunked, in place, nothing recorded for autograd.
+
+    On it every residual update is added into its target chunk by chunk (``chunk_add_``), so no
+    update the size of the pair representation ever exists; unchunked or training runs keep the
+    plain ``x + f(x)`` form.
+    """
+    return chunk_size is not None and inplace and not torch.is_grad_enabled()
+
+
+def row_slices(n: int, chunk_size: int | None) -> list[slice]:
+    step = chunk_size or max(n, 1)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def chunk_add_(target: Tensor, fn, inputs: dict[str, Tensor], chunk_size: int | None) -> Tensor:
+    """``target[rows] += fn(**inputs[rows])`` for each block of leading-axis rows, in place.
+
+    Only valid for updates whose rows depend on nothing but the same rows of ``target`` (and on
+    tensors fixed beforehand, such as a precomputed attention bias), which holds for every
+    row-chunked Evoformer op once its cross-row inputs are computed.
+    """
+    for rows in row_slices(target.shape[0], chunk_size):
+        target[rows].add_(fn(**{k: v[rows] for k, v in inputs.items()}))
+    return target
+
+
+def _rows_of_bias(b: Tensor, rows: slice) -> Tensor:
+    return b[..., rows, :] if b.shape[-2] > 1 else b
+
+
 class Attention(nn.Module):
     """Gated multi-head attention with additive biases (AF2 Suppl. Alg. 7, 8, 13, 14, 17).
 
@@ -76,11 +108,22 @@ class Attention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, self.c_hidden)).transpose(-2, -3)  # [*, H, L, D]
 
-    def forward(self, q_x: Tensor, kv_x: Tensor, biases=(), mask: Tensor | None = None) -> Tensor:
+    def forward(self, q_x: Tensor, kv_x: Tensor, biases=(), mask: Tensor | None = None,
+                query_chunk: int | None = None) -> Tensor:  # fmt: skip
+        """``query_chunk`` bounds the logits the PyTorch reference materialises to that many
+        queries at a time; the fused kernel never materialises them and ignores it."""
         q = self._heads(self.query_w(q_x))
         k = self._heads(self.key_w(kv_x))
         v = self._heads(self.value_w(kv_x))
-        o = fused_attention(q, k, v, biases, mask, backend=self.backend)  # [*, H, Q, D]
+        n_q = q.shape[-2]
+        if query_chunk is None or query_chunk >= n_q or resolve_backend(self.backend, q) != "torch":
+            o = fused_attention(q, k, v, biases, mask, backend=self.backend)  # [*, H, Q, D]
+        else:
+            o = torch.empty_like(q)
+            for rows in row_slices(n_q, query_chunk):
+                part = tuple(_rows_of_bias(b, rows) for b in biases)
+                m_rows = None if mask is None else _rows_of_bias(mask, rows)
+                o[..., rows, :] = fused_attention(q[..., rows, :], k, v, part, m_rows, backend=self.backend)
         o = o.transpose(-2, -3).flatten(-2)  # [*, Q, H * D]
         if self.gating is not None:
             o = o * torch.sigmoid(self.gating(q_x))
@@ -122,6 +165,7 @@ class Transition(nn.Module):
 
     def __init__(self, c: int, factor: int, backend: str = "auto"):
         super().__init__()
+        self.factor = factor
         self.input_layer_norm = layer_norm(c, backend)
         self.transition1 = Linear(c, c * factor, init="relu")
         self.transition2 = Linear(c * factor, c, init="final")
@@ -133,3 +177,9 @@ class Transition(nn.Module):
         # The mask is unused, as in AF2: padded positions never feed real ones through a transition.
         # Chunks are whole rows of the leading axis, like every other chunked op.
         return chunk_layer(self._run, {"x": x}, chunk_size=chunk_size, num_batch_dims=max(x.dim() - 2, 1))
+
+    def update_(self, x: Tensor, chunk_size: int | None) -> Tensor:
+        """``x += transition(x)`` in place (the lean path), in row blocks a ``factor`` times smaller
+        than ``chunk_size`` so that the hidden layer is no wider than ``chunk_size`` rows of x."""
+        rows = max(1, chunk_size // self.factor)
+        return chunk_add_(x, self._run, {"x": x}, rows)

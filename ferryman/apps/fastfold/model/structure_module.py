@@ -42,8 +42,11 @@ class InvariantPointAttention(nn.Module):
         local = torch.stack(linear(s).to(rigid.trans.dtype).chunk(3, dim=-1), dim=-1)  # [N, H * P, 3]
         return rigid.unsqueeze(-1).apply(local).unflatten(-2, (self.h, per_head))  # [N, H, P, 3]
 
-    def forward(self, s: Tensor, z: Tensor, rigid: Rigid, mask: Tensor, chunk_size: int | None = None) -> Tensor:
-        """s ``[N, c_s]``, z ``[N, N, c_z]``, rigid ``[N]`` (fp32), mask ``[N]`` -> update ``[N, c_s]``."""
+    def forward(self, s: Tensor, z: Tensor, rigid: Rigid, mask: Tensor, chunk_size: int | None = None,
+                z_norm: nn.Module | None = None) -> Tensor:  # fmt: skip
+        """s ``[N, c_s]``, z ``[N, N, c_z]``, rigid ``[N]`` (fp32), mask ``[N]`` -> update ``[N, c_s]``.
+
+        ``z_norm``, if given, is the pair LayerNorm still to apply, one row block at a time."""
         q = self.q_scalar(s).unflatten(-1, (self.h, self.c)) * (1.0 / (3 * self.c)) ** 0.5  # [N, H, C]
         k, v = self.kv_scalar(s).unflatten(-1, (self.h, 2 * self.c)).split(self.c, dim=-1)
         q_pts = self._points(self.q_point_local, s, rigid, self.pq)
@@ -54,6 +57,7 @@ class InvariantPointAttention(nn.Module):
         point_w = F.softplus(self.trainable_point_weights.to(geo)) * (1.0 / (3 * self.pq * 4.5)) ** 0.5  # [H]
 
         def run(q: Tensor, q_pts: Tensor, z: Tensor, rot: Tensor, trans: Tensor, mask_q: Tensor) -> Tensor:
+            z = z if z_norm is None else z_norm(z)
             logits = torch.einsum("ihc,jhc->hij", q, k).to(geo)
             d2 = ((q_pts[:, None] - k_pts[None]) ** 2).sum(-1).sum(-1)  # [i, j, H]
             bias = F.linear(z, self.attention_2d.weight.to(z.dtype), self.attention_2d.bias.to(z.dtype)).to(geo) * 3**-0.5 - 0.5 * point_w * d2  # [i, j, H]
@@ -138,7 +142,10 @@ class StructureModule(nn.Module):
         it, scale = self.fold_iteration, self.cfg.position_scale
         s_initial = self.single_layer_norm(single)
         s = self.initial_projection(s_initial)
-        z = self.pair_layer_norm(pair)
+        # Chunked inference normalises the pair inside each IPA row block instead of holding a
+        # normalised copy of the whole pair for all eight layers.
+        lean_pair = chunk_size is not None and not torch.is_grad_enabled()
+        z, z_norm = (pair, self.pair_layer_norm) if lean_pair else (self.pair_layer_norm(pair), None)
         n = s.shape[0]
         quat = s.new_zeros(n, 4, dtype=torch.float32)
         quat[:, 0] = 1.0
@@ -146,7 +153,7 @@ class StructureModule(nn.Module):
         traj, angles, raw_angles, frames, positions = [], [], [], [], []
         for _ in range(self.cfg.num_layers):
             rigid = Rigid.from_quat(quat, trans)
-            s = s + it.invariant_point_attention(s, z, rigid, seq_mask, chunk_size)
+            s = s + it.invariant_point_attention(s, z, rigid, seq_mask, chunk_size, z_norm)
             s = it.run_transition(it.attention_layer_norm(s))
             quat, trans = quat_pre_compose(quat, trans, it.affine_update(s).float())
             ang, raw = it.rigid_sidechain(s, s_initial)

@@ -14,7 +14,7 @@ from ferryman.apps.fastfold.common.protein import pseudo_beta
 from ferryman.apps.fastfold.common.rigid import Rigid
 from ferryman.apps.fastfold.model.config import AlphaFoldConfig
 from ferryman.apps.fastfold.model.evoformer import TemplatePairStack
-from ferryman.apps.fastfold.model.primitives import Attention, Linear
+from ferryman.apps.fastfold.model.primitives import Attention, Linear, chunk_add_, row_slices
 from ferryman.core.chunking import chunk_layer
 
 TEMPLATE_PAIR_FEAT_DIM = 88  # dgram 39 + mask 1 + aatype 2 x 22 + unit vector 3 + backbone mask 1
@@ -93,19 +93,25 @@ class TemplateEmbedder(nn.Module):
             self.template_single_embedding = Linear(TEMPLATE_SINGLE_FEAT_DIM, cfg.c_m, init="relu")
             self.template_projection = Linear(cfg.c_m, cfg.c_m, init="relu")
 
+    def embed_template(self, batch: dict[str, Tensor], index: int, pair_mask: Tensor, chunk_size: int | None,
+                       inplace: bool, dtype: torch.dtype) -> Tensor:  # fmt: skip
+        """Template ``index`` through its pair features and the template pair stack: ``[N, N, c_t]``."""
+        full = template_residue_inputs(batch, index)
+
+        def embed(**rows: Tensor) -> Tensor:
+            return self.embedding2d(template_pair_features(rows, full, self.cfg).to(dtype))
+
+        t_act = chunk_layer(embed, full, chunk_size=chunk_size, num_batch_dims=1)  # [N, N, c_t]
+        return self.template_pair_stack(t_act, pair_mask, chunk_size, inplace)
+
     def pair_embedding(self, z: Tensor, batch: dict[str, Tensor], pair_mask: Tensor,
                        chunk_size: int | None, inplace: bool) -> Tensor:  # fmt: skip
         """AF2 Suppl. Alg. 17: pointwise attention of z over the T embedded templates."""
         dtype = z.dtype
-        templates = []
-        for t in range(batch["template_aatype"].shape[0]):
-            full = template_residue_inputs(batch, t)
-
-            def embed(**rows: Tensor) -> Tensor:
-                return self.embedding2d(template_pair_features(rows, full, self.cfg).to(dtype))  # noqa: B023
-
-            t_act = chunk_layer(embed, full, chunk_size=chunk_size, num_batch_dims=1)  # [N, N, c_t]
-            templates.append(self.template_pair_stack(t_act, pair_mask, chunk_size, inplace))
+        templates = [
+            self.embed_template(batch, t, pair_mask, chunk_size, inplace, dtype)
+            for t in range(batch["template_aatype"].shape[0])
+        ]
         stacked = torch.stack(templates, dim=2)  # [N, N, T, c_t]
         template_mask = batch["template_mask"].to(dtype)
 
@@ -114,6 +120,47 @@ class TemplateEmbedder(nn.Module):
 
         out = chunk_layer(run, {"z": z, "t": stacked}, chunk_size=chunk_size, num_batch_dims=1)
         return out * (template_mask.sum() > 0).to(dtype)
+
+    def add_pair_embedding_(self, z: Tensor, batch: dict[str, Tensor], pair_mask: Tensor, chunk_size: int) -> Tensor:
+        """``z += pair_embedding(z)`` with one template alive at a time (the lean path).
+
+        The pointwise attention is an online softmax over templates: each template, once through
+        its pair stack, is folded into a running weighted sum of values ``[N, N, H * D]`` (in z's
+        dtype) with a running max and normaliser ``[N, N, H]`` (fp32), then dropped. Masked
+        templates get zero weight in AF2, so they are skipped without being embedded.
+        """
+        dtype, n, att = z.dtype, z.shape[0], self.attention
+        real = [t for t, keep in enumerate(batch["template_mask"].tolist()) if keep > 0]
+        if not real:
+            return z  # AF2 multiplies the update by zero when no template is real
+        acc = z.new_zeros(n, n, att.num_heads * att.c_hidden)
+        run_max = torch.full((n, n, att.num_heads), float("-inf"), device=z.device)
+        denom = torch.zeros(n, n, att.num_heads, device=z.device)
+        for index in real:
+            t_act = self.embed_template(batch, index, pair_mask, chunk_size, True, dtype)
+            for rows in row_slices(n, chunk_size):
+                self._fold_template(z[rows], t_act[rows], acc[rows], run_max[rows], denom[rows])
+            del t_act
+
+        def finish(acc: Tensor, denom: Tensor) -> Tensor:
+            o = acc.float().unflatten(-1, (att.num_heads, att.c_hidden)) / denom[..., None]
+            return att.output(o.flatten(-2).to(dtype))
+
+        return chunk_add_(z, finish, {"acc": acc, "denom": denom}, chunk_size)
+
+    def _fold_template(self, z: Tensor, t: Tensor, acc: Tensor, run_max: Tensor, denom: Tensor) -> None:
+        """One template's logits and values for a row block, merged into the running state in place."""
+        att = self.attention
+        q = att.query_w(z).unflatten(-1, (att.num_heads, att.c_hidden))  # [rows, N, H, D]
+        k = att.key_w(t).unflatten(-1, (att.num_heads, att.c_hidden))
+        v = att.value_w(t).unflatten(-1, (att.num_heads, att.c_hidden)).float()
+        logits = (q.float() * k.float()).sum(-1) * att.c_hidden**-0.5  # [rows, N, H]
+        new_max = torch.maximum(run_max, logits)
+        keep, weight = torch.exp(run_max - new_max), torch.exp(logits - new_max)
+        denom.mul_(keep).add_(weight)
+        merged = acc.float().unflatten(-1, (att.num_heads, att.c_hidden)) * keep[..., None] + weight[..., None] * v
+        acc.copy_(merged.flatten(-2))
+        run_max.copy_(new_max)
 
     def single_embedding(self, batch: dict[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Torsion-angle features -> extra MSA rows ``[T, N, c_m]`` and their mask ``[T, N]``."""
