@@ -1,58 +1,34 @@
 """checkpoint-N/ folders: everything a resumed run needs, and weights diffusers can read directly.
 
-Layout (N = optimizer steps taken):
+Layout (N = optimizer steps taken), written by the core training loop through ``DiffusersCheckpoints``:
 
-    checkpoint-N/trainer_state.json          step, losses so far, base model, run kind
+    checkpoint-N/trainer_state.json          step, data position, losses so far, base model, run kind
     checkpoint-N/engine/                     the core engine's state: weights and AdamW moments
-                                             (safetensors; Gemini writes its shards here)
+                                             (safetensors; Gemini writes its shards here). LoRA runs
+                                             keep only the adapters and their moments here
+                                             (trainable.safetensors): the frozen base is --model
     checkpoint-N/unet/                       full finetune: UNet in diffusers layout (EMA weights
                                              under unet_ema/ when EMA is on), so
                                              UNet2DConditionModel.from_pretrained(ckpt, subfolder="unet")
                                              and `sd-generate --model checkpoint-N` work
     checkpoint-N/pytorch_lora_weights.safetensors   LoRA runs: load_lora_weights() reads it
-    checkpoint-N/ema.safetensors             EMA weights by parameter name
+    checkpoint-N/ema.safetensors             EMA of the trained weights by parameter name
+    checkpoint-N/rng-rank00000.*             the process's RNG states
 
-A checkpoint is written under checkpoint-N.tmp and renamed when complete, so a crash never
+A checkpoint is written under .tmp-checkpoint-N and renamed when complete, so a crash never
 leaves a folder that looks finished.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
-from typing import Any
-
-from safetensors.torch import load_file, save_file
 
 from ferryman.core.errors import UserError
+from ferryman.core.training import CheckpointStore
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def save_checkpoint(out: Path, step: int, *, engine, state: dict[str, Any], ema=None, export=None,
-                    keep: int = 0) -> Path:
-    """Write checkpoint-``step`` under ``out``; ``export(folder)`` adds the diffusers-readable weights."""
-    final = out / f"checkpoint-{step}"
-    tmp = out / f"checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    engine.save(tmp / "engine")
-    if ema is not None:
-        named = engine.named_from(ema.shadow)
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in named.items()}, tmp / "ema.safetensors")
-    if export is not None:
-        export(tmp)
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1) + "\n", encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    if keep:
-        for old in list_checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
-    return final
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -76,16 +52,45 @@ def resolve_resume(out: Path, resume: str) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, *, engine, with_ema: bool = False) -> dict[str, Any]:
-    """Restore the engine (weights, optimizer) from ``path``; returns its trainer state, with the
-    EMA weights by name under "ema" when ``with_ema``."""
-    try:
-        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        engine.load(path / "engine")
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise UserError(f"checkpoint {path} cannot be loaded into this run: {err}") from None
-    if with_ema:
-        if not (path / "ema.safetensors").is_file():
-            raise UserError(f"checkpoint {path} has no EMA weights but this run uses --ema")
-        state["ema"] = load_file(path / "ema.safetensors")
-    return state
+class DiffusersCheckpoints(CheckpointStore):
+    """The core loop's checkpoint store for sd-finetune: diffusers' checkpoint-N/ names under the
+    output folder, plus the diffusers-readable weights and the run's loss history.
+
+    ``--resume latest`` with no checkpoint yet starts fresh, as diffusers' scripts do.
+    """
+
+    trainer_file = STATE_FILE
+    pointer = None
+    fresh_if_none = True
+
+    def __init__(self, run) -> None:
+        cfg = run.cfg
+        super().__init__(run.out, keep_last=cfg.checkpoints_total_limit, trainable_only=cfg.use_lora)
+        self.run = run
+
+    def name(self, step: int) -> str:
+        return f"checkpoint-{step}"
+
+    def engine_folder(self, folder: Path) -> Path:
+        return folder / "engine"
+
+    def complete(self) -> list[Path]:
+        return list_checkpoints(self.root)
+
+    def resolve(self, resume: str) -> Path | None:
+        return resolve_resume(self.root, resume)
+
+    def export(self, folder: Path, engine, ema_named: dict | None, *, rank: int) -> None:
+        if rank == 0:
+            self.run.export_weights(folder, engine, ema_named)
+
+    def extra_state(self) -> dict:
+        return self.run.checkpoint_state()
+
+    def load(self, folder: Path, engine, *, rank: int) -> tuple[dict, dict | None]:
+        trainer, ema = super().load(folder, engine, rank=rank)
+        if self.run.cfg.ema and ema is None:
+            raise UserError(f"checkpoint {folder} has no EMA weights but this run uses --ema")
+        trainer.setdefault("loader", {"batch": trainer["step"]})  # written before the core loop ran sd-finetune
+        self.run.restore(trainer)
+        return trainer, ema

@@ -16,6 +16,7 @@ seed and the sample's position in the stream, so a resumed run sees exactly the 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import random
 from collections import Counter
@@ -254,14 +255,50 @@ def _collate_indexed(items, seed: int, batch_size: int) -> dict:
     return collate([item for _, item in items], seed=seed, batch_size=batch_size, first=[items[0][0]])
 
 
-def stream_loader(stream: CaptionStream, *, batch_size: int, start_batch: int, num_batches: int,
+def stream_loader(stream: CaptionStream, *, batch_size: int, start_batch: int, num_batches: int | None,
                   num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """Batches ``start_batch .. start_batch + num_batches - 1`` of the stream."""
+    """Batches ``start_batch .. start_batch + num_batches - 1`` of the stream (None: endless)."""
     import functools
 
-    sampler = range(start_batch * batch_size, (start_batch + num_batches) * batch_size)
+    first = start_batch * batch_size
+    sampler = _Endless(first) if num_batches is None else range(first, first + num_batches * batch_size)
     return torch.utils.data.DataLoader(
         _Indexed(stream), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         collate_fn=functools.partial(_collate_indexed, seed=stream.seed, batch_size=batch_size),
         persistent_workers=False, pin_memory=torch.cuda.is_available(),
     )
+
+
+class _Endless:
+    """Sample indices first, first + 1, ... without end."""
+
+    def __init__(self, first: int):
+        self.first = first
+
+    def __iter__(self):
+        return itertools.count(self.first)
+
+
+class StreamLoader:
+    """Endless batches of a CaptionStream for the core training loop, from a batch position.
+
+    Its state is that position (``state_dict``/``load_state_dict``), so a resumed run starts at
+    the checkpoint's batch directly instead of decoding every earlier image again.
+    """
+
+    def __init__(self, stream: CaptionStream, *, batch_size: int, num_workers: int = 0):
+        self.stream, self.batch_size, self.num_workers = stream, batch_size, num_workers
+        self.position = 0  # batches handed out so far
+
+    def __iter__(self):
+        loader = stream_loader(self.stream, batch_size=self.batch_size, start_batch=self.position, num_batches=None,
+                               num_workers=self.num_workers)
+        for batch in loader:
+            self.position += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batch": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["batch"])

@@ -1,8 +1,9 @@
-"""sd-finetune: set up the models, the data stream and the loss, run the steps, write the outputs.
+"""sd-finetune: set up the models, the data stream and the loss, run the core loop, write the outputs.
 
-The train step is ``NoisePredictionLoss(model, batch) -> loss`` (loss.py); this file wires it to a
-core engine (plain PyTorch or Gemini), checkpoints, EMA, validation and the final diffusers
-pipeline folder.
+The train step is ``NoisePredictionLoss(model, batch) -> loss`` (loss.py); this file hands it to the
+core training loop (``ferryman.core.training.train``: plain PyTorch or Gemini engine, LR schedule,
+EMA, checkpoints, exact resume, progress bar) together with the run's hooks (run.py) and its
+checkpoint-N/ store (checkpoint.py), then writes the final diffusers pipeline folder or LoRA file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 import torch
 
 from ferryman.apps.diffusion import data as data_mod
-from ferryman.apps.diffusion.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from ferryman.apps.diffusion.config import FinetuneConfig
 from ferryman.apps.diffusion.lora import TEXT_TARGETS, UNET_TARGETS, add_lora, save_lora
 from ferryman.apps.diffusion.loss import NoisePredictionLoss, TrainModule
@@ -23,6 +23,7 @@ from ferryman.apps.diffusion.report import plot_loss_curve, write_loss_csv
 from ferryman.core.config import save_config
 from ferryman.core.errors import UserError
 from ferryman.core.gemini.config import GeminiConfig, OptimConfig
+from ferryman.core.training import TrainConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -128,21 +129,31 @@ def build_stream(cfg: FinetuneConfig, tokenizer) -> tuple[data_mod.CaptionStream
     return stream, summary
 
 
-def build_engine(cfg: FinetuneConfig, model: TrainModule, device: torch.device):
-    """The core engine for ``cfg.memory``: plain PyTorch, Gemini auto, or Gemini with all on the host."""
-    from ferryman.core.gemini import gemini
-    from ferryman.core.training import PlainEngine
-
+def train_config(cfg: FinetuneConfig, device: torch.device, *, progress: bool = True) -> TrainConfig:
+    """The core loop's config for ``cfg``: ``memory`` picks plain PyTorch, Gemini auto, or Gemini
+    with everything on the host; diffusers' LR schedule (to zero), EMA warm-up and checkpointing."""
     # diffusers' script decays every parameter; the norm scales and biases included
     optim = OptimConfig(lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, no_decay_1d=False,
                         max_grad_norm=cfg.max_grad_norm)
+    placement = {"placement": "auto"} if cfg.memory != "gemini-offload" else {
+        "placement": "static", "param_host_fraction": 1.0, "optim_host_fraction": 1.0}
+    return TrainConfig(
+        out_dir=cfg.out, max_steps=cfg.max_steps, precision=cfg.precision, device=str(device),
+        engine="plain" if cfg.memory == "plain" else "gemini", gemini=GeminiConfig(precision=cfg.precision, **placement),
+        optim=optim, schedule=cfg.lr_schedule, warmup_steps=cfg.lr_warmup_steps, min_lr_ratio=0.0,
+        ema_decay=cfg.ema_decay if cfg.ema else 0.0, ema_warmup=True, ckpt_every=cfg.checkpoint_every,
+        ckpt_at_end=False, keep_last=cfg.checkpoints_total_limit, log_every=max(1, cfg.log_every),
+        resume=cfg.resume or None, seed=cfg.seed, progress=progress, plot=False, config_file="",
+    )
+
+
+def build_engine(cfg: FinetuneConfig, model: TrainModule, device: torch.device):
+    """The core engine sd-finetune trains ``model`` with (also used by benchmarks/sd_finetune.py)."""
+    from ferryman.core.training import build_engine as core_build_engine
+
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("nothing to train: every parameter is frozen")
-    if cfg.memory == "plain":
-        return PlainEngine(model, optim, DTYPES[cfg.precision], device)
-    placement = {"placement": "auto"} if cfg.memory == "gemini-auto" else {
-        "placement": "static", "param_host_fraction": 1.0, "optim_host_fraction": 1.0}
-    return gemini(model, GeminiConfig(precision=cfg.precision, **placement), optim, device=device)
+    return core_build_engine(model, train_config(cfg, device, progress=False))
 
 
 def resolved(cfg: FinetuneConfig, parts: Parts) -> FinetuneConfig:
@@ -157,9 +168,9 @@ def resolved(cfg: FinetuneConfig, parts: Parts) -> FinetuneConfig:
 
 def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
     """Run sd-finetune as configured; see the command's --help for the outputs."""
-    import copy
-
-    from ferryman.apps.diffusion.loop import Run, run_steps
+    from ferryman.apps.diffusion.checkpoint import DiffusersCheckpoints
+    from ferryman.apps.diffusion.run import Run
+    from ferryman.core.training import train
 
     if not cfg.model or not cfg.out or not cfg.data.path:
         raise UserError("--model, --data and --out are required")
@@ -170,52 +181,23 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     stream, summary = build_stream(cfg, parts.tokenizer)
-    torch.manual_seed(cfg.seed)  # LoRA initialisation
-    model = prepare_model(cfg, parts, device)
-    shadow = copy.deepcopy(model) if cfg.memory != "plain" else None  # Gemini takes over model's storage
-    engine = build_engine(cfg, model, device)
-    ema_named = engine.named_from(engine.master_tensors()) if cfg.ema else None
     loss_fn = NoisePredictionLoss(
         vae=parts.vae, scheduler=parts.noise_scheduler, cfg=cfg.loss, device=device,
         frozen_text_encoder=None if cfg.train_text_encoder else parts.text_encoder, offload=cfg.offload_frozen,
     )
-    run = Run(cfg=cfg, parts=parts, model=model, engine=engine, loss_fn=loss_fn, stream=stream, out=out,
-              shadow=shadow, ema_named=ema_named)
-    resume_from = resolve_resume(out, cfg.resume)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, engine=engine, with_ema=cfg.ema)
-        run.ema_named = state.pop("ema", None) or run.ema_named
-        run.losses, run.lrs = state["losses"], state["lrs"]
-    result = FinetuneResult(out=out, start_step=len(run.losses), data_summary=summary)
-    run_steps(run, progress=progress, summary=summary)
-    result.losses = run.losses
-    result.model = finish(run)
-    return result
+    run = Run(cfg=cfg, parts=parts, out=out, device=device)
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"data: {summary}")
+    loader = lambda: data_mod.StreamLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers)  # noqa: E731
+    result = train(train_config(cfg, device, progress=progress), run.build_model, loader, loss_fn,
+                   on_step=run.on_step, checkpoints=DiffusersCheckpoints(run))
+    return FinetuneResult(out=out, losses=run.losses, start_step=len(run.losses) - len(result.losses),
+                          data_summary=summary, model=finish(run, result.engine, result.ema_state_dict))
 
 
-def checkpoint(run) -> Path:
-    state = {"losses": run.losses, "lrs": run.lrs, "base_model": str(Path(run.cfg.model).resolve()),
-             "lora": run.cfg.use_lora, "train_text_encoder": run.cfg.train_text_encoder, "memory": run.cfg.memory}
-    return save_checkpoint(run.out, len(run.losses), engine=run.engine, state=state, ema=run.ema,
-                           export=lambda folder: export_weights(run, folder), keep=run.cfg.checkpoints_total_limit)
-
-
-def export_weights(run, folder: Path) -> None:
-    """Weights in the layout diffusers reads: unet/ (and text_encoder/, unet_ema/), or the LoRA file."""
-    if run.cfg.use_lora:
-        with run.ema_weights() as module:
-            save_lora(folder, module.unet, module.text_encoder)
-        return
-    module = run.weights()
-    module.unet.save_pretrained(folder / "unet", safe_serialization=True)
-    if module.text_encoder is not None:
-        module.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    if run.ema is not None:
-        with run.ema_weights() as averaged:
-            averaged.unet.save_pretrained(folder / "unet_ema", safe_serialization=True)
-
-
-def finish(run) -> torch.nn.Module:
+def finish(run, engine, ema_named: dict | None) -> torch.nn.Module:
     """Final outputs: the pipeline folder (or LoRA file), loss.csv, loss_curve.png, last validation.
 
     Returns the module holding the final (EMA, when on) weights.
@@ -223,7 +205,7 @@ def finish(run) -> torch.nn.Module:
     out, cfg = run.out, run.cfg
     write_loss_csv(out / "loss.csv", run.losses, run.lrs)
     plot_loss_curve(out / "loss_curve.png", run.losses)
-    module = run.weights(ema=True)  # the averaged weights are the result
+    module = run.weights(engine, ema_named)  # the averaged weights are the result
     if cfg.use_lora:
         save_lora(out, module.unet, module.text_encoder)
     else:
@@ -255,4 +237,4 @@ def save_pipeline(run, module: TrainModule, out: Path) -> None:
     tmp.rmdir()
 
 
-__all__ = ["FinetuneResult", "build_engine", "finetune", "load_parts", "prepare_model"]
+__all__ = ["FinetuneResult", "build_engine", "finetune", "load_parts", "prepare_model", "train_config"]

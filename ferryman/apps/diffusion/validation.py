@@ -48,7 +48,7 @@ def render_validation(run, module, path: Path) -> Path:
     was_training = module.training
     module.eval()
     images = []
-    device = run.engine.device
+    device = run.device
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     try:

@@ -1,7 +1,8 @@
 """The one training loop shared by the apps, its engines, checkpoints, EMA and metrics."""
 
+from ferryman.core.training.checkpoint import CheckpointStore
 from ferryman.core.training.config import TrainConfig
-from ferryman.core.training.loop import TrainResult, build_engine, train
+from ferryman.core.training.loop import StepInfo, TrainResult, build_engine, train
 from ferryman.core.training.plain import PlainEngine
 
-__all__ = ["PlainEngine", "TrainConfig", "TrainResult", "build_engine", "train"]
+__all__ = ["CheckpointStore", "PlainEngine", "StepInfo", "TrainConfig", "TrainResult", "build_engine", "train"]

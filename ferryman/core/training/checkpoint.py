@@ -1,6 +1,6 @@
 """Training checkpoints: engine state, EMA, RNG states and loop position, written atomically.
 
-Layout under ``<out_dir>/checkpoints/``::
+Layout of the default ``CheckpointStore`` under ``<out_dir>/checkpoints/``::
 
     step-00000100/  engine files (Gemini shards or model/optimizer safetensors),
                     ema.safetensors, rng-rank00000.safetensors, trainer.json
@@ -8,6 +8,12 @@ Layout under ``<out_dir>/checkpoints/``::
 
 A folder is written under a temporary name and renamed when every rank has finished, so a crash
 never leaves a half-written ``step-*`` folder. Nothing is unpickled on load.
+
+An app that owes its users another layout (diffusers' ``checkpoint-N/`` with weights diffusers
+reads) subclasses the store: folder names, where the engine files go, files of its own
+(``export``), fields of its own in the trainer file (``extra_state``), trainable-only engine state
+for adapters on a frozen base, and whether ``resume="latest"`` with nothing saved starts fresh.
+The loop's exact resume (engine, EMA, RNG, data position) is the same whatever the layout.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from ferryman.core.errors import UserError
 from ferryman.core.io import atomic_path, write_text
+from ferryman.core.training.trainable import load_trainable, save_trainable
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -54,35 +61,124 @@ def _barrier(group) -> None:
         dist.barrier(group=group)
 
 
-def save_checkpoint(root: Path, step: int, engine, ema_named: dict | None, trainer: dict, *, rank: int, group=None) -> Path:
-    """Write ``root/step-<step>`` (every rank calls this) and point ``root/latest`` at it.
+class CheckpointStore:
+    """Where the training loop keeps its checkpoints and what goes into them.
 
-    ``rank`` is the global rank and ``group`` defaults to the whole world: every rank, whatever
-    its DAP or sequence-parallel group, writes into the folder that rank 0 creates and renames.
+    ``keep_last``: complete checkpoints kept (0: all). ``trainable_only``: the engine state holds
+    only the trainable parameters and their optimizer state (see ``trainable.py``); the frozen
+    ones must be rebuilt identically by the model builder on resume.
     """
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier(group)
-    engine.save(tmp)
-    tensors, meta = rng_state()
-    with atomic_path(tmp / f"rng-rank{rank:05d}.safetensors") as path:
-        save_file(tensors, str(path))
-    write_text(tmp / f"rng-rank{rank:05d}.json", json.dumps(meta))
-    if rank == 0:
-        if ema_named is not None:
-            with atomic_path(tmp / "ema.safetensors") as path:
-                save_file({k: v.contiguous() for k, v in _untie(ema_named).items()}, str(path))
-        write_text(tmp / "trainer.json", json.dumps(trainer, indent=1))
-    _barrier(group)
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_text(root / "latest", final.name + "\n")
-    _barrier(group)
-    return final
+
+    trainer_file = "trainer.json"
+    pointer: str | None = "latest"  # file under root naming the newest folder; None: no pointer
+    fresh_if_none = False  # resume="latest" with nothing saved yet: start fresh instead of failing
+
+    def __init__(self, root: str | Path, *, keep_last: int = 2, trainable_only: bool = False) -> None:
+        self.root, self.keep_last, self.trainable_only = Path(root), keep_last, trainable_only
+
+    # -- layout (override for another one) ------------------------------------------------------
+    def name(self, step: int) -> str:
+        return f"step-{step:08d}"
+
+    def engine_folder(self, folder: Path) -> Path:
+        return folder
+
+    def complete(self) -> list[Path]:
+        """Finished checkpoint folders, oldest first."""
+        return sorted(p for p in self.root.glob("step-*") if (p / self.trainer_file).is_file())
+
+    # -- app hooks --------------------------------------------------------------------------------
+    def export(self, folder: Path, engine, ema_named: dict | None, *, rank: int) -> None:
+        """Add app files to a checkpoint being written (every rank calls it; rank 0 should write)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """App fields for the trainer file, handed back by ``load``."""
+        return {}
+
+    # -- the loop's calls -------------------------------------------------------------------------
+    def resolve(self, resume: str) -> Path | None:
+        """The folder ``resume`` names: a folder path, or "latest"; None: nothing to resume."""
+        if resume == "latest":
+            found = self._latest()
+            if found is None:
+                if self.fresh_if_none:
+                    return None
+                raise UserError(f"resume=latest: no checkpoint under {self.root}")
+            return found
+        folder = Path(resume)
+        if not (folder / self.trainer_file).is_file():
+            raise UserError(f"resume={resume}: {folder} is not a complete checkpoint (no {self.trainer_file})")
+        return folder
+
+    def _latest(self) -> Path | None:
+        if self.pointer is not None:
+            pointer = self.root / self.pointer
+            folder = self.root / pointer.read_text().strip() if pointer.is_file() else None
+            return folder if folder is not None and (folder / self.trainer_file).is_file() else None
+        found = self.complete()
+        return found[-1] if found else None
+
+    def save(self, step: int, engine, ema_named: dict | None, trainer: dict, *, rank: int, group=None) -> Path:
+        """Write the checkpoint of ``step`` (every rank calls this); returns its folder.
+
+        ``rank`` is the global rank and ``group`` defaults to the whole world: every rank, whatever
+        its DAP or sequence-parallel group, writes into the folder that rank 0 creates and renames.
+        """
+        final = self.root / self.name(step)
+        tmp = self.root / f".tmp-{final.name}"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier(group)
+        self._save_engine(engine, self.engine_folder(tmp))
+        tensors, meta = rng_state()
+        with atomic_path(tmp / f"rng-rank{rank:05d}.safetensors") as path:
+            save_file(tensors, str(path))
+        write_text(tmp / f"rng-rank{rank:05d}.json", json.dumps(meta))
+        self.export(tmp, engine, ema_named, rank=rank)
+        if rank == 0:
+            if ema_named is not None:
+                with atomic_path(tmp / "ema.safetensors") as path:
+                    save_file({k: v.contiguous() for k, v in _untie(ema_named).items()}, str(path))
+            write_text(tmp / self.trainer_file, json.dumps({**self.extra_state(), **trainer}, indent=1) + "\n")
+        _barrier(group)
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            if self.pointer is not None:
+                write_text(self.root / self.pointer, final.name + "\n")
+            self.prune()
+        _barrier(group)
+        return final
+
+    def _save_engine(self, engine, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.trainable_only:
+            save_trainable(engine, folder)
+        else:
+            engine.save(folder)
+
+    def load(self, folder: Path, engine, *, rank: int) -> tuple[dict, dict | None]:
+        """Load engine state and this rank's RNG; returns (the trainer file, EMA tensors or None)."""
+        try:
+            trainer = json.loads((folder / self.trainer_file).read_text())
+            engine_folder = self.engine_folder(folder)
+            if self.trainable_only and (engine_folder / "trainable.json").is_file():
+                load_trainable(engine, engine_folder)
+            else:  # a full engine checkpoint also serves a trainable-only run
+                engine.load(engine_folder)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise UserError(f"checkpoint {folder} cannot be loaded into this run: {err}") from None
+        rng_file = folder / f"rng-rank{rank:05d}.safetensors"
+        if rng_file.is_file():
+            set_rng_state(load_file(str(rng_file)), json.loads((folder / f"rng-rank{rank:05d}.json").read_text()))
+        ema = load_file(str(folder / "ema.safetensors")) if (folder / "ema.safetensors").is_file() else None
+        return trainer, ema
+
+    def prune(self) -> None:
+        if self.keep_last:
+            for old in self.complete()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _untie(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -94,34 +190,3 @@ def _untie(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[key] = value.clone() if ptr in seen else value
         seen.add(ptr)
     return out
-
-
-def prune(root: Path, keep_last: int) -> None:
-    folders = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in folders[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def resolve(resume: str, out_dir: Path) -> Path:
-    """The checkpoint folder named by ``resume``: a folder, or "latest" under ``out_dir``."""
-    if resume == "latest":
-        pointer = out_dir / "checkpoints" / "latest"
-        if not pointer.is_file():
-            raise UserError(f"resume=latest: no checkpoint under {out_dir / 'checkpoints'}")
-        folder = out_dir / "checkpoints" / pointer.read_text().strip()
-    else:
-        folder = Path(resume)
-    if not (folder / "trainer.json").is_file():
-        raise UserError(f"resume={resume}: {folder} is not a complete checkpoint (no trainer.json)")
-    return folder
-
-
-def load_checkpoint(folder: Path, engine, *, rank: int) -> tuple[dict, dict | None]:
-    """Load engine state and this rank's RNG; returns (trainer.json, EMA tensors or None)."""
-    engine.load(folder)
-    trainer = json.loads((folder / "trainer.json").read_text())
-    rng_file = folder / f"rng-rank{rank:05d}.safetensors"
-    if rng_file.is_file():
-        set_rng_state(load_file(str(rng_file)), json.loads((folder / f"rng-rank{rank:05d}.json").read_text()))
-    ema = load_file(str(folder / "ema.safetensors")) if (folder / "ema.safetensors").is_file() else None
-    return trainer, ema

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from ferryman.core.errors import ConfigError
@@ -30,13 +31,16 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     ema_decay: float = 0.0  # 0 disables the weight EMA
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (diffusers' EMAModel)
     ckpt_every: int = 0  # 0: only at the end
-    keep_last: int = 2
+    ckpt_at_end: bool = True  # also where this call stops (needed to resume a stop_after job)
+    keep_last: int = 2  # 0: keep every checkpoint
     log_every: int = 1
     resume: str | None = None
     seed: int = 0
     progress: bool = True
     plot: bool = True
+    config_file: str = "config.yaml"  # this config is saved under out_dir by that name; "": the app saves its own
 
     def __post_init__(self) -> None:
         parse_dtype(self.precision, "precision")
@@ -44,13 +48,13 @@ class TrainConfig:
             raise ConfigError(f"engine={self.engine!r} must be 'plain' or 'gemini'")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"schedule={self.schedule!r} must be 'cosine' or 'constant'")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu' or 'cuda'")
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.max_steps < 1 or self.grad_accum < 1 or self.log_every < 1:
             raise ConfigError("max_steps, grad_accum and log_every must be at least 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay} must lie in [0, 1)")
-        if self.warmup_steps < 0 or self.ckpt_every < 0 or self.keep_last < 1 or self.stop_after < 0:
-            raise ConfigError("warmup_steps, ckpt_every and stop_after must be >= 0, keep_last >= 1")
+        if self.warmup_steps < 0 or self.ckpt_every < 0 or self.keep_last < 0 or self.stop_after < 0:
+            raise ConfigError("warmup_steps, ckpt_every, keep_last and stop_after must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")

@@ -5,9 +5,15 @@
 
 ``loss_fn`` calls the engine like the model and returns the loss (or ``(loss, {name: value})``
 to log more). With data parallelism (``dims``), ``build_loader`` gives each rank its own part of
-the data (e.g. a DistributedSampler); the loop averages the logged loss over ranks. The loop owns device and precision, the plain or Gemini engine, gradient
-accumulation, clipping, the LR schedule, the weight EMA, checkpoints, exact resume, metrics, the
-loss plot, the progress bar and the saved config.
+the data (e.g. a DistributedSampler); the loop averages the logged loss over ranks. The loop owns
+device and precision, the plain or Gemini engine, gradient accumulation, clipping, the LR
+schedule, the weight EMA, checkpoints, exact resume, metrics, the loss plot, the progress bar and
+the saved config.
+
+Apps plug in between steps with ``on_step(info)`` (validation images, their own logs) and choose
+the checkpoint layout with ``checkpoints=`` (a ``CheckpointStore`` subclass). A loader that has
+``state_dict()``/``load_state_dict()`` (JSON-able state, e.g. a position in an endless stream)
+is resumed from its state instead of by replaying the epoch's batches.
 """
 
 from __future__ import annotations
@@ -30,11 +36,11 @@ from ferryman.core.errors import UserError
 from ferryman.core.gemini import gemini
 from ferryman.core.gemini.config import parse_dtype
 from ferryman.core.parallel import ParallelDims
-from ferryman.core.training import checkpoint as ckpt
+from ferryman.core.training.checkpoint import CheckpointStore
 from ferryman.core.training.config import TrainConfig
 from ferryman.core.training.metrics import MetricsLog, plot_losses
 from ferryman.core.training.plain import PlainEngine
-from ferryman.core.training.schedule import EMA, lr_at
+from ferryman.core.training.schedule import EMA, ema_decay_at, lr_at
 
 LossFn = Callable[[Any, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 
@@ -49,11 +55,40 @@ class TrainResult:
     last_checkpoint: Path | None
 
 
+@dataclasses.dataclass
+class StepInfo:
+    """What ``on_step`` is given after each update; it runs on every rank, before the update's
+    checkpoint is written, so anything it draws from the global RNG is in the saved state."""
+
+    step: int  # updates done so far
+    loss: float  # this update's loss (mean over accumulation and data-parallel ranks)
+    lr: float  # the learning rate this update used
+    record: dict[str, Any]  # this update's metrics line
+    engine: Any
+    ema: EMA | None
+    is_last: bool  # the last update of this call
+    rank: int
+
+    def ema_named(self) -> dict[str, torch.Tensor] | None:
+        """The EMA weights by parameter name, or None without EMA (a collective under data-parallel Gemini)."""
+        return _ema_named(self.engine, self.ema)
+
+
+def _ema_named(engine, ema: EMA | None) -> dict[str, torch.Tensor] | None:
+    if ema is None:
+        return None
+    # Gemini's named_from also returns its frozen chunks: an average of frozen weights is moot
+    keep = {n for n, p in engine.module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in engine.named_from(ema.shadow).items() if k in keep}
+
+
 def pick_device(name: str, dims: ParallelDims | None) -> torch.device:
     if dims is not None and dims.world_size > 1:
         return dims.device
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
+    if name.startswith("cuda:"):
+        return torch.device(name)
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
@@ -71,12 +106,23 @@ def build_engine(model: nn.Module, cfg: TrainConfig, dims: ParallelDims | None =
 class _Batches:
     """Endless micro-batches over epochs; each epoch's order is seeded so a resume can replay it."""
 
-    def __init__(self, loader: Iterable, seed: int, epoch: int = 0, skip: int = 0) -> None:
+    def __init__(self, loader: Iterable, seed: int, epoch: int = 0, skip: int = 0, state: Any = None) -> None:
         self.loader, self.seed = loader, seed
         self.epoch, self.index = epoch, 0
+        if state is not None and self.stateful:  # the loader seeks itself: no replay
+            loader.load_state_dict(state)
+            self.index, skip = skip, 0
         self._it = self._start()
         for _ in range(skip):
             self.next()
+
+    @property
+    def stateful(self) -> bool:
+        return hasattr(self.loader, "state_dict") and hasattr(self.loader, "load_state_dict")
+
+    def position(self) -> dict[str, Any]:
+        where = {"epoch": self.epoch, "batch_in_epoch": self.index}
+        return where | ({"loader": self.loader.state_dict()} if self.stateful else {})
 
     def _start(self) -> Iterator:
         # The sampler draws its seed from the global RNG on the first batch: seed that draw, then
@@ -128,27 +174,36 @@ def train(
     loss_fn: LossFn,
     *,
     dims: ParallelDims | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    checkpoints: CheckpointStore | None = None,
 ) -> TrainResult:
     """Train up to ``cfg.max_steps`` optimizer updates (resuming first if ``cfg.resume``); a
-    checkpoint is written every ``ckpt_every`` updates and where this call stops."""
+    checkpoint is written every ``ckpt_every`` updates and where this call stops (``ckpt_at_end``).
+
+    ``on_step`` is called after every update (see ``StepInfo``); ``checkpoints`` defaults to
+    ``CheckpointStore(out_dir / "checkpoints", keep_last=cfg.keep_last)``.
+    """
     out = Path(cfg.out_dir)
     rank = dims.rank if dims is not None else 0
+    store = checkpoints or CheckpointStore(out / "checkpoints", keep_last=cfg.keep_last)
     _seed_all(cfg.seed)  # every rank builds the same initial weights
     model = build_model()
     _seed_all(cfg.seed + 1000 * rank)  # but draws its own dropout noise
     engine = build_engine(model, cfg, dims)
-    if rank == 0:
-        save_config(cfg, out / "config.yaml")
-    step, epoch, skip, ema_named = 0, 0, 0, None
-    if cfg.resume:
-        trainer, ema_named = ckpt.load_checkpoint(ckpt.resolve(cfg.resume, out), engine, rank=rank)
-        step, epoch, skip = trainer["step"], trainer["epoch"], trainer["batch_in_epoch"]
+    if rank == 0 and cfg.config_file:
+        save_config(cfg, out / cfg.config_file)
+    step, trainer, ema_named = 0, {}, None
+    folder = store.resolve(cfg.resume) if cfg.resume else None
+    if folder is not None:
+        trainer, ema_named = store.load(folder, engine, rank=rank)
+        step = trainer["step"]
     ema = EMA(engine.master_tensors(), cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and ema_named is not None:
         ema.shadow = engine.flat_from(ema_named)
     if ema is not None:
         engine.track(ema.shadow)  # Gemini repacks its chunks after the first forward
-    batches = _Batches(build_loader(), cfg.seed, epoch, skip)
+    batches = _Batches(build_loader(), cfg.seed, trainer.get("epoch", 0), trainer.get("batch_in_epoch", 0),
+                       trainer.get("loader"))
     log = MetricsLog(out / "metrics.jsonl", start_step=step) if rank == 0 else None
     bar = _progress(cfg, step, rank)
     losses, last = [], None
@@ -164,6 +219,8 @@ def train(
         result = engine.step()
         engine.zero_grad()
         if ema is not None:
+            if cfg.ema_warmup:
+                ema.decay = ema_decay_at(cfg.ema_decay, step)
             ema.update(engine.master_tensors())
         step += 1
         loss = _mean_over_ranks(loss, dims)
@@ -174,18 +231,18 @@ def train(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}", lr=f"{engine.lr:.2e}")
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end:
-            trainer = {"step": step, "epoch": batches.epoch, "batch_in_epoch": batches.index, "engine": cfg.engine}
-            ema_now = engine.named_from(ema.shadow) if ema is not None else None
-            last = ckpt.save_checkpoint(out / "checkpoints", step, engine, ema_now, trainer, rank=rank)
-            if rank == 0:
-                ckpt.prune(out / "checkpoints", cfg.keep_last)
+        if on_step is not None:
+            on_step(StepInfo(step=step, loss=loss, lr=engine.lr, record=record, engine=engine, ema=ema,
+                             is_last=step == end, rank=rank))
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or (cfg.ckpt_at_end and step == end):
+            trainer = {"step": step, **batches.position(), "engine": cfg.engine}
+            last = store.save(step, engine, _ema_named(engine, ema), trainer, rank=rank)
     if bar is not None:
         bar.close()
     if rank == 0 and cfg.plot and log is not None:
         plot_losses(log.read(), out / "loss.png")
-    ema_state = engine.named_from(ema.shadow) if ema is not None else None
-    return TrainResult(step=step, losses=losses, out_dir=out, engine=engine, ema_state_dict=ema_state, last_checkpoint=last)
+    return TrainResult(step=step, losses=losses, out_dir=out, engine=engine, ema_state_dict=_ema_named(engine, ema),
+                       last_checkpoint=last)
 
 
 def _accumulate(engine, batches: _Batches, loss_fn: LossFn, accum: int, device: torch.device) -> tuple[float, dict]:

@@ -19,6 +19,12 @@ def lr_at(step: int, *, base_lr: float, max_steps: int, warmup_steps: int, sched
     return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def ema_decay_at(decay: float, num_updates: int) -> float:
+    """min(decay, (1 + n) / (10 + n)) after ``n`` updates: diffusers' EMAModel warm-up, so that the
+    early average follows training instead of staying near the initial weights."""
+    return min(decay, (1 + num_updates) / (10 + num_updates))
+
+
 class EMA:
     """Exponential moving average of the trainable weights: shadow <- decay * shadow + (1 - decay) * w.
 

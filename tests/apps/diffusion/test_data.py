@@ -109,3 +109,20 @@ def test_stream_resumes_mid_run(tokenizer):
     first_epoch = torch.cat([b["input_ids"] for b in full])[:8]
     assert len({tuple(row.tolist()) for row in first_epoch}) == 8
     assert len({int(b["noise_seed"]) for b in full}) == 5
+
+
+def test_stream_loader_state_is_its_batch_position(tokenizer):
+    import itertools
+
+    scan = data.scan_folder(SAMPLES)
+    stream = data.CaptionStream(scan.records, tokenizer, resolution=16, center_crop=False, random_flip=True, seed=3)
+    expected = list(data.stream_loader(stream, batch_size=3, start_batch=0, num_batches=5))
+    loader = data.StreamLoader(stream, batch_size=3)
+    head = list(itertools.islice(loader, 2))
+    assert loader.state_dict() == {"batch": 2}
+    resumed = data.StreamLoader(stream, batch_size=3)
+    resumed.load_state_dict(loader.state_dict())
+    tail = list(itertools.islice(resumed, 3))  # endless: the loop decides when to stop
+    for a, b in zip(expected, head + tail):
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and int(a["noise_seed"]) == int(b["noise_seed"])
+    assert resumed.state_dict() == {"batch": 5}

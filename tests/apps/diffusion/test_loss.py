@@ -63,7 +63,7 @@ def test_loss_config_rejects_unknown_prediction_type():
 
 
 def test_ema_decay_warms_up_like_diffusers():
-    from ferryman.apps.diffusion.loop import ema_decay_at
+    from ferryman.core.training.schedule import ema_decay_at
 
     assert ema_decay_at(0.9999, 0) == pytest.approx(0.1)
     assert ema_decay_at(0.9999, 90) == pytest.approx(0.91)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ferryman.core.config import load_config
 from ferryman.core.errors import ConfigError, UserError
 from ferryman.core.gemini import GeminiConfig, OptimConfig
-from ferryman.core.training import TrainConfig, train
+from ferryman.core.training import CheckpointStore, TrainConfig, train
 from ferryman.core.training.schedule import lr_at
 
 
@@ -138,3 +138,123 @@ def test_gpt2_trains_in_the_loop_with_gemini(tmp_path):
     with torch.no_grad():
         loss = fresh(input_ids=ids, labels=ids).loss.item()
     assert loss < result.losses[0]
+
+
+def test_on_step_sees_every_update_and_ema_warms_up_like_diffusers(tmp_path):
+    from ferryman.core.training.schedule import ema_decay_at
+
+    seen, weights = [], []
+
+    def on_step(info):
+        seen.append((info.step, info.loss, info.lr, info.record["step"], info.is_last))
+        weights.append([t.clone() for t in info.engine.master_tensors()])
+        assert set(info.ema_named()) == {"inp.weight", "inp.bias", "out.weight", "out.bias"}
+
+    cfg = _cfg(tmp_path, "plain", max_steps=4, grad_accum=1, ema_warmup=True, plot=False, ckpt_at_end=False)
+    torch.manual_seed(0)
+    initial = [p.detach().clone() for p in Net().parameters()]  # the loop seeds the same way before build_model
+    result = train(cfg, Net, _loader, _loss, on_step=on_step)
+    assert [s[0] for s in seen] == [1, 2, 3, 4] and [s[3] for s in seen] == [1, 2, 3, 4]
+    assert [s[1] for s in seen] == result.losses and [s[4] for s in seen] == [False, False, False, True]
+    assert [s[2] for s in seen] == [lr_at(i, base_lr=1e-2, max_steps=4, warmup_steps=2, schedule="cosine",
+                                          min_lr_ratio=0.1) for i in range(4)]
+    ema = initial
+    for n, now in enumerate(weights):  # the EMA by hand with diffusers' decay min(d, (1 + n) / (10 + n))
+        decay = ema_decay_at(0.9, n)
+        ema = [torch.lerp(e, w, 1.0 - decay) for e, w in zip(ema, now)]
+    for (name, _), expected in zip(Net().named_parameters(), ema):
+        torch.testing.assert_close(result.ema_state_dict[name], expected, rtol=0, atol=1e-7)
+    assert not (tmp_path / "checkpoints").exists()  # ckpt_at_end=False and no ckpt_every
+
+
+class FrozenInput(Net):
+    """A frozen first layer (like a base model under adapters) and a trained head."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp.requires_grad_(False)
+
+
+class Store(CheckpointStore):
+    """An app's own layout: run-N folders, engine files in state/, an extra file and field."""
+
+    trainer_file, pointer, fresh_if_none = "state.json", None, True
+
+    def name(self, step):
+        return f"run-{step}"
+
+    def engine_folder(self, folder):
+        return folder / "state"
+
+    def complete(self):
+        return sorted((p for p in self.root.glob("run-*") if (p / self.trainer_file).is_file()),
+                      key=lambda p: int(p.name.split("-")[1]))
+
+    def export(self, folder, engine, ema_named, *, rank):
+        (folder / "export.txt").write_text(",".join(sorted(ema_named)))
+
+    def extra_state(self):
+        return {"app": "demo"}
+
+
+@pytest.mark.parametrize("engine", ["plain", "gemini"])
+def test_app_store_trainable_only_resumes_exactly_across_engines(tmp_path, engine):
+    other = "gemini" if engine == "plain" else "plain"
+    kw = dict(max_steps=6, ckpt_every=2, ckpt_at_end=False, plot=False, config_file="", optim=OptimConfig(lr=1e-2))
+
+    def store(path, keep=0):
+        return Store(path, keep_last=keep, trainable_only=True)
+
+    straight = train(_cfg(tmp_path / "a", engine, **kw), FrozenInput, _loader, _loss, checkpoints=store(tmp_path / "a", 2))
+    assert [p.name for p in store(tmp_path / "a").complete()] == ["run-4", "run-6"]  # keep_last=2
+    assert not (tmp_path / "a" / "config.yaml").exists()  # config_file="": the app saves its own
+    first = train(_cfg(tmp_path / "b", engine, **kw, resume="latest", stop_after=2), FrozenInput, _loader, _loss,
+                  checkpoints=store(tmp_path / "b"))  # nothing to resume yet: fresh_if_none starts anew
+    folder = tmp_path / "b" / "run-2"
+    trainer = json.loads((folder / "state.json").read_text())
+    assert trainer["step"] == 2 and trainer["app"] == "demo" and trainer["engine"] == engine
+    assert (folder / "export.txt").read_text() == "out.bias,out.weight"
+    assert set(load_file(str(folder / "state" / "trainable.safetensors"))) == {
+        f"{kind}.out.{p}" for kind in ("param", "exp_avg", "exp_avg_sq") for p in ("weight", "bias")}
+    assert set(load_file(str(folder / "ema.safetensors"))) == {"out.weight", "out.bias"}  # the frozen layer is left out
+    resumed = train(_cfg(tmp_path / "b", other, **kw, resume="latest"), FrozenInput, _loader, _loss,
+                    checkpoints=store(tmp_path / "b"))
+    assert first.losses + resumed.losses == straight.losses  # fp32 without clipping: the engines agree exactly
+    for key, value in straight.ema_state_dict.items():
+        assert torch.equal(resumed.ema_state_dict[key], value), key
+
+
+class Stream:
+    """An endless stream whose batch k is a function of k; its state is its position."""
+
+    def __init__(self):
+        self.position, self.drawn = 0, 0
+
+    def __iter__(self):
+        while True:
+            gen = torch.Generator().manual_seed(self.position)
+            x = torch.randn(4, 6, generator=gen)
+            self.position, self.drawn = self.position + 1, self.drawn + 1
+            yield x, (x[:, :3]).argmax(-1)
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def test_stateful_loader_resumes_without_replaying(tmp_path):
+    streams = []
+
+    def build():
+        streams.append(Stream())
+        return streams[-1]
+
+    kw = dict(max_steps=6, grad_accum=1, plot=False)
+    straight = train(_cfg(tmp_path / "a", "plain", **kw), Net, build, _loss)
+    first = train(_cfg(tmp_path / "b", "plain", **kw, stop_after=2), Net, build, _loss)
+    resumed = train(_cfg(tmp_path / "b", "plain", **kw, resume="latest"), Net, build, _loss)
+    assert first.losses + resumed.losses == straight.losses
+    assert json.loads((tmp_path / "b" / "checkpoints" / "step-00000002" / "trainer.json").read_text())["loader"] == {"position": 2}
+    assert streams[-1].drawn == 4  # started at batch 2 instead of drawing batches 0 and 1 again

@@ -1,0 +1,117 @@
+"""Engine state without the frozen weights: for adapters (LoRA) trained on a large frozen base.
+
+A full engine checkpoint holds every parameter, so a LoRA run on Stable Diffusion would copy the
+whole frozen base into every checkpoint. ``save_trainable`` writes only what training changes:
+
+    trainable.safetensors   param.<name>, exp_avg.<name>, exp_avg_sq.<name> (fp32, consolidated)
+    trainable.json          format, engine kind, AdamW step count per parameter, loss-scaler state
+                            (scale and calm steps: the same for both engines)
+
+``load_trainable`` puts them back into an engine whose frozen weights were rebuilt the same way as
+when the checkpoint was written (e.g. from the same base model folder). Both engines are handled;
+the numbers come back bit for bit, so a resumed run repeats an uninterrupted one, and a checkpoint
+written by one engine resumes on the other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ferryman.core.errors import UserError
+from ferryman.core.io import atomic_path, write_text
+
+FORMAT = "ferryman-trainable-1"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def trainable_names(engine) -> list[str]:
+    return [n for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def _is_gemini(engine) -> bool:
+    return hasattr(engine, "chunks")
+
+
+def export_trainable(engine) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
+    """(weights, AdamW moments by name, loss-scaler state) of the trainable parameters.
+
+    A collective under data-parallel Gemini: every rank must call it.
+    """
+    names = set(trainable_names(engine))
+    if _is_gemini(engine):
+        from ferryman.core.gemini.state import export_full
+
+        values, moments = export_full(engine)
+        scaler = {"scale": engine.scaler.scale, "calm_steps": engine.scaler.calm_steps}
+        return {n: v for n, v in values.items() if n in names}, {n: m for n, m in moments.items() if n in names}, scaler
+    values, moments = {}, {}
+    for name, param in engine.named:
+        values[name] = param.detach().cpu().float()
+        state = engine.optimizer.state.get(param, {})
+        if "step" in state:
+            moments[name] = {k: state[k].detach().cpu() for k in MOMENTS} | {"step": float(state["step"])}
+    state = engine.scaler.state_dict()  # {} unless fp16
+    return values, moments, {"scale": state.get("scale", 1.0), "calm_steps": state.get("_growth_tracker", 0)}
+
+
+def save_trainable(engine, folder: str | Path) -> None:
+    """Write the trainable weights and their optimizer state to ``folder`` (rank 0 writes)."""
+    folder = Path(folder)
+    values, moments, scaler = export_trainable(engine)
+    if engine.rank != 0:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{n}": v.contiguous() for n, v in values.items()}
+    tensors |= {f"{k}.{n}": m[k].contiguous() for n, m in moments.items() for k in MOMENTS}
+    with atomic_path(folder / "trainable.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    meta = {"format": FORMAT, "engine": "gemini" if _is_gemini(engine) else "plain",
+            "steps": {n: m["step"] for n, m in moments.items()}, "scaler": scaler}
+    write_text(folder / "trainable.json", json.dumps(meta, indent=1))
+
+
+def load_trainable(engine, folder: str | Path) -> None:
+    """Load what ``save_trainable`` wrote; the engine's frozen weights stay as they are."""
+    folder = Path(folder)
+    if not (folder / "trainable.json").is_file():
+        raise UserError(f"{folder}: no trainable.json; not a trainable-only checkpoint")
+    meta = json.loads((folder / "trainable.json").read_text())
+    tensors = load_file(str(folder / "trainable.safetensors"))
+    values = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+    wanted = trainable_names(engine)
+    if sorted(values) != sorted(wanted):
+        extra, missing = sorted(set(values) - set(wanted)), sorted(set(wanted) - set(values))
+        raise UserError(f"{folder}: the trainable parameters differ from this run's "
+                        f"(only in the checkpoint: {extra[:3]}, only in this run: {missing[:3]})")
+    moments = {n: {k: tensors[f"{k}.{n}"] for k in MOMENTS} | {"step": step} for n, step in meta["steps"].items()}
+    if _is_gemini(engine):
+        _load_gemini(engine, values, moments, meta["scaler"])
+    else:
+        _load_plain(engine, values, moments, meta["scaler"])
+
+
+def _load_gemini(engine, values: dict, moments: dict, scaler: dict) -> None:
+    from ferryman.core.gemini.state import import_optim_state
+
+    engine.load_state_dict(engine.state_dict() | values)  # frozen chunks keep their current weights
+    import_optim_state(engine, moments)
+    if engine.scaler.enabled:
+        engine.scaler.scale, engine.scaler.calm_steps = float(scaler["scale"]), int(scaler["calm_steps"])
+
+
+def _load_plain(engine, values: dict, moments: dict, scaler: dict) -> None:
+    with torch.no_grad():
+        for name, param in engine.named:
+            param.copy_(values[name])
+            if name in moments:
+                engine.optimizer.state[param] = {
+                    "step": torch.tensor(moments[name]["step"], dtype=torch.float32, device=param.device),
+                    **{k: moments[name][k].to(param.device) for k in MOMENTS},
+                }
+    if engine.scaler.is_enabled():
+        state = engine.scaler.state_dict()
+        engine.scaler.load_state_dict(state | {"scale": float(scaler["scale"]), "_growth_tracker": int(scaler["calm_steps"])})
