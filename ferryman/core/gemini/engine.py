@@ -144,12 +144,20 @@ class GeminiEngine:
             args, kwargs = tree_map(cast, (args, kwargs))
         warmup = self.manager.tracer.recording and self.device.type == "cpu"
         probe = self.manager.tracer.saved_tensor_hooks(self._is_model_data) if warmup else contextlib.nullcontext()
+        # A forward without grad (evaluation between steps) must not move the clock that indexes
+        # the warm-up trace: the next training forward would read another step's memory plan.
+        clock = self.manager.clock
         with probe:
             out = self.module(*args, **kwargs)
+        # Every collective after the forward comes after complete_gathers: a rank that used a
+        # chunk others skipped must not be inside a gather while the others broadcast the layout.
+        self.manager.complete_gathers()  # the chunks other ranks used and this one skipped
         if not self._first_forward_done:
             self._first_forward_done = True
             self._reorder()
-        self.manager.complete_gathers()  # the chunks other ranks used and this one skipped
+            self.manager.complete_gathers()  # the repacked chunks
+        if not torch.is_grad_enabled():
+            self.manager.clock = clock
         self._backward_pending |= torch.is_grad_enabled()
         return out
 

@@ -31,7 +31,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     ema_decay: float = 0.0  # 0 disables the weight EMA
-    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (diffusers' EMAModel)
+    ema_warmup: bool = False  # diffusers' EMAModel warm-up: decay 0 at the first update, then min(ema_decay, (1 + n) / (10 + n))
     ckpt_every: int = 0  # 0: only at the end
     ckpt_at_end: bool = True  # also where this call stops (needed to resume a stop_after job)
     keep_last: int = 2  # 0: keep every checkpoint

@@ -20,9 +20,10 @@ def lr_at(step: int, *, base_lr: float, max_steps: int, warmup_steps: int, sched
 
 
 def ema_decay_at(decay: float, num_updates: int) -> float:
-    """min(decay, (1 + n) / (10 + n)) after ``n`` updates: diffusers' EMAModel warm-up, so that the
-    early average follows training instead of staying near the initial weights."""
-    return min(decay, (1 + num_updates) / (10 + num_updates))
+    """The decay for the update that follows ``n`` earlier ones, as diffusers' EMAModel has it: 0 for
+    the first (the average starts at the first updated weights), then min(decay, (1 + n) / (10 + n)),
+    so the early average follows training instead of staying near the initial weights."""
+    return 0.0 if num_updates <= 0 else min(decay, (1 + num_updates) / (10 + num_updates))
 
 
 class EMA:

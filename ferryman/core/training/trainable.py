@@ -5,10 +5,12 @@ whole frozen base into every checkpoint. ``save_trainable`` writes only what tra
 
     trainable.safetensors   param.<name>, exp_avg.<name>, exp_avg_sq.<name> (fp32, consolidated)
     trainable.json          format, engine kind, AdamW step count per parameter, loss-scaler state
-                            (scale and calm steps: the same for both engines)
+                            (scale and calm steps: the same for both engines), and a fingerprint
+                            of the frozen weights (shape and float64 sum of each)
 
 ``load_trainable`` puts them back into an engine whose frozen weights were rebuilt the same way as
-when the checkpoint was written (e.g. from the same base model folder). Both engines are handled;
+when the checkpoint was written (e.g. from the same base model folder); the fingerprint refuses a
+resume on another base, and every tensor's shape is checked (a different LoRA rank is refused). Both engines are handled;
 the numbers come back bit for bit, so a resumed run repeats an uninterrupted one, and a checkpoint
 written by one engine resumes on the other.
 """
@@ -34,6 +36,19 @@ def trainable_names(engine) -> list[str]:
 
 def _is_gemini(engine) -> bool:
     return hasattr(engine, "chunks")
+
+
+def frozen_fingerprint(named: dict[str, torch.Tensor], trainable: set[str]) -> dict[str, list]:
+    """[shape, float64 sum] of each frozen weight: cheap, and enough to tell another base apart."""
+    return {n: [list(v.shape), float(v.detach().double().sum())] for n, v in sorted(named.items()) if n not in trainable}
+
+
+def _frozen_values(engine) -> dict[str, torch.Tensor]:
+    if _is_gemini(engine):
+        from ferryman.core.gemini.state import export_full
+
+        return export_full(engine, with_moments=False)[0]  # a collective: every rank calls it
+    return dict(engine.module.named_parameters())
 
 
 def export_trainable(engine) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
@@ -62,6 +77,7 @@ def save_trainable(engine, folder: str | Path) -> None:
     """Write the trainable weights and their optimizer state to ``folder`` (rank 0 writes)."""
     folder = Path(folder)
     values, moments, scaler = export_trainable(engine)
+    frozen = frozen_fingerprint(_frozen_values(engine), set(values))
     if engine.rank != 0:
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,7 +86,7 @@ def save_trainable(engine, folder: str | Path) -> None:
     with atomic_path(folder / "trainable.safetensors") as tmp:
         save_file(tensors, str(tmp))
     meta = {"format": FORMAT, "engine": "gemini" if _is_gemini(engine) else "plain",
-            "steps": {n: m["step"] for n, m in moments.items()}, "scaler": scaler}
+            "steps": {n: m["step"] for n, m in moments.items()}, "scaler": scaler, "frozen": frozen}
     write_text(folder / "trainable.json", json.dumps(meta, indent=1))
 
 
@@ -88,10 +104,33 @@ def load_trainable(engine, folder: str | Path) -> None:
         raise UserError(f"{folder}: the trainable parameters differ from this run's "
                         f"(only in the checkpoint: {extra[:3]}, only in this run: {missing[:3]})")
     moments = {n: {k: tensors[f"{k}.{n}"] for k in MOMENTS} | {"step": step} for n, step in meta["steps"].items()}
+    _check_shapes(engine, folder, values, moments)
+    if "frozen" in meta:  # absent in checkpoints written before the fingerprint existed
+        _check_frozen(folder, meta["frozen"], frozen_fingerprint(_frozen_values(engine), set(wanted)))
     if _is_gemini(engine):
         _load_gemini(engine, values, moments, meta["scaler"])
     else:
         _load_plain(engine, values, moments, meta["scaler"])
+
+
+def _check_shapes(engine, folder: Path, values: dict, moments: dict) -> None:
+    shapes = {n: tuple(p.shape) for n, p in engine.module.named_parameters() if p.requires_grad}
+    for name, value in values.items():
+        saved = [tuple(value.shape)] + [tuple(moments[name][k].shape) for k in MOMENTS if name in moments]
+        if any(shape != shapes[name] for shape in saved):
+            raise UserError(f"{folder}: {name} has shape {list(saved[0])} in the checkpoint but "
+                            f"{list(shapes[name])} in this run (was it written with another adapter rank or model?)")
+
+
+def _check_frozen(folder: Path, saved: dict[str, list], now: dict[str, list]) -> None:
+    for name in sorted(set(saved) | set(now)):
+        if name not in saved or name not in now or saved[name][0] != now[name][0]:
+            raise UserError(f"{folder}: this run's frozen base differs from the checkpoint's (at {name}); "
+                            "resume with the base model the run started from")
+        (_, a), (_, b) = saved[name], now[name]
+        if abs(a - b) > 1e-3 * max(1.0, abs(a), abs(b)):
+            raise UserError(f"{folder}: this run's frozen base weights differ from the checkpoint's (at {name}); "
+                            "resume with the base model the run started from")
 
 
 def _load_gemini(engine, values: dict, moments: dict, scaler: dict) -> None:

@@ -63,8 +63,13 @@ def test_loss_config_rejects_unknown_prediction_type():
 
 
 def test_ema_decay_warms_up_like_diffusers():
+    from diffusers.training_utils import EMAModel
+
     from ferryman.core.training.schedule import ema_decay_at
 
-    assert ema_decay_at(0.9999, 0) == pytest.approx(0.1)
-    assert ema_decay_at(0.9999, 90) == pytest.approx(0.91)
-    assert ema_decay_at(0.99, 10_000) == 0.99
+    # EMAModel.step counts the update first, then asks get_decay(count): ours takes the updates before
+    for decay in (0.9999, 0.99):
+        ema = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=decay)
+        for done in (0, 1, 2, 90, 10_000):
+            assert ema_decay_at(decay, done) == pytest.approx(ema.get_decay(done + 1))
+    assert ema_decay_at(0.9999, 0) == 0.0 and ema_decay_at(0.99, 10_000) == 0.99
