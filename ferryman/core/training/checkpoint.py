@@ -143,8 +143,12 @@ class CheckpointStore:
             write_text(tmp / self.trainer_file, json.dumps({**self.extra_state(), **trainer}, indent=1) + "\n")
         _barrier(group)
         if rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
+            old = self.root / f".old-{final.name}"  # a step saved again: the previous copy goes last
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
             if self.pointer is not None:
                 write_text(self.root / self.pointer, final.name + "\n")
             self.prune()
