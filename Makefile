@@ -1,27 +1,55 @@
 # Two commands do all set-up on a fresh machine:
 #   make test   install everything, then lint and run the test suite
 #   make demo   install everything, then run the main jobs on the shipped sample data
-# torch is installed first, pinned, so that no other requirement can pull a different build.
+# Both install the exact tested set pinned in requirements.lock (torch included, as the CPU build
+# of torch==2.13.0). `make lock` re-resolves the lock from pyproject's ranges; `make test-latest`
+# runs the suite on the newest versions those ranges allow, in .venv-latest, to show drift early.
 
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ferryman-installed
-TORCH_SPEC ?= torch==2.13.0
+LOCK   := requirements.lock
+EXTRAS := --extra all --extra dev --extra parity
+UV_VERSION := 0.13.9
+# Where the CPU build of torch comes from: this machine's wheel folder, else PyTorch's CPU index.
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+LOCK_ARGS = pyproject.toml $(EXTRAS) -c requirements-torch.txt --python-version 3.11 --python-platform x86_64-manylinux_2_34
 DEBIAN_TOOLS := hmmer hhsuite kalign
 DEMO_OUT ?= demo-out
+LATEST := .venv-latest
 
-.PHONY: install tools test lint demo clean
+.PHONY: install tools test lint demo clean lock test-latest
 
 install: $(STAMP) tools
 
-$(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Ferryman needs Python >= 3.11; found " + sys.version.split()[0])'
+$(STAMP): pyproject.toml $(LOCK)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "The lock is resolved for Python 3.11; found " + sys.version.split()[0] + ". Without the lock: pip install -e .[all] (see README)")'
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[all,dev]"
+	$(PY) -m pip install $(TORCH_SOURCE) -r $(LOCK)
+	$(PY) -m pip install --no-deps -e .
 	@touch $(STAMP)
+
+# uv (which writes the lock) lives in its own small venv, so `make lock` works before .venv exists.
+UV := .venv-uv/bin/uv
+$(UV):
+	$(PYTHON) -m venv .venv-uv && .venv-uv/bin/python -m pip install -q "uv==$(UV_VERSION)"
+
+# Re-resolve the lock from pyproject's ranges. Versions already in the lock are kept when they
+# still satisfy the ranges, so with nothing changed the file comes back byte for byte.
+lock: $(UV)
+	$(UV) pip compile $(LOCK_ARGS) $(TORCH_SOURCE) -o $(LOCK)
+
+# The newest versions pyproject allows, in a separate venv; prints what moved, then runs the suite.
+test-latest: $(UV)
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	$(UV) pip compile $(LOCK_ARGS) $(TORCH_SOURCE) --upgrade --no-header -o $(LATEST)/latest.txt
+	@echo "== newer than requirements.lock:"; \
+	diff <(grep -E '^[A-Za-z0-9]' $(LOCK)) <(grep -E '^[A-Za-z0-9]' $(LATEST)/latest.txt) | grep '^>' | sed 's/^> /   /' || echo "   (nothing)"
+	$(LATEST)/bin/python -m pip install $(TORCH_SOURCE) -r $(LATEST)/latest.txt
+	$(LATEST)/bin/python -m pip install --no-deps -e .
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
 
 # jackhmmer/hmmsearch (hmmer), hhblits/hhsearch (hhsuite) and kalign come from Debian's packages.
 tools:
@@ -75,4 +103,4 @@ demo: install
 	@echo "demo outputs are in $(DEMO_OUT)/"
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LATEST) .venv-uv $(DEMO_OUT) .pytest_cache .ruff_cache *.egg-info

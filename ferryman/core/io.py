@@ -1,4 +1,9 @@
-"""Atomic file output: write under a temporary name in the same folder, then rename."""
+"""Atomic file output: write under a temporary name in the same folder, then rename.
+
+The temporary file comes from ``mkstemp`` (mode 0600, so no other user can read a half-written
+file); before the rename it gets the mode a plain ``open()`` would have given it under the
+current umask, so finished outputs are as readable as any other file the user writes.
+"""
 
 from __future__ import annotations
 
@@ -26,11 +31,22 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        _publish(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str | os.PathLike, target: Path) -> None:
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, target)
 
 
 @contextlib.contextmanager
@@ -45,7 +61,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, target)
+        _publish(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

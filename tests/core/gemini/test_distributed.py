@@ -7,6 +7,7 @@ from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
 from ferryman.core.gemini.checkpoint import consolidate
 from ferryman.core.parallel import init_parallel, run_distributed
 from tests.core.gemini.models import TinyNet, batches, lm_loss, train_engine
+from tests.tolerance import approx, assert_close
 
 OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
 CONFIGS = {
@@ -75,9 +76,9 @@ def test_two_ranks_equal_one(name, two_ranks):
     (single_losses, single_state, _, _) = _run(0, 1, name, None)
     (loss0, state0, shards0, stats0), (loss1, state1, _, _) = results[0][name], results[1][name]
     mean = [(a + b) / 2 for a, b in zip(loss0, loss1)]
-    assert mean == pytest.approx(single_losses, abs=1e-6)
+    assert mean == approx(single_losses, ulps=16)  # two ranks sum in another order
     for key, value in single_state.items():
-        assert torch.allclose(state0[key], value, atol=1e-6), key
+        assert_close(state0[key], value, ulps=16, msg=key)
         assert torch.equal(state0[key], state1[key])  # both ranks agree
     if name == "auto":  # the budget binds on each rank, and holds
         assert stats0["evictions"] > 0

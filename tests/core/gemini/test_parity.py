@@ -5,6 +5,7 @@ import torch
 
 from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
 from tests.core.gemini.models import TinyNet, batches, lm_loss, train_engine, train_reference, twin
+from tests.tolerance import approx
 
 OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1)
 
@@ -24,7 +25,7 @@ def test_static_fp32_matches_adamw(param_host, optim_host):
     assert engine.stats()["num_chunks"] >= cfg.min_num_chunks  # a tiny model is still chunked
     expected = train_reference(reference, data)
     got = train_engine(engine, data)
-    assert got == pytest.approx(expected, abs=1e-6)
+    assert got == approx(expected)
     assert _max_param_diff(engine, reference) < 1e-6
     host_chunks = sum(not c.shard_on_device for c in engine.chunks)
     assert (host_chunks > 0) == (param_host > 0)
@@ -45,7 +46,7 @@ def test_auto_fp32_under_budget_matches_adamw(recompute):
     engine = gemini(model, GeminiConfig(placement="auto", precision="fp32", device_budget_bytes=budget), OPTIM)
     expected = train_reference(reference, data)
     got = train_engine(engine, data)
-    assert got == pytest.approx(expected, abs=1e-6)
+    assert got == approx(expected)
     assert _max_param_diff(engine, reference) < 1e-6
     stats = engine.stats()
     assert stats["evictions"] > 0  # the budget forced chunks off the device
@@ -72,7 +73,7 @@ def test_grad_accumulation_and_clipping_match():
     engine = gemini(model, GeminiConfig(placement="static", precision="fp32", param_host_fraction=0.5), optim)
     expected = train_reference(reference, data, max_norm=0.5, accum=3)
     got = train_engine(engine, data, accum=3)
-    assert got == pytest.approx(expected, abs=1e-6)
+    assert got == approx(expected)
     assert _max_param_diff(engine, reference) < 1e-6
 
 
@@ -88,7 +89,7 @@ def test_frozen_and_gradless_parameters():
     assert any(not c.trainable for c in engine.chunks)
     expected = train_reference(reference, data)
     got = train_engine(engine, data)
-    assert got == pytest.approx(expected, abs=1e-6)
+    assert got == approx(expected)
     state = engine.state_dict()
     assert torch.equal(state["unused.weight"], unused_before)  # no gradient: untouched, no decay
     assert torch.equal(state["blocks.0.up.weight"], frozen_before)

@@ -13,6 +13,7 @@ from ferryman.core.errors import UserError
 from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
 from ferryman.core.parallel import init_parallel, run_distributed
 from tests.core.gemini.models import Block, batches, lm_loss, reference_optimizer, twin
+from tests.tolerance import approx
 
 OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
 NUM_STEPS = 6
@@ -114,7 +115,7 @@ def test_rank_dependent_branches_match_ddp_reference(two_ranks, name):
     reference = BranchNet(reuse=name == "reuse")
     expected = _reference(reference, batches(NUM_STEPS), 2, SIDE)
     (loss0, state0, stats0), (loss1, state1, stats1) = two_ranks[0][name], two_ranks[1][name]
-    assert [(a + b) / 2 for a, b in zip(loss0, loss1)] == pytest.approx(expected, abs=1e-6)
+    assert [(a + b) / 2 for a, b in zip(loss0, loss1)] == approx(expected, ulps=16)
     for key, value in reference.named_parameters():
         assert (state0[key] - value.detach()).abs().max().item() < 1e-6, key
         assert torch.equal(state0[key], state1[key])
@@ -143,7 +144,7 @@ def test_per_parameter_step_counts_match_adamw(name):
     expected = _reference(reference, data, 1, sides)
     engine = gemini(model, SINGLE[name], OPTIM)
     got = _train(engine, data, sides[0])
-    assert got == pytest.approx(expected, abs=1e-6)
+    assert got == approx(expected)
     state = engine.state_dict()
     for key, value in reference.named_parameters():
         assert (state[key] - value.detach()).abs().max().item() < 1e-6, key
