@@ -4,7 +4,10 @@
   ``Error: ...``, and exit status 2, with no traceback.
 - ``config_options`` adds ``--config FILE`` and repeatable ``--set KEY=VALUE`` to a command, and
   ``resolve_config`` builds the final config from a preset, the file, the command's own flags and
-  the overrides, in that order.
+  the overrides, in that order, validating it once, after everything is merged.
+- ``train_options`` adds the flags every training command shares, with one meaning everywhere
+  (DESIGN.md: one flag vocabulary); ``train_flags`` maps their values onto the core
+  ``TrainConfig`` an app embeds. An app adds only the flags that are its own.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ferryman.core.config import apply_overrides, merge, read_mapping
+from ferryman.core.config import layered, nest, override_layers, read_mapping
 from ferryman.core.errors import UserError
 
 T = TypeVar("T")
@@ -73,16 +76,77 @@ def resolve_config(
 ) -> T:
     """base <- config file <- explicit command-line flags (None means 'not given') <- --set overrides.
 
-    ``flags`` maps dotted config keys to flag values.
+    ``flags`` maps dotted config keys to flag values. Each value is type-checked as it is laid
+    on; the config's own checks (fields that go together, sizes that must divide) run once on
+    the result, so the order in which the user gave related settings does not matter.
     """
-    cfg = base
+    layers: list[tuple[str, dict[str, Any]]] = []
     if config_file is not None:
-        cfg = merge(cfg, read_mapping(config_file))
+        layers.append((f"config file {config_file}", read_mapping(config_file)))
     for key, value in (flags or {}).items():
-        if value is None:
-            continue
-        nested: Any = value
-        for part in reversed(key.split(".")):
-            nested = {part: nested}
-        cfg = merge(cfg, nested)
-    return apply_overrides(cfg, overrides)
+        if value is not None:
+            layers.append(("", nest(key, str(value) if isinstance(value, Path) else value)))
+    return layered(base, layers + override_layers(overrides))
+
+
+# --memory: where the trained model's weights, gradients and optimizer state live.
+MEMORY_MODES: dict[str, dict[str, Any]] = {
+    "plain": {"engine": "plain"},  # everything on the device, torch AdamW
+    "gemini-auto": {"engine": "gemini", "gemini": {"placement": "auto"}},  # chunks evicted to the host as the budget needs
+    "gemini-offload": {"engine": "gemini",  # every chunk and the optimizer step on the host
+                       "gemini": {"placement": "static", "param_host_fraction": 1.0, "optim_host_fraction": 1.0}},
+}
+PRECISIONS = ("fp32", "bf16", "fp16")
+_SHARED = ("max_steps", "checkpoint_every", "resume", "memory", "precision", "grad_accum", "lr")
+
+
+def train_options(precisions: tuple[str, ...] = PRECISIONS) -> Callable[[F], F]:
+    """The shared training flags plus ``--config``/``--set``; read them back with ``train_flags``.
+
+    ``precisions`` narrows --precision for an app that cannot train in some of them.
+    """
+
+    def decorate(func: F) -> F:
+        options = [
+            click.option("--max-steps", type=int, default=None, help="Optimizer updates in all; a resumed run continues up to it."),
+            click.option("--checkpoint-every", type=int, default=None,
+                         help="Write a checkpoint every N updates (and where the run stops); 0: only at the end."),
+            click.option("--resume", default=None, metavar="latest|PATH",
+                         help="Continue from the newest complete checkpoint under --out ('latest') or from a checkpoint folder."),
+            click.option("--memory", type=click.Choice(list(MEMORY_MODES)), default=None,
+                         help="plain: the whole model on the device; gemini-auto: Gemini chunks moved to the host as the "
+                              "device budget needs; gemini-offload: every chunk and the optimizer step on the host."),
+            click.option("--precision", type=click.Choice(list(precisions)), default=None,
+                         help="Compute precision (autocast); master weights and optimizer state stay fp32."),
+            click.option("--grad-accum", type=int, default=None, help="Micro-batches accumulated per optimizer update."),
+            click.option("--lr", type=float, default=None, help="Peak learning rate (after the warm-up)."),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return config_options(func)
+
+    return decorate
+
+
+def train_flags(values: dict[str, Any], prefix: str = "train.") -> dict[str, Any]:
+    """Pop the shared training flags out of a command's keyword arguments and return them as
+    dotted config keys of the ``TrainConfig`` found at ``prefix`` ("" when the config is one)."""
+    got = {name: values.pop(name, None) for name in _SHARED}
+    flags: dict[str, Any] = {
+        f"{prefix}max_steps": got["max_steps"], f"{prefix}ckpt_every": got["checkpoint_every"],
+        f"{prefix}resume": got["resume"], f"{prefix}precision": got["precision"],
+        f"{prefix}grad_accum": got["grad_accum"], f"{prefix}optim.lr": got["lr"],
+    }
+    if got["memory"] is not None:
+        flags.update(_flatten(MEMORY_MODES[got["memory"]], prefix))
+    return flags
+
+
+def _flatten(mapping: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

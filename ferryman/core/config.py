@@ -204,20 +204,54 @@ def load_config(cls: type[T], path: str | Path) -> T:
 
 def merge(cfg: T, data: dict[str, Any], *, where: str = "") -> T:
     """``cfg`` with the keys of ``data`` (possibly nested) replaced, validated as in ``from_dict``."""
-    current = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    hints = _hints(type(cfg))
+    return layered(cfg, [("", data)], where=where)
+
+
+def layered(base: T, layers: list[tuple[str, dict[str, Any]]], *, where: str = "") -> T:
+    """``base`` with each ``(label, mapping)`` layer laid over it in turn, then built once.
+
+    Each value is checked against its annotated type as its layer is applied (an unknown key or a
+    wrong type names the layer's label, e.g. the config file or the ``--set`` that gave it), but
+    the dataclasses' own cross-field checks run only on the final config: two settings that must
+    go together may come from different layers.
+    """
+    tree = to_dict(base)
+    for label, data in layers:
+        try:
+            _lay(tree, data, type(base), where)
+        except ConfigError as err:
+            raise ConfigError(f"{label}: {err}" if label else str(err)) from None
+    return from_dict(type(base), tree, where=where)
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass ``tp`` is, or is an Optional of."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def _lay(tree: dict[str, Any], data: dict[str, Any], cls: type, where: str) -> None:
+    """Write ``data`` into ``tree`` (a ``to_dict`` form of ``cls``), type-checking each value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
     for key, value in data.items():
-        if key not in current:
-            raise _unknown_key(type(cfg), key, where)
+        if key not in names:
+            raise _unknown_key(cls, key, where)
         path = f"{where}.{key}" if where else key
-        old = current[key]
-        if dataclasses.is_dataclass(old) and isinstance(value, dict):
-            current[key] = merge(old, value, where=path)
+        tp, old = hints[key], tree.get(key)
+        sub = _dataclass_in(tp)
+        if sub is not None and isinstance(value, dict) and isinstance(old, dict):
+            _lay(old, value, sub, path)
         elif isinstance(old, dict) and isinstance(value, dict):  # mapping fields merge key by key
-            current[key] = coerce({**old, **value}, hints[key], path)
+            tree[key] = to_dict(coerce({**old, **value}, tp, path))
         else:
-            current[key] = coerce(value, hints[key], path)
-    return type(cfg)(**current)
+            tree[key] = to_dict(coerce(value, tp, path))
 
 
 def parse_override(text: str) -> tuple[list[str], str]:
@@ -228,15 +262,23 @@ def parse_override(text: str) -> tuple[list[str], str]:
     return key.strip().split("."), value
 
 
-def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
-    """Apply ``key=value`` strings (dotted keys reach nested configs) to ``cfg``."""
+def nest(dotted: str, value: Any) -> dict[str, Any]:
+    """``nest("a.b", 1)`` -> ``{"a": {"b": 1}}``."""
+    nested: Any = value
+    for part in reversed(dotted.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def override_layers(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """One layer per ``--set key=value`` (dotted keys reach nested configs)."""
+    layers = []
     for text in overrides:
         path, value = parse_override(text)
-        nested: Any = value
-        for part in reversed(path):
-            nested = {part: nested}
-        try:
-            cfg = merge(cfg, nested)
-        except ConfigError as err:
-            raise ConfigError(f"--set {text}: {err}") from None
-    return cfg
+        layers.append((f"--set {text}", nest(".".join(path), value)))
+    return layers
+
+
+def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
+    """Apply ``key=value`` strings to ``cfg``; the result is validated once, after all of them."""
+    return layered(cfg, override_layers(overrides))
