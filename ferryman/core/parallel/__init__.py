@@ -11,6 +11,7 @@ from ferryman.core.parallel.collectives import (
     wait,
 )
 from ferryman.core.parallel.dims import ParallelDims, grid_groups, init_parallel
+from ferryman.core.parallel.grads import mark_partial_grads, partial_grad_group
 from ferryman.core.parallel.launch import run_distributed
 
 __all__ = [
@@ -22,7 +23,9 @@ __all__ = [
     "gather_async",
     "grid_groups",
     "init_parallel",
+    "mark_partial_grads",
     "pad_to_multiple",
+    "partial_grad_group",
     "run_distributed",
     "scatter",
     "wait",
