@@ -45,8 +45,9 @@ lock: $(UV)
 test-latest: $(UV)
 	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
 	$(UV) pip compile $(LOCK_ARGS) $(TORCH_SOURCE) --upgrade --no-header -o $(LATEST)/latest.txt
-	@echo "== newer than requirements.lock:"; \
-	diff <(grep -E '^[A-Za-z0-9]' $(LOCK)) <(grep -E '^[A-Za-z0-9]' $(LATEST)/latest.txt) | grep '^>' | sed 's/^> /   /' || echo "   (nothing)"
+	@moved="$$(diff <(grep -E '^[A-Za-z0-9]' $(LOCK)) <(grep -E '^[A-Za-z0-9]' $(LATEST)/latest.txt) | grep '^>' | sed 's/^> /   /')"; \
+	echo "== versions newer than requirements.lock:"; echo "$${moved:-   (none: the lock is the newest set pyproject allows)}"; \
+	echo "== key versions used:"; grep -E '^(torch|triton|transformers|peft|diffusers|numpy|jax|alphafold-colabfold|openmm)==' $(LATEST)/latest.txt | sed 's/^/   /'
 	$(LATEST)/bin/python -m pip install $(TORCH_SOURCE) -r $(LATEST)/latest.txt
 	$(LATEST)/bin/python -m pip install --no-deps -e .
 	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
