@@ -16,7 +16,7 @@ UV_VERSION := 0.13.9
 # Where the CPU build of torch comes from: this machine's wheel folder, else PyTorch's CPU index.
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 LOCK_ARGS = pyproject.toml $(EXTRAS) -c requirements-torch.txt --python-version 3.11 --python-platform x86_64-manylinux_2_34
-DEBIAN_TOOLS := hmmer hhsuite kalign
+DEBIAN_TOOLS := hmmer hhsuite kalign mmseqs2
 DEMO_OUT ?= demo-out
 LATEST := .venv-latest
 
@@ -51,10 +51,10 @@ test-latest: $(UV)
 	$(LATEST)/bin/python -m pip install --no-deps -e .
 	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
 
-# jackhmmer/hmmsearch (hmmer), hhblits/hhsearch (hhsuite) and kalign come from Debian's packages.
+# jackhmmer/hmmsearch (hmmer), hhblits/hhsearch (hhsuite), kalign and mmseqs (mmseqs2) come from Debian's packages.
 tools:
 	@missing=""; \
-	for bin in jackhmmer hmmsearch hhblits hhsearch kalign; do command -v $$bin >/dev/null || missing="$$missing $$bin"; done; \
+	for bin in jackhmmer hmmsearch hhblits hhsearch kalign mmseqs; do command -v $$bin >/dev/null || missing="$$missing $$bin"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian packages $(DEBIAN_TOOLS) for:$$missing"; \

@@ -33,7 +33,7 @@ def test_train_writes_checkpoints_metrics_and_curves_and_resumes(tmp_path):
     data.mkdir()
     (data / "villin.pdb").write_text(openmm_villin_pdb())
     (data / "corrupt.cif").write_text("data_corrupt\nloop_\n_atom_site.id\n1\n")
-    result = _invoke(["train", "--data", str(data), "--out", str(out), "--steps", "3", "--ckpt-every", "2", *_FAST])
+    result = _invoke(["train", "--data", str(data), "--out", str(out), "--max-steps", "3", "--checkpoint-every", "2", *_FAST])
     assert "1 unreadable file(s) skipped" in result.output
     summary = json.loads((out / "data.json").read_text())
     assert summary["num_skipped"] == 1 and "corrupt.cif" in summary["skipped"][0]
@@ -49,7 +49,7 @@ def test_train_writes_checkpoints_metrics_and_curves_and_resumes(tmp_path):
     saved = yaml.safe_load((out / "fastfold_train.yaml").read_text())
     assert saved["preset"]["model"] == "tiny" and saved["preset"]["crop_size"] == 24 and saved["train"]["max_steps"] == 3
 
-    _invoke(["train", "--data", str(data), "--out", str(out), "--steps", "4", "--resume", "latest", *_FAST])
+    _invoke(["train", "--data", str(data), "--out", str(out), "--max-steps", "4", "--resume", "latest", *_FAST])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert (out / "checkpoints" / "step-00000004").is_dir()
