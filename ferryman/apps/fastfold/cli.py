@@ -86,6 +86,7 @@ def _options(flags: dict) -> dict:
 @click.option("--gpus", type=int, default=1, show_default=True, help="Split each model over N processes with DAP (started with torchrun).")
 @click.option("--plots/--no-plots", default=None, help="Write pLDDT, PAE and MSA-coverage PNGs (default on).")
 @click.option("--msa-only", "msa_only", is_flag=True, default=None, help="Write alignments and features only (as `fastfold msa`).")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar (default on).")
 @config_options
 def predict(fasta, out_dir, gpus, config_file, overrides, **flags) -> None:
     """Predict structures for every record of the FASTA files.

@@ -40,8 +40,10 @@ def _model_config(name: str, opts):
 
     if opts.random_weights:  # the smallest network with every module; the outputs say it is random
         cfg = presets.tiny(heads=presets.HeadsConfig(plddt_channels=8, ptm=name.endswith("_ptm")))
-    elif opts.preset is not None:
+    elif opts.preset is not None:  # small networks in the official layout (tests, demos)
         cfg = presets.get_preset(opts.preset)
+        if name in presets.MODEL_NAMES:
+            cfg.heads.ptm = name.endswith("_ptm")
     else:
         cfg = presets.alphafold(name)
     return _finish_config(cfg, opts)
