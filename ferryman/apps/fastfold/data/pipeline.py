@@ -151,13 +151,26 @@ class DataConfig:
         )
 
 
+# Merge order (first copy of a sequence wins): AF2's monomer pipeline (UniRef90, BFD, MGnify) and
+# ColabFold's (UniRef30, then the environmental database); other names after, alphabetically.
+ALIGNMENT_ORDER = ("uniref90_hits", "bfd_uniref_hits", "mgnify_hits", "uniref", "bfd.mgnify30.metaeuk30.smag30")
+
+
+def in_merge_order(files: list[Path]) -> list[Path]:
+    def key(path: Path) -> tuple[int, str]:
+        stem = path.name.rsplit(".", 1)[0]
+        return (ALIGNMENT_ORDER.index(stem) if stem in ALIGNMENT_ORDER else len(ALIGNMENT_ORDER), path.name)
+
+    return sorted(files, key=key)
+
+
 def precomputed_alignments(msa_dir: Path, name: str) -> list[Path]:
     folder = msa_dir / name
     if folder.is_dir():
-        files = sorted(p for p in folder.iterdir() if p.suffix in (".sto", ".a3m") and not p.name.startswith("pdb_hits"))
+        files = [p for p in folder.iterdir() if p.suffix in (".sto", ".a3m") and not p.name.startswith("pdb_hits")]
     else:
         files = [p for p in (msa_dir / f"{name}.sto", msa_dir / f"{name}.a3m") if p.is_file()]
-    return files
+    return in_merge_order(files)
 
 
 def _search(cfg: DataConfig, target: FastaTarget, msas_out: Path) -> list[Path]:
@@ -184,7 +197,7 @@ def _search(cfg: DataConfig, target: FastaTarget, msas_out: Path) -> list[Path]:
             runner = tools.HHBlits(binary=binary, databases=hh_dbs, n_iter=cfg.hhblits_n_iter, cpus=cfg.cpus)
             produced.append(runner.search(target.sequence, tmp_dir / "bfd_uniref_hits.a3m"))
         final = []
-        for path in produced:
+        for path in in_merge_order(produced):
             final_path = msas_out / path.name
             shutil.move(str(path), final_path)
             final.append(final_path)
