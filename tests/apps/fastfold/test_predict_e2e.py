@@ -100,6 +100,34 @@ def test_structures_parse_and_bfactors_equal_plddt(villin_run):
     assert (folder / "ranked_1.pdb").read_text() == (folder / f"unrelaxed_{second}.pdb").read_text()
 
 
+def test_af2_format_outputs_read_back_independently(villin_run):
+    """gemmi and Biopython read the mmCIF's ModelCIF pLDDT; json keys and shapes as AF2 v2.3."""
+    import gemmi
+    from Bio.PDB.MMCIF2Dict import MMCIF2Dict
+
+    folder, _ = villin_run
+    ranking = json.loads((folder / "ranking_debug.json").read_text())
+    assert {"plddts", "order"} <= set(ranking) and len(ranking["order"]) == 2
+    for name in ranking["order"]:
+        record = json.loads((folder / f"confidence_{name}.json").read_text())
+        assert set(record) == {"residueNumber", "confidenceScore", "confidenceCategory"}
+        assert record["residueNumber"] == list(range(1, 36)) and set(record["confidenceCategory"]) <= set("DLMH")
+        (pae,) = json.loads((folder / f"pae_{name}.json").read_text())
+        assert set(pae) == {"predicted_aligned_error", "max_predicted_aligned_error"}
+        assert np.array(pae["predicted_aligned_error"]).shape == (35, 35)
+        block = gemmi.cif.read(str(folder / f"unrelaxed_{name}.cif")).sole_block()
+        local = block.find("_ma_qa_metric_local.", ["label_seq_id", "metric_id", "metric_value"])
+        assert [int(row[0]) for row in local] == list(range(1, 36)) and {row[1] for row in local} == {"2"}
+        assert [float(row[2]) for row in local] == pytest.approx(record["confidenceScore"], abs=0.006)
+        metrics = block.find("_ma_qa_metric.", ["id", "mode", "name"])
+        assert [(r[0], r[1], r[2]) for r in metrics] == [("1", "global", "pLDDT"), ("2", "local", "pLDDT")]
+        mean = float(block.find_value("_ma_qa_metric_global.metric_value"))
+        assert mean == pytest.approx(ranking["plddts"][name], abs=0.006)
+        assert MMCIF2Dict(str(folder / f"unrelaxed_{name}.cif"))["_ma_qa_metric_global.metric_value"] == [f"{mean:.2f}"]
+    best = max(ranking["plddts"], key=ranking["plddts"].get)
+    assert ranking["order"][0] == best
+
+
 def test_random_weights_are_declared_in_outputs(villin_run):
     folder, _ = villin_run
     # A real --params run: no warning anywhere.
