@@ -81,13 +81,16 @@ class TemplateIndex:
 
     folder: Path
     files: dict[str, dict] = field(default_factory=dict)  # file name -> size, mtime_ns, release_date, chains
+    _by_id: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
     def chains(self) -> dict[str, str]:
         return {name: seq for entry in self.files.values() for name, seq in entry["chains"].items()}
 
     def file_of(self) -> dict[str, str]:
-        """PDB id (lower case) -> file name."""
-        return {name.split(".")[0].lower(): name for name in self.files}
+        """PDB id (lower case) -> file name (built once: a mirror has ~200,000 files)."""
+        if self._by_id is None:
+            self._by_id = {name.split(".")[0].lower(): name for name in self.files}
+        return self._by_id
 
     def date_of(self, pdb_id: str) -> str | None:
         name = self.file_of().get(pdb_id.lower())
