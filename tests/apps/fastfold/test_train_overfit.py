@@ -20,7 +20,7 @@ pytest.importorskip("Bio")
 from tests.apps.fastfold._structures import VILLIN_SEQUENCE, openmm_villin_pdb
 
 STEPS = 600  # ~100 s on 2 CPU cores (cosine LR from 1e-2 after 50 warm-up steps)
-PREDICT_LDDT_BOUND = 0.85  # measured 0.97 here (2 cores); the training crop is the whole chain
+PREDICT_LDDT_BOUND = 0.9  # measured 0.988 (CPU, 2 cores); the training crop is the whole chain
 
 
 @pytest.fixture(scope="module")
