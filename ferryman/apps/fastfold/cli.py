@@ -161,6 +161,8 @@ def index_templates(mmcif_dir) -> None:
     from ferryman.apps.fastfold.data.template_index import INDEX_NAME, load_index
     from ferryman.core.files import check_writable
 
+    if not Path(mmcif_dir).is_dir():
+        raise UserError(f"{mmcif_dir}: not a folder of mmCIF files")
     check_writable(Path(mmcif_dir) / INDEX_NAME, "template index", is_dir=False)
     index = load_index(Path(mmcif_dir), progress=True)
     dated = sum(1 for entry in index.files.values() if entry["release_date"])
