@@ -267,3 +267,24 @@ def test_resume_from_damaged_checkpoint_ends_in_one_line(trained_run, tmp_path, 
     assert result.exit_code == 2, (result.output, result.exception)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.output
+
+
+# --- fastfold predict --params <a training run> ----------------------------------------------------
+
+
+def test_predict_finds_the_weights_of_a_run_and_of_one_checkpoint(trained_run):
+    from ferryman.apps.fastfold.params import resolve_sources
+
+    run = trained_run / "run"
+    (source,) = resolve_sources(run, None, "monomer", random_weights=False)
+    assert (source.name, source.kind, source.path.name) == ("tiny", "checkpoint", "step-00000002")
+    (source,) = resolve_sources(run / "checkpoints" / "step-00000001", None, "monomer", random_weights=False)
+    assert (source.network, source.path.name, source.run_config) == ("tiny", "step-00000001", run / "fastfold_train.yaml")
+
+
+def test_predict_with_a_damaged_trained_checkpoint_ends_in_one_line(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "run", run)
+    _truncate(run / "checkpoints" / "step-00000002" / "model.safetensors")
+    args = _predict(tmp_path, "--params", str(run), *SINGLE)
+    _check_one_line(tmp_path, args, "model.safetensors", {"run"})
