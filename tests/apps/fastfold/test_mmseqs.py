@@ -75,3 +75,7 @@ def test_msa_only_then_predict_with_precomputed_msas(colabfold_dbs, tmp_path):
     with np.load(folder / "features.npz", allow_pickle=False) as feats:
         assert np.array_equal(feats["msa"], msa_only)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no .tmp-/.old- target folders left
+
+    # An earlier run's output folder also serves as --msa-dir for a new one.
+    _invoke("predict", str(DATA / "hbb_human.fasta"), "--out", str(tmp_path / "again"), "--msa-dir", str(out), *MODEL)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "again" / "HBB_HUMAN" / "msas").iterdir()} == searched

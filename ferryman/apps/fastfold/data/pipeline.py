@@ -165,7 +165,11 @@ def in_merge_order(files: list[Path]) -> list[Path]:
 
 
 def precomputed_alignments(msa_dir: Path, name: str) -> list[Path]:
+    """<msa_dir>/<name>/msas/ (an earlier run's output folder), <msa_dir>/<name>/, or
+    <msa_dir>/<name>.sto|.a3m; template hits (pdb_hits.*) are not alignments."""
     folder = msa_dir / name
+    if (folder / "msas").is_dir():
+        folder = folder / "msas"
     if folder.is_dir():
         files = [p for p in folder.iterdir() if p.suffix in (".sto", ".a3m") and not p.name.startswith("pdb_hits")]
     else:
@@ -232,7 +236,7 @@ def check_target_sources(target: FastaTarget, cfg: DataConfig, previous_msas: Pa
         return
     places = [f"{previous_msas}/*.sto|*.a3m"] if cfg.use_precomputed_msas and previous_msas else []
     if cfg.msa_dir is not None:
-        places += [f"{cfg.msa_dir}/{target.name}/*.sto|*.a3m", f"{cfg.msa_dir}/{target.name}.a3m"]
+        places += [f"{cfg.msa_dir}/{target.name}[/msas]/*.sto|*.a3m", f"{cfg.msa_dir}/{target.name}.a3m"]
     flag = "--msa-dir " + str(cfg.msa_dir) if cfg.msa_dir is not None else "--use-precomputed-msas"
     raise UserError(f"{flag}: no alignment for {target.record_id!r}; expected {' or '.join(places)} "
                     "(or give --msa-mode with its databases)")  # fmt: skip
