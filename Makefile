@@ -16,7 +16,7 @@ UV_VERSION := 0.13.9
 # Where the CPU build of torch comes from: this machine's wheel folder, else PyTorch's CPU index.
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 LOCK_ARGS = pyproject.toml $(EXTRAS) -c requirements-torch.txt --python-version 3.11 --python-platform x86_64-manylinux_2_34
-DEBIAN_TOOLS := hmmer hhsuite kalign
+DEBIAN_TOOLS := hmmer hhsuite kalign mmseqs2
 DEMO_OUT ?= demo-out
 LATEST := .venv-latest
 
@@ -52,10 +52,10 @@ test-latest: $(UV)
 	$(LATEST)/bin/python -m pip install --no-deps -e .
 	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
 
-# jackhmmer/hmmsearch (hmmer), hhblits/hhsearch (hhsuite) and kalign come from Debian's packages.
+# jackhmmer/hmmsearch (hmmer), hhblits/hhsearch (hhsuite), kalign and mmseqs (mmseqs2) come from Debian's packages.
 tools:
 	@missing=""; \
-	for bin in jackhmmer hmmsearch hhblits hhsearch kalign; do command -v $$bin >/dev/null || missing="$$missing $$bin"; done; \
+	for bin in jackhmmer hmmsearch hhblits hhsearch kalign mmseqs; do command -v $$bin >/dev/null || missing="$$missing $$bin"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian packages $(DEBIAN_TOOLS) for:$$missing"; \
@@ -78,14 +78,24 @@ demo: install
 	$(VENV)/bin/opensora --help
 	$(VENV)/bin/sd-finetune --help
 	@echo "== fastfold: a small random model, real jackhmmer MSAs against data/fastfold/seqdb, Amber relax of the best model"
-	$(VENV)/bin/fastfold predict data/fastfold/sample.fasta --random-weights --uniref90-db data/fastfold/seqdb/globins45.fa \
-	  --models-to-relax best --out $(DEMO_OUT)/fastfold
+	$(VENV)/bin/fastfold predict data/fastfold/sample.fasta --random-weights --msa-mode jackhmmer \
+	  --uniref90-db data/fastfold/seqdb/globins45.fa --models-to-relax best --out $(DEMO_OUT)/fastfold
+	@echo "== fastfold msa: ColabFold's MMseqs2 search on a database built from data/fastfold/seqdb, then predict from it"
+	$(PY) -c 'from pathlib import Path; from ferryman.apps.fastfold.data.mmseqs import build_database; \
+	  build_database(Path("data/fastfold/seqdb/globins45.fa"), Path("$(DEMO_OUT)/colabfold_dbs/uniref30_2302_db"))'
+	$(VENV)/bin/fastfold msa data/fastfold/hbb_human.fasta --msa-mode mmseqs2 --mmseqs-db-dir $(DEMO_OUT)/colabfold_dbs \
+	  --mmseqs-env-db "" --out $(DEMO_OUT)/fastfold-mmseqs
+	$(VENV)/bin/fastfold predict data/fastfold/hbb_human.fasta --random-weights --use-precomputed-msas --no-relax \
+	  --out $(DEMO_OUT)/fastfold-mmseqs
 	@echo "== fastfold train: the debug preset, 10 steps on the villin headpiece structure OpenMM ships (metrics.jsonl, loss.png, lddt.png)"
 	mkdir -p $(DEMO_OUT)/fastfold-train/data
 	cp "$$($(PY) -c 'import openmm.app, pathlib; print(pathlib.Path(openmm.app.__file__).parent / "data" / "test.pdb")')" \
 	  $(DEMO_OUT)/fastfold-train/data/villin.pdb
 	$(VENV)/bin/fastfold train --data $(DEMO_OUT)/fastfold-train/data --out $(DEMO_OUT)/fastfold-train/run \
-	  --preset debug --steps 10 --crop-size 32
+	  --preset debug --max-steps 10 --checkpoint-every 5 --crop-size 32
+	@echo "== fastfold predict with the weights that run trained (its model preset is read from the run)"
+	$(VENV)/bin/fastfold predict data/fastfold/villin.fasta --params $(DEMO_OUT)/fastfold-train/run \
+	  --msa-mode single-sequence --no-relax --out $(DEMO_OUT)/fastfold-trained
 	@echo "== sd-finetune: a tiny Stable Diffusion pipeline built from config, finetuned on data/diffusion"
 	$(PY) -m ferryman.apps.diffusion.presets --preset tiny --out $(DEMO_OUT)/sd-tiny
 	$(VENV)/bin/sd-finetune --model $(DEMO_OUT)/sd-tiny --data data/diffusion --out $(DEMO_OUT)/sd-finetune \

@@ -8,24 +8,34 @@ from pathlib import Path
 
 import click
 
-from ferryman.core.cli import FerrymanGroup, config_options, resolve_config
+from ferryman.core.cli import FerrymanGroup, config_options, resolve_config, train_flags, train_options
 from ferryman.core.errors import UserError
 
 _PATH = click.Path(path_type=Path)
+# DataConfig fields given as flags (file and folder paths unless the third item says otherwise).
 _DATA_FLAGS = (
-    ("msa_dir", "Folder of precomputed alignments (a3m/Stockholm), one subfolder per target or files named after it."),
-    ("uniref90_db", "UniRef90 FASTA for jackhmmer."),
-    ("mgnify_db", "MGnify FASTA for jackhmmer."),
-    ("bfd_db", "BFD database prefix for hhblits."),
-    ("uniref30_db", "UniRef30 (UniClust30) database prefix for hhblits."),
-    ("pdb70_db", "PDB70 database prefix for hhsearch template search."),
-    ("template_mmcif_dir", "Folder of template mmCIF files."),
-    ("jackhmmer_binary", "jackhmmer to use (default: the one on PATH)."),
-    ("hhblits_binary", "hhblits to use (default: the one on PATH)."),
-    ("hhsearch_binary", "hhsearch to use (default: the one on PATH)."),
-    ("hmmsearch_binary", "hmmsearch to use (default: the one on PATH)."),
-    ("hmmbuild_binary", "hmmbuild to use (default: the one on PATH)."),
-    ("kalign_binary", "kalign to use (default: the one on PATH)."),
+    ("msa_mode", "jackhmmer (AF2's tools on the databases below), mmseqs2 (ColabFold's search on --mmseqs-db-dir) "
+     "or single-sequence (no MSA; must be asked for).", str),
+    ("msa_dir", "Folder of precomputed alignments (a3m/Stockholm), one subfolder per target or files named after it; "
+     "an earlier run's --out works.", None),
+    ("mmseqs_db_dir", "Folder of ColabFold's MMseqs2 databases (uniref30_2302_db, colabfold_envdb_202108_db).", None),
+    ("mmseqs_uniref_db", "UniRef30 database name in --mmseqs-db-dir (default uniref30_2302_db).", str),
+    ("mmseqs_env_db", "Environmental database name in --mmseqs-db-dir ('' to skip; default colabfold_envdb_202108_db).", str),
+    ("uniref90_db", "UniRef90 FASTA for jackhmmer.", None),
+    ("mgnify_db", "MGnify FASTA for jackhmmer.", None),
+    ("bfd_db", "BFD database prefix for hhblits.", None),
+    ("uniref30_db", "UniRef30 (UniClust30) database prefix for hhblits.", None),
+    ("pdb70_db", "PDB70 database prefix for hhsearch template search.", None),
+    ("template_mmcif_dir", "Folder of template mmCIF files (indexed once; see `fastfold index-templates`).", None),
+    ("max_template_date", "YYYY-MM-DD: templates released after it are not used (AF2's --max_template_date).", str),
+    ("obsolete_pdbs_path", "wwPDB obsolete.dat: obsolete template entries map to their replacements.", None),
+    ("mmseqs_binary", "mmseqs to use (default: the one on PATH).", None),
+    ("jackhmmer_binary", "jackhmmer to use (default: the one on PATH).", None),
+    ("hhblits_binary", "hhblits to use (default: the one on PATH).", None),
+    ("hhsearch_binary", "hhsearch to use (default: the one on PATH).", None),
+    ("hmmsearch_binary", "hmmsearch to use (default: the one on PATH).", None),
+    ("hmmbuild_binary", "hmmbuild to use (default: the one on PATH).", None),
+    ("kalign_binary", "kalign to use (default: the one on PATH).", None),
 )
 
 
@@ -39,16 +49,30 @@ def main() -> None:
 
 
 def _data_options(func):
-    for name, text in reversed(_DATA_FLAGS):
-        func = click.option(f"--{name.replace('_', '-')}", name, type=_PATH, default=None, help=text)(func)
+    func = click.option("--use-precomputed-msas", "use_precomputed_msas", is_flag=True, default=None,
+                        help="Reuse <out>/<target>/msas/ that an earlier run or `fastfold msa` wrote.")(func)  # fmt: skip
+    for name, text, kind in reversed(_DATA_FLAGS):
+        func = click.option(f"--{name.replace('_', '-')}", name, type=kind or _PATH, default=None, help=text)(func)
     return func
+
+
+def _options(flags: dict) -> dict:
+    """Command keyword arguments -> dotted PredictOptions keys (data flags live under data.)."""
+    data_keys = {name for name, _, _ in _DATA_FLAGS} | {"use_precomputed_msas"}
+    mapped = {(f"data.{k}" if k in data_keys else k): v for k, v in flags.items()}
+    if mapped.get("models"):
+        mapped["models"] = [m.strip() for m in mapped["models"].split(",") if m.strip()]
+    return mapped
 
 
 @main.command()
 @click.argument("fasta", nargs=-1, required=True, type=_PATH)
 @click.option("--out", "out_dir", required=True, type=_PATH, help="Output folder; one subfolder per target.")
-@click.option("--params", type=_PATH, default=None, help="params_model_*.npz file, or a folder of them.")
-@click.option("--models", default=None, help="Comma-separated, e.g. model_1,model_3_ptm (default: all in --params).")
+@click.option("--params", type=_PATH, default=None,
+              help="AF2's params folder (or one params_model_*.npz), or a `fastfold train` run folder or checkpoint.")
+@click.option("--model-preset", "model_preset", default=None,
+              help="monomer (default), monomer_ptm or monomer_casp14: which files of the params folder run.")
+@click.option("--models", default=None, help="Comma-separated, e.g. model_1,model_3_ptm: exactly these files instead.")
 @click.option("--random-weights", is_flag=True, default=None, help="A small random model to try the pipeline (outputs say so).")
 @_data_options
 @click.option("--chunk-size", default=None, metavar="N|auto", help="Chunk N_res x N_res work; 'auto' sizes it from free memory.")
@@ -61,31 +85,33 @@ def _data_options(func):
 @click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default=None, help="Fused kernels or the PyTorch reference.")
 @click.option("--gpus", type=int, default=1, show_default=True, help="Split each model over N processes with DAP (started with torchrun).")
 @click.option("--plots/--no-plots", default=None, help="Write pLDDT, PAE and MSA-coverage PNGs (default on).")
+@click.option("--msa-only", "msa_only", is_flag=True, default=None, help="Write alignments and features only (as `fastfold msa`).")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar (default on).")
 @config_options
 def predict(fasta, out_dir, gpus, config_file, overrides, **flags) -> None:
     """Predict structures for every record of the FASTA files.
 
-    Writes per target: ranked_*.pdb, unrelaxed_/relaxed_<model>.pdb and .cif (pLDDT in the
-    B-factor column), ranking_debug.json, timings.json, confidence_<model>.json, PNG plots,
-    features and msas/.
+    Writes per target, as AlphaFold2 v2.3 does: ranked_*.pdb|.cif (best mean pLDDT first),
+    unrelaxed_/relaxed_<model>.pdb|.cif (pLDDT in the B-factors; the mmCIF also as ModelCIF
+    ma_qa_metric), ranking_debug.json, confidence_<model>.json, pae_<model>.json (_ptm models),
+    timings.json, msas/ and features.npz (numpy, not pickle), plus PNG plots.
 
     \b
     Examples:
-      fastfold predict target.fasta --params params/ --models model_1,model_2_ptm --out out/
-      fastfold predict target.fasta --params params/ --msa-dir my_alignments/ --out out/
-      fastfold predict target.fasta --params params/ --uniref90-db uniref90.fasta --mgnify-db mgy.fa --out out/
-      fastfold predict long.fasta --params params/ --chunk-size auto --precision bf16 --gpus 4 --out out/
-      fastfold predict data/fastfold/sample.fasta --random-weights --no-relax --out try/
+      fastfold predict target.fasta --params alphafold_params/ --model-preset monomer_ptm \\
+          --msa-mode mmseqs2 --mmseqs-db-dir colabfold_dbs/ --out out/
+      fastfold predict target.fasta --params alphafold_params/ --uniref90-db uniref90.fasta --mgnify-db mgy.fa \\
+          --template-mmcif-dir pdb_mmcif/ --max-template-date 2022-01-01 --out out/
+      fastfold msa target.fasta --msa-mode mmseqs2 --mmseqs-db-dir colabfold_dbs/ --out out/   # CPU node
+      fastfold predict target.fasta --params alphafold_params/ --use-precomputed-msas --out out/   # GPU node
+      fastfold predict long.fasta --params params/ --msa-dir out/ --chunk-size auto --precision bf16 --gpus 4 --out out2/
+      fastfold predict data/fastfold/sample.fasta --random-weights --msa-mode single-sequence --no-relax --out try/
     """
     from ferryman.apps.fastfold.predict import PredictOptions, run, validate
 
     if gpus < 1:
         raise UserError(f"--gpus must be at least 1, got {gpus}")
-    data_keys = {name for name, _ in _DATA_FLAGS}
-    mapped = {(f"data.{k}" if k in data_keys else k): v for k, v in flags.items()}
-    if mapped.get("models"):
-        mapped["models"] = [m.strip() for m in mapped["models"].split(",") if m.strip()]
-    opts = resolve_config(PredictOptions(), config_file=config_file, flags=mapped, overrides=overrides)
+    opts = resolve_config(PredictOptions(), config_file=config_file, flags=_options(flags), overrides=overrides)
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         validate(list(fasta), out_dir, opts)  # bad input fails here, in one line, not once per rank
         _relaunch_under_torchrun(gpus)
@@ -97,6 +123,51 @@ def predict(fasta, out_dir, gpus, config_file, overrides, **flags) -> None:
     if opts.dims is None or opts.dims.is_main:
         for name, result in summary.items():
             click.echo(f"{name}: {out_dir / name}" + (f" (best {result['order'][0]})" if result.get("order") else ""))
+
+
+@main.command()
+@click.argument("fasta", nargs=-1, required=True, type=_PATH)
+@click.option("--out", "out_dir", required=True, type=_PATH, help="Output folder; <out>/<target>/msas/ per target.")
+@_data_options
+@click.option("--plots/--no-plots", default=None, help="Write the MSA-coverage PNG (default on).")
+@config_options
+def msa(fasta, out_dir, config_file, overrides, **flags) -> None:
+    """Compute alignments (and features.npz) only, e.g. on a CPU node; predict later with
+    `fastfold predict ... --use-precomputed-msas --out <the same folder>`.
+
+    \b
+    Examples:
+      fastfold msa targets.fasta --msa-mode mmseqs2 --mmseqs-db-dir colabfold_dbs/ --out out/
+      fastfold msa targets.fasta --uniref90-db uniref90.fasta --mgnify-db mgy_clusters.fa --out out/
+    """
+    from ferryman.apps.fastfold.predict import PredictOptions, run
+
+    mapped = {**_options(flags), "msa_only": True, "relax": False}
+    opts = resolve_config(PredictOptions(), config_file=config_file, flags=mapped, overrides=overrides)
+    for name, report in run(list(fasta), out_dir, opts).items():
+        click.echo(f"{name}: {out_dir / name / 'msas'} ({report['msa_mode']}, {report['msa_depth_deduplicated']} sequences)")
+
+
+@main.command("index-templates")
+@click.argument("mmcif_dir", type=_PATH)
+def index_templates(mmcif_dir) -> None:
+    """Index a template mmCIF folder once (release dates, chain sequences), cached in it as
+    fastfold_template_index.json; later runs re-read only new or changed files.
+
+    \b
+    Example:
+      fastfold index-templates pdb_mmcif/mmcif_files/
+    """
+    from ferryman.apps.fastfold.data.template_index import INDEX_NAME, load_index
+    from ferryman.core.files import check_writable
+
+    if not Path(mmcif_dir).is_dir():
+        raise UserError(f"{mmcif_dir}: not a folder of mmCIF files")
+    check_writable(Path(mmcif_dir) / INDEX_NAME, "template index", is_dir=False)
+    index = load_index(Path(mmcif_dir), progress=True)
+    dated = sum(1 for entry in index.files.values() if entry["release_date"])
+    click.echo(f"{len(index.files)} files, {len(index.chains())} chains, {dated} with a release date: "
+               f"{Path(mmcif_dir) / INDEX_NAME}")  # fmt: skip
 
 
 def _relaunch_under_torchrun(gpus: int) -> None:
@@ -120,15 +191,10 @@ def _relaunch_under_torchrun(gpus: int) -> None:
               help="Training sizes: debug, or AF2's initial training / fine-tuning (Suppl. Table 4).")
 @click.option("--model", "preset__model", default=None, help="Model preset (tiny, debug, model_1_ptm, ...); default: the training preset's.")
 @click.option("--msa-dir", "msa_dir", type=_PATH, default=None, help="Alignments named <structure>.a3m/.sto (default: single sequence).")
-@click.option("--steps", "train__max_steps", type=int, default=None, help="Optimizer updates in all.")
-@click.option("--lr", "train__optim__lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--crop-size", "preset__crop_size", type=int, default=None, help="Residues per training crop.")
 @click.option("--crop-mode", "preset__crop_mode", type=click.Choice(["contiguous", "spatial"]), default=None, help="How crops are chosen.")
 @click.option("--max-recycle", "preset__max_recycle", type=int, default=None, help="Recycling iterations are drawn from 0..N per step.")
-@click.option("--precision", "train__precision", type=click.Choice(["fp32", "bf16"]), default=None, help="Autocast precision.")
-@click.option("--engine", "train__engine", type=click.Choice(["plain", "gemini"]), default=None, help="Plain PyTorch or Gemini placement.")
 @click.option("--device", "train__device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to train.")
-@click.option("--ckpt-every", "train__ckpt_every", type=int, default=None, help="Checkpoint every N updates (and at the end).")
 @click.option("--ema-decay", "train__ema_decay", type=float, default=None, help="Weight EMA decay (0 disables).")
 @click.option("--grad-clip", "train__optim__max_grad_norm", type=float, default=None, help="Clip the global gradient norm (0 disables).")
 @click.option("--activation-checkpointing/--no-activation-checkpointing", "activation_checkpointing", default=None,
@@ -136,10 +202,9 @@ def _relaunch_under_torchrun(gpus: int) -> None:
 @click.option("--kernels", "kernels", type=click.Choice(["auto", "triton", "torch"]), default=None,
               help="Fused Triton kernels or the PyTorch reference.")
 @click.option("--dap", "dap", type=int, default=None, help="Split each example's Evoformer over N processes (started with torchrun).")
-@click.option("--resume", "train__resume", default=None, help="'latest' (newest checkpoint under --out) or a checkpoint folder.")
 @click.option("--seed", "train__seed", type=int, default=None, help="Seed of weights, crops, MSA sampling and recycling draws.")
 @click.option("--progress/--no-progress", "train__progress", default=None, help="Show a progress bar.")
-@config_options
+@train_options(precisions=("fp32", "bf16"))
 def train(data, out_dir, preset, config_file, overrides, **flags) -> None:
     """Train AlphaFold2 on a folder of experimental structures.
 
@@ -149,16 +214,19 @@ def train(data, out_dir, preset, config_file, overrides, **flags) -> None:
 
     \b
     Examples:
-      fastfold train --data structures/ --out runs/debug --preset debug --steps 50
-      fastfold train --data structures/ --out runs/debug --resume latest --steps 100
+      fastfold train --data structures/ --out runs/debug --preset debug --max-steps 50
+      fastfold train --data structures/ --out runs/debug --resume latest --max-steps 100
       fastfold train --data pdb_mmcif/ --msa-dir alignments/ --out runs/af2 --preset initial --precision bf16
-      fastfold train --data pdb_mmcif/ --out runs/af2 --preset initial --dap 2 --engine gemini
+      fastfold train --data pdb_mmcif/ --out runs/af2 --preset initial --dap 2 --memory gemini-auto
+      fastfold predict villin.fasta --params runs/debug --msa-mode single-sequence --out pred/   # the trained model
     """
     from ferryman.apps.fastfold.train.config import train_preset
     from ferryman.apps.fastfold.train.run import run as run_training
 
+    shared = train_flags(flags, prefix="train.")
     # Flag names spell dotted config keys with "__" (click names must be identifiers).
     flags = {k.replace("__", "."): (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
+    flags.update(shared)
     flags.update({"data": str(data), "train.out_dir": str(out_dir)})
     cfg = resolve_config(train_preset(preset), config_file=config_file, flags=flags, overrides=overrides)
     if cfg.dap > 1 and "WORLD_SIZE" not in os.environ:

@@ -2,7 +2,11 @@
 
 `predict()` is what the CLI calls. All inputs (FASTA, params, databases, binaries, output folder)
 are checked before anything is written, so a bad input ends with one UserError line and no
-outputs. Each output file is written under a temporary name and renamed.
+outputs. Each output file is written under a temporary name and renamed, and each target is
+assembled in `<out>/.tmp-<target>` and renamed into place when complete: a failed run leaves
+no half-written target folder (and no output folder it created itself). `msa_only` (the
+`fastfold msa` command) stops after the alignments and features, for a CPU node; a later
+`--use-precomputed-msas` run on a GPU node reads them from the same output folder.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import shutil
 import time
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from ferryman.apps.fastfold.data.fasta import FastaTarget, read_fastas
-from ferryman.apps.fastfold.data.pipeline import DataConfig, run_pipeline
+from ferryman.apps.fastfold.data.pipeline import DataConfig, check_target_sources, run_pipeline
 from ferryman.apps.fastfold.data.transforms import InputConfig, make_model_inputs
+from ferryman.apps.fastfold.inference import LoadedModel, load_models, run_model
 from ferryman.apps.fastfold.output import confidence, plots, protein
 from ferryman.apps.fastfold.output.writer import (
     ModelResult,
@@ -30,18 +35,26 @@ from ferryman.apps.fastfold.output.writer import (
     write_ranking,
     write_relaxed_files,
 )
+from ferryman.apps.fastfold.params import MODEL_PRESETS, NO_WEIGHTS, ModelSource, resolve_sources
 from ferryman.core.config import coerce, to_dict
 from ferryman.core.errors import UserError
+from ferryman.core.files import check_writable
 from ferryman.core.io import write_text
 from ferryman.core.parallel import ParallelDims
+
+CASP14_NOTE = ("monomer_casp14 ran the monomer models without AF2's 8-fold ensembling (not implemented; "
+               "AF2 reports it adds about 0.1 GDT at 8x the cost)")
+__all__ = ["NO_WEIGHTS", "PredictOptions", "predict", "run", "validate"]
 
 
 @dataclass(kw_only=True)
 class PredictOptions:
     """Everything `fastfold predict` can be told; defaults follow AlphaFold2's monomer run."""
 
-    params: Path | None = None  # an AF2 .npz file or a folder of params_model_*.npz
-    models: list[str] | None = None  # e.g. ["model_1", "model_3_ptm"]; None = every params file found
+    params: Path | None = None  # an AF2 .npz, a folder of params_model_*.npz, or a fastfold train run
+    model_preset: str = "monomer"  # AF2's --model_preset: which files of a params folder run
+    models: list[str] | None = None  # e.g. ["model_1", "model_3_ptm"]: exactly these files instead
+    msa_only: bool = False  # alignments and features only (`fastfold msa`); no weights needed
     random_weights: bool = False  # a small random model (pipeline check; outputs say so)
     preset: str | None = None  # network size: None = official sizes; 'tiny'/'debug' for small npz files
     data: DataConfig = field(default_factory=DataConfig)
@@ -82,17 +95,8 @@ class PredictOptions:
         self.inputs = {k: coerce(v, types[k], f"inputs.{k}") for k, v in self.inputs.items()}
         if self.num_recycles is not None and self.num_recycles < 0:
             raise UserError(f"--num-recycles must be >= 0, got {self.num_recycles}")
-
-
-def check_output_dir(out_dir: Path) -> None:
-    """The folder must be creatable and writable; checked by writing (and removing) a probe file."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from None
+        if self.model_preset not in (*MODEL_PRESETS, "multimer"):
+            raise UserError(f"--model-preset {self.model_preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
 
 
 def predict(fasta_paths: list[str | Path], out_dir: str | Path, **options) -> dict:
@@ -108,7 +112,9 @@ def predict(fasta_paths: list[str | Path], out_dir: str | Path, **options) -> di
     data = {k: options.pop(k) for k in list(options) if k in data_keys}
     for key in inputs:
         options.pop(key, None)
-    data = {k: Path(v) if isinstance(v, str) and (k.endswith(("_db", "_dir", "_binary"))) else v for k, v in data.items()}
+    names = ("mmseqs_uniref_db", "mmseqs_env_db")  # database names inside --mmseqs-db-dir, not paths
+    data = {k: Path(v) if isinstance(v, str) and k.endswith(("_db", "_dir", "_binary", "_path")) and k not in names
+            else v for k, v in data.items()}  # fmt: skip
     opts = PredictOptions(**options, data=DataConfig(**data), inputs=inputs)
     return run(fasta_paths, Path(out_dir), opts)
 
@@ -117,36 +123,83 @@ def run(fasta_paths: list[str | Path], out_dir: Path, opts: PredictOptions) -> d
     """Validate everything, then predict; with DAP every rank runs this and rank 0 writes."""
     from tqdm import tqdm
 
-    targets = validate(fasta_paths, out_dir, opts)
-    models = load_models(opts)
-    if _is_main(opts):
-        _write_run_config(out_dir, fasta_paths, opts, [m.name for m in models])
+    targets, sources = validate(fasta_paths, out_dir, opts)
+    created = not out_dir.exists()
+    models = [] if opts.msa_only else load_models(sources, opts)
+    template_index = _template_index(opts) if _is_main(opts) else None
     summary = {}
     show = opts.progress and _is_main(opts)
-    bar = tqdm(total=len(targets) * len(models), disable=not show, unit="model", desc="fastfold predict")
+    bar = tqdm(total=len(targets) * max(len(models), 1), disable=not show, unit="model", desc="fastfold predict")
     try:
+        if _is_main(opts):
+            _write_run_config(out_dir, fasta_paths, opts, models)
         for target in targets:
-            summary[target.name] = predict_target(target, models, out_dir / target.name, opts, bar)
+            summary[target.name] = _target_in_place(target, models, out_dir, opts, bar, template_index)
+    except BaseException:
+        if _is_main(opts):
+            _clean_failed_run(out_dir, created, finished=list(summary))
+        raise
     finally:
         bar.close()
     return summary
 
 
-def validate(fasta_paths: list[str | Path], out_dir: Path, opts: PredictOptions) -> list[FastaTarget]:
+def _template_index(opts: PredictOptions):
+    if opts.data.template_mmcif_dir is None:
+        return None
+    from ferryman.apps.fastfold.data.template_index import load_index
+
+    return load_index(Path(opts.data.template_mmcif_dir), progress=opts.progress)
+
+
+def _target_in_place(target: FastaTarget, models, out_dir: Path, opts: PredictOptions, bar, template_index) -> dict:
+    """Predict into <out>/.tmp-<target>, then swap it in for <out>/<target> (rank 0 writes)."""
+    final = out_dir / target.name
+    if not _is_main(opts):
+        return predict_target(target, models, final, opts, bar, template_index=template_index)
+    work = out_dir / f".tmp-{target.name}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        result = predict_target(target, models, work, opts, bar, previous=final / "msas", template_index=template_index)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    old = out_dir / f".old-{target.name}"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(work, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
+def _clean_failed_run(out_dir: Path, created: bool, finished: list[str]) -> None:
+    """A run that fails before any target finished leaves no output folder it made itself."""
+    if created and not finished and out_dir.is_dir():
+        for name in ("run_config.json", "run_info.json"):
+            (out_dir / name).unlink(missing_ok=True)
+        if not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def validate(fasta_paths: list[str | Path], out_dir: Path, opts: PredictOptions) -> tuple[list[FastaTarget], list[ModelSource]]:
     """The cheap checks of every input (FASTA, databases, binaries, params paths, output folder),
     so bad input fails in one line before models load or processes start."""
+    check_writable(out_dir, "--out folder")
     targets = read_fastas([Path(p) for p in fasta_paths])
+    sources = [] if opts.msa_only else resolve_sources(opts.params, opts.models, opts.model_preset, opts.random_weights)
     opts.data.check()
-    resolve_params(opts)
-    check_output_dir(out_dir)
-    return targets
+    for target in targets:
+        check_target_sources(target, opts.data, out_dir / target.name / "msas")
+    return targets, sources
 
 
 def _is_main(opts: PredictOptions) -> bool:
     return opts.dims is None or opts.dims.is_main
 
 
-def _write_run_config(out_dir: Path, fasta_paths, opts: PredictOptions, model_names: list[str]) -> None:
+def _write_run_config(out_dir: Path, fasta_paths, opts: PredictOptions, models: list[LoadedModel]) -> None:
     """run_config.json holds exactly the options (it can be passed back with --config);
     run_info.json says what was run on what."""
     config = to_dict(opts)
@@ -154,20 +207,24 @@ def _write_run_config(out_dir: Path, fasta_paths, opts: PredictOptions, model_na
     write_text(out_dir / "run_config.json", json.dumps(config, indent=1) + "\n")
     info = {
         "fasta_paths": [str(p) for p in fasta_paths],
-        "model_names": model_names,
+        "model_names": [m.name for m in models],
+        "weights": {m.name: m.weights for m in models},
         "dap": opts.dims.dap if opts.dims is not None else 1,
     }
     if opts.random_weights:
         info["warning"] = confidence.RANDOM_WEIGHTS_NOTE
+    if opts.model_preset == "monomer_casp14" and not opts.models:
+        info["note"] = CASP14_NOTE
     write_text(out_dir / "run_info.json", json.dumps(info, indent=1) + "\n")
 
 
-def _features(target: FastaTarget, folder: Path, opts: PredictOptions) -> tuple[dict, dict]:
+def _features(target: FastaTarget, folder: Path, opts: PredictOptions, previous: Path | None,
+              template_index) -> tuple[dict, dict]:  # fmt: skip
     """Rank 0 searches and writes; under DAP the other ranks receive the same features from it."""
     payload: tuple = ()
     if _is_main(opts):
         try:
-            raw, report = run_pipeline(target, opts.data, folder)
+            raw, report = run_pipeline(target, opts.data, folder, previous_msas=previous, template_index=template_index)
             write_features(raw, folder / "features.npz")
             payload = ("ok", raw, report)
         except UserError as exc:
@@ -185,15 +242,22 @@ def _features(target: FastaTarget, folder: Path, opts: PredictOptions) -> tuple[
     return payload[1], payload[2]
 
 
-def predict_target(target: FastaTarget, models: list[LoadedModel], folder: Path, opts: PredictOptions, bar) -> dict:
+def predict_target(target: FastaTarget, models: list[LoadedModel], folder: Path, opts: PredictOptions, bar, *,
+                   previous: Path | None = None, template_index=None) -> dict:  # fmt: skip
+    """One target into ``folder``; ``previous`` is the msas/ folder an earlier run left."""
     main = _is_main(opts)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     bar.set_postfix_str(f"{target.name}: features")
-    raw, data_report = _features(target, folder, opts)
+    raw, data_report = _features(target, folder, opts, previous, template_index)
     timings["features"] = time.perf_counter() - start
     if opts.plots and main:
         plots.plot_msa_coverage(raw["msa"], folder / "msa_coverage.png", gap_index=21, title=target.name)
+    if opts.msa_only:
+        if main:
+            confidence.write_json(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+        bar.update(1)
+        return data_report
     remarks = [confidence.RANDOM_WEIGHTS_NOTE] if opts.random_weights else []
     results = []
     for index, loaded in enumerate(models):
@@ -256,149 +320,3 @@ def _relax(result: ModelResult, opts: PredictOptions, bar) -> None:
     result.relax_metrics = relaxed.summary()
 
 
-# --- models ---------------------------------------------------------------------------------------
-
-NO_WEIGHTS = (
-    "no weights given: pass --params with AlphaFold2 parameters (a params_model_*.npz file or the "
-    "folder holding them, from https://storage.googleapis.com/alphafold/alphafold_params_2022-12-06.tar), "
-    "or --random-weights to try the pipeline with a small random model"
-)
-
-
-@dataclass(kw_only=True)
-class LoadedModel:
-    name: str
-    model: object  # ferryman.apps.fastfold.model.AlphaFold (imported lazily)
-    inputs: InputConfig
-
-
-def _official_name(path: Path) -> str:
-    stem = path.name.removesuffix(".npz")
-    return stem.removeprefix("params_")
-
-
-def resolve_params(opts: PredictOptions) -> list[tuple[str, Path | None]]:
-    """(model name, params file) pairs; params None means random weights."""
-    if opts.random_weights:
-        if opts.params is not None:
-            raise UserError("give either --params or --random-weights, not both")
-        return [(name, None) for name in (opts.models or ["model_1_ptm"])]
-    if opts.params is None:
-        raise UserError(NO_WEIGHTS)
-    params = Path(opts.params)
-    if params.is_file():
-        if opts.models and len(opts.models) != 1:
-            raise UserError(f"--params {params} is one model; name at most one with --models")
-        return [((opts.models or [_official_name(params)])[0], params)]
-    if not params.is_dir():
-        raise UserError(f"--params {params}: no such file or folder")
-    found = {_official_name(p): p for p in sorted(params.glob("params_*.npz"))}
-    if not found:
-        raise UserError(f"--params {params}: no params_*.npz files in this folder")
-    names = opts.models or list(found)
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise UserError(f"--models {', '.join(missing)}: no params_<name>.npz in {params} (have: {', '.join(found)})")
-    return [(n, found[n]) for n in names]
-
-
-def _model_config(name: str, opts: PredictOptions):
-    from ferryman.apps.fastfold import presets
-
-    if opts.random_weights:  # the smallest network with every module; the outputs say it is random
-        cfg = presets.tiny(heads=presets.HeadsConfig(plddt_channels=8, ptm=name.endswith("_ptm")))
-    elif opts.preset is not None:
-        cfg = presets.get_preset(opts.preset)
-    else:
-        cfg = presets.alphafold(name)
-    cfg.precision = opts.precision
-    cfg.kernels = opts.kernels
-    cfg.chunk_size = opts.chunk_size if isinstance(opts.chunk_size, int) else None
-    cfg.auto_chunk = opts.chunk_size == "auto"
-    cfg.__post_init__()
-    return cfg
-
-
-def _input_config(name: str, cfg, opts: PredictOptions) -> InputConfig:
-    from ferryman.apps.fastfold import presets
-
-    base = InputConfig()
-    if name in presets.MODEL_NAMES:
-        settings = presets.data_settings(name)
-        clusters = settings["max_msa_clusters"]
-        if settings["reduce_msa_clusters_by_max_templates"] and cfg.template.enabled:
-            clusters -= settings["max_templates"]  # the template torsion rows take their place
-        base = InputConfig(
-            max_msa_clusters=clusters, max_extra_msa=settings["max_extra_msa"], max_templates=settings["max_templates"]
-        )
-    return dataclasses.replace(base, **opts.inputs)
-
-
-def load_models(opts: PredictOptions) -> list[LoadedModel]:
-    """Build and load every model up front, so corrupt params fail before any output is written."""
-    from ferryman.apps.fastfold.model import random_weights_model
-    from ferryman.apps.fastfold.weights import model_from_official_params
-
-    loaded = []
-    for index, (name, path) in enumerate(resolve_params(opts)):
-        cfg = _model_config(name, opts)
-        if path is None:
-            model = random_weights_model(cfg, seed=opts.seed + index)
-        else:
-            model = model_from_official_params(cfg, path)
-        if opts.dims is not None:
-            from ferryman.apps.fastfold.parallelize import parallelize
-
-            model = parallelize(model, opts.dims)
-        loaded.append(LoadedModel(name=name, model=model.eval(), inputs=_input_config(name, cfg, opts)))
-    return loaded
-
-
-def _device(opts: PredictOptions):
-    import torch
-
-    if opts.dims is not None and opts.dims.world_size > 1:
-        return opts.dims.device
-    if opts.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(opts.device)
-    except RuntimeError:
-        raise UserError(f"--device {opts.device!r} is not a device name (cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {opts.device}: no CUDA device is available")
-    return device
-
-
-def _to_batch(feats: dict, use_templates: bool, device) -> dict:
-    import torch
-
-    batch = {}
-    for key, value in feats.items():
-        if key.startswith("template_") and (not use_templates or feats["template_aatype"].shape[0] == 0):
-            continue  # no templates: the model skips the embedder instead of attending over nothing
-        if isinstance(value, np.ndarray) and value.dtype != object:
-            batch[key] = torch.from_numpy(np.ascontiguousarray(value)).to(device)
-    if batch["extra_msa"].shape[0] == 0:  # AF2 pads to a fixed size; one masked row is enough
-        for key in ("extra_msa", "extra_msa_mask", "extra_has_deletion", "extra_deletion_value"):
-            batch[key] = torch.zeros((1, *batch[key].shape[1:]), dtype=batch[key].dtype, device=device)
-    return batch
-
-
-def run_model(loaded: LoadedModel, feats: dict, opts: PredictOptions) -> dict:
-    """Features -> numpy outputs: final atoms, pLDDT, and PAE/pTM for _ptm models."""
-    import torch
-
-    device = _device(opts)
-    model = loaded.model.to(device)
-    use_templates = getattr(model, "template_embedder", None) is not None
-    batch = _to_batch(feats, use_templates, device)
-    with torch.inference_mode():
-        out = model(batch, num_recycle=opts.num_recycles, pair_logits=False)  # no [N, N, 64] logits
-    keys = ("final_atom_positions", "final_atom_mask", "plddt", "predicted_aligned_error")
-    result = {k: out[k].float().cpu().numpy() for k in keys if k in out}
-    for key in ("max_predicted_aligned_error", "ptm"):
-        if key in out:
-            result[key] = float(out[key])
-    loaded.model.to("cpu")
-    return result

@@ -14,6 +14,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -145,14 +146,23 @@ def _describe(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def _refuse_pickle(path: str | os.PathLike) -> None:
+    """np.load(allow_pickle=False) would only say 'pickled data'; name what the file is."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise UserError(f"{path}: a Python pickle, not an AlphaFold .npz parameter file; loading it could run "
+                        "code hidden in it, so it is refused")  # fmt: skip
+
+
 def load_official_params(model: nn.Module, path: str | os.PathLike) -> None:
     """Load an official AF2 ``.npz`` into ``model`` strictly: every key mapped, none left over,
     every shape checked. Any mismatch raises one UserError naming the offending keys."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable AlphaFold parameter file ({exc})") from None
+    from ferryman.core.files import load_npz
+
+    if Path(path).is_file():
+        _refuse_pickle(path)
+    arrays = load_npz(path, "AlphaFold parameter file")  # every member's CRC checked: bit flips fail here
     table = official_table(model)
     missing = sorted(set(table) - set(arrays))
     unexpected = sorted(set(arrays) - set(table))
@@ -211,17 +221,20 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, config=None) -> N
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     """Load a Ferryman safetensors checkpoint strictly; returns its metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from ferryman.core.files import check_safetensors, load_safetensors
 
-    try:
-        state = load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise UserError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
+    header = check_safetensors(path, "fastfold checkpoint")
+    state = load_safetensors(path, "fastfold checkpoint")
+    _load_strict(model, state, path)
+    return dict(header.get("__metadata__") or {})
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path, *, tied_ok: bool = False) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
+    if tied_ok:  # safetensors' save_model drops the second name of a tied tensor
+        pointers = {p.data_ptr() for k, p in expected.items() if k in state}
+        missing = [k for k in missing if expected[k].data_ptr() not in pointers]
     unexpected = sorted(set(state) - set(expected))
     resized = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if missing or unexpected or resized:
@@ -229,5 +242,26 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
             f"{path}: checkpoint does not fit this model; missing: {_describe(missing) or 'none'}; "
             f"unexpected: {_describe(unexpected) or 'none'}; different shape: {_describe(resized) or 'none'}"
         )
-    model.load_state_dict(state)
-    return metadata
+    model.load_state_dict(state, strict=False)
+
+
+def load_training_checkpoint(model: nn.Module, folder: str | os.PathLike) -> str:
+    """Weights of a ``fastfold train`` checkpoint folder: the plain engine's model.safetensors,
+    then the weight EMA over it when the run kept one (AF2 evaluates with the EMA). Returns which."""
+    from ferryman.core.files import load_safetensors
+
+    folder = Path(folder)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{folder}: no model.safetensors in this checkpoint (a Gemini checkpoint? predict reads "
+                        "checkpoints of --memory plain runs)")  # fmt: skip
+    _load_strict(model, load_safetensors(weights, "fastfold checkpoint weights"), weights, tied_ok=True)
+    ema = folder / "ema.safetensors"
+    if not ema.is_file():
+        return "model"
+    state = load_safetensors(ema, "fastfold checkpoint EMA weights")
+    unknown = sorted(set(state) - set(model.state_dict()))
+    if unknown:
+        raise UserError(f"{ema}: EMA weights that this model does not have: {_describe(unknown)}")
+    model.load_state_dict(state, strict=False)
+    return "ema"

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from ferryman.apps.fastfold.cli import main
 
 DATA = Path(__file__).parents[3] / "data" / "fastfold"
-QUICK = ["--random-weights", "--no-relax", "--no-plots", "--kernels", "torch", "--num-recycles", "1",
+QUICK = ["--random-weights", "--msa-mode", "single-sequence", "--no-relax", "--no-plots", "--kernels", "torch", "--num-recycles", "1",
          "--set", "inputs.max_msa_clusters=4", "--set", "inputs.max_extra_msa=4"]  # fmt: skip
 
 

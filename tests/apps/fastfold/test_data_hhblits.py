@@ -26,7 +26,7 @@ def test_real_hhblits_gives_an_a3m_msa(tmp_path):
     cfg = DataConfig(bfd_db=HHDB, hhblits_n_iter=1)  # AF2 runs 3 iterations; 1 keeps CI quick
     cfg.check()
     msas, files, mode = gather_alignments(query, cfg, tmp_path / "msas")
-    assert mode == "searched" and [f.name for f in files] == ["bfd_uniref_hits.a3m"]
+    assert mode == "jackhmmer" and [f.name for f in files] == ["bfd_uniref_hits.a3m"]
     (msa,) = msas
     assert msa.sequences[0] == query.sequence and len(msa) > 10
     assert all(len(s) == len(query.sequence) for s in msa.sequences)

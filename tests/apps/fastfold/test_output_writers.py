@@ -96,23 +96,23 @@ def test_pae_and_ptm_limits():
     assert confidence.compute_ptm(far) < 0.1
 
 
-def test_ranking_uses_ptm_only_when_every_model_has_it():
-    plddts = {"model_1": 80.0, "model_2_ptm": 70.0}
-    order, metric = confidence.rank_models(plddts, {"model_2_ptm": 0.9})
-    assert (order, metric) == (["model_1", "model_2_ptm"], "plddt")
-    order, metric = confidence.rank_models({"a_ptm": 80.0, "b_ptm": 70.0}, {"a_ptm": 0.5, "b_ptm": 0.9})
-    assert (order, metric) == (["b_ptm", "a_ptm"], "ptm")
+def test_ranking_is_by_mean_plddt_even_for_ptm_models():
+    plddts = {"model_1_ptm": 70.0, "model_2_ptm": 80.0, "model_3": 75.0}
+    assert confidence.rank_models(plddts) == ["model_2_ptm", "model_3", "model_1_ptm"]
+    record = confidence.ranking_debug(plddts, {"model_1_ptm": 0.9, "model_2_ptm": 0.1})
+    assert record["order"] == ["model_2_ptm", "model_3", "model_1_ptm"] and record["plddts"] == plddts
 
 
 def test_confidence_json_and_plots(tmp_path):
-    plddt = np.array([10.0, 60.0, 80.0, 95.0])
-    pae = np.random.default_rng(0).uniform(0, 30, (4, 4))
-    record = confidence.confidence_record(model_name="m", plddt=plddt, pae=pae, max_pae=31.75, ptm=0.4, random_weights=True)
-    path = confidence.write_json(tmp_path / "c.json", record)
+    # AF2's bands: [0, 50) D, [50, 70) L, [70, 90) M, [90, 100] H; the edges go up.
+    plddt = np.array([10.0, 49.99, 50.0, 69.99, 70.0, 89.99, 90.0, 100.0])
+    record = confidence.confidence_json(plddt, random_weights=True)
+    path = confidence.write_json(tmp_path / "c.json", record, compact=True)
     loaded = json.loads(path.read_text())
-    assert loaded["confidenceCategory"] == ["very low", "low", "confident", "very high"]
-    assert np.allclose(loaded["predicted_aligned_error"], pae, atol=0.01)
-    assert "random weights" in loaded["warning"]
+    assert loaded["confidenceCategory"] == ["D", "D", "L", "L", "M", "M", "H", "H"]
+    assert loaded["residueNumber"] == list(range(1, 9)) and loaded["confidenceScore"][1] == 49.99
+    assert "random weights" in loaded["warning"] and " " not in path.read_text().split('"warning"')[0]
+    pae = np.random.default_rng(0).uniform(0, 30, (4, 4))
     from PIL import Image
 
     for made in (

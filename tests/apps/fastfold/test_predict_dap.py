@@ -10,7 +10,7 @@ from ferryman.core.parallel import run_distributed
 DATA = Path(__file__).parents[3] / "data" / "fastfold"
 
 OPTIONS = dict(
-    random_weights=True, models=["model_1_ptm"], relax=False, plots=False, kernels="torch", num_recycles=1,
+    random_weights=True, msa_mode="single-sequence", models=["model_1_ptm"], relax=False, plots=False, kernels="torch", num_recycles=1,
     max_msa_clusters=6, max_extra_msa=6, msa_dir=DATA / "msas", progress=False, seed=3,
 )  # fmt: skip
 

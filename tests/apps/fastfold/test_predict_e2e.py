@@ -51,7 +51,8 @@ def _check_structure_files(folder: Path, stem: str, plddt: list[float], length: 
 def villin_run(tiny_params, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     summary = predict(
-        [DATA / "villin.fasta"], out, params=tiny_params, preset="tiny", relax=True, relax_platform="CPU",
+        [DATA / "villin.fasta"], out, params=tiny_params, model_preset="monomer_ptm", preset="tiny",
+        msa_mode="single-sequence", relax=True, relax_platform="CPU",
         models_to_relax="best", relax_max_outer_iterations=1, relax_max_iterations=100, max_msa_clusters=8,
         max_extra_msa=8, num_recycles=1, seed=0, kernels="torch", progress=False,
     )  # fmt: skip
@@ -66,27 +67,29 @@ def test_every_output_file_is_written(villin_run):
     expected |= {f"relaxed_{best}.pdb", f"relaxed_{best}.cif", "relax_metrics.json"}
     for name in models:
         expected |= {f"unrelaxed_{name}.{ext}" for ext in ("pdb", "cif")}
-        expected |= {f"confidence_{name}.json", f"pae_{name}.png"}
+        expected |= {f"confidence_{name}.json", f"pae_{name}.json", f"pae_{name}.png"}
     expected |= {f"ranked_{i}.{ext}" for i in range(2) for ext in ("pdb", "cif")}
     present = {p.name for p in folder.iterdir()}
     assert expected <= present, expected - present
     assert (folder / "msas").is_dir()
     assert not [p for p in folder.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]  # no temp files left
-    assert summary["villin_n68h"]["msa_mode"] == "single_sequence"
+    assert summary["villin_n68h"]["msa_mode"] == "single-sequence"
     assert (folder.parent / "run_config.json").is_file()
 
 
 def test_structures_parse_and_bfactors_equal_plddt(villin_run):
     folder, _ = villin_run
     ranking = json.loads((folder / "ranking_debug.json").read_text())
-    assert ranking["ranking_metric"] == "ptm" and set(ranking["order"]) == set(ranking["ptms"])
-    assert [ranking["ptms"][n] for n in ranking["order"]] == sorted(ranking["ptms"].values(), reverse=True)
+    # AF2 ranks monomer models, _ptm ones included, by mean pLDDT.
+    assert set(ranking["order"]) == set(ranking["plddts"]) == set(ranking["ptms"])
+    assert [ranking["plddts"][n] for n in ranking["order"]] == sorted(ranking["plddts"].values(), reverse=True)
     for name in ranking["order"]:
         record = json.loads((folder / f"confidence_{name}.json").read_text())
         plddt = record["confidenceScore"]
-        assert len(plddt) == 35 and record["mean_plddt"] == pytest.approx(np.mean(plddt), abs=0.01)
-        pae = np.array(record["predicted_aligned_error"])
-        assert pae.shape == (35, 35) and pae.min() >= 0 and pae.max() <= record["max_predicted_aligned_error"]
+        assert len(plddt) == 35 and ranking["plddts"][name] == pytest.approx(np.mean(plddt), abs=0.01)
+        (pae_record,) = json.loads((folder / f"pae_{name}.json").read_text())
+        pae = np.array(pae_record["predicted_aligned_error"])
+        assert pae.shape == (35, 35) and pae.min() >= 0 and pae.max() <= pae_record["max_predicted_aligned_error"]
         _check_structure_files(folder, f"unrelaxed_{name}", plddt, 35)
     best, second = ranking["order"]
     best_plddt = json.loads((folder / f"confidence_{best}.json").read_text())["confidenceScore"]
@@ -95,6 +98,34 @@ def test_structures_parse_and_bfactors_equal_plddt(villin_run):
     # ranked_0 is the relaxed best model; ranked_1 the unrelaxed second (only the best was relaxed).
     assert (folder / "ranked_0.pdb").read_text() == (folder / f"relaxed_{best}.pdb").read_text()
     assert (folder / "ranked_1.pdb").read_text() == (folder / f"unrelaxed_{second}.pdb").read_text()
+
+
+def test_af2_format_outputs_read_back_independently(villin_run):
+    """gemmi and Biopython read the mmCIF's ModelCIF pLDDT; json keys and shapes as AF2 v2.3."""
+    import gemmi
+    from Bio.PDB.MMCIF2Dict import MMCIF2Dict
+
+    folder, _ = villin_run
+    ranking = json.loads((folder / "ranking_debug.json").read_text())
+    assert {"plddts", "order"} <= set(ranking) and len(ranking["order"]) == 2
+    for name in ranking["order"]:
+        record = json.loads((folder / f"confidence_{name}.json").read_text())
+        assert set(record) == {"residueNumber", "confidenceScore", "confidenceCategory"}
+        assert record["residueNumber"] == list(range(1, 36)) and set(record["confidenceCategory"]) <= set("DLMH")
+        (pae,) = json.loads((folder / f"pae_{name}.json").read_text())
+        assert set(pae) == {"predicted_aligned_error", "max_predicted_aligned_error"}
+        assert np.array(pae["predicted_aligned_error"]).shape == (35, 35)
+        block = gemmi.cif.read(str(folder / f"unrelaxed_{name}.cif")).sole_block()
+        local = block.find("_ma_qa_metric_local.", ["label_seq_id", "metric_id", "metric_value"])
+        assert [int(row[0]) for row in local] == list(range(1, 36)) and {row[1] for row in local} == {"2"}
+        assert [float(row[2]) for row in local] == pytest.approx(record["confidenceScore"], abs=0.006)
+        metrics = block.find("_ma_qa_metric.", ["id", "mode", "name"])
+        assert [(r[0], r[1], r[2]) for r in metrics] == [("1", "global", "pLDDT"), ("2", "local", "pLDDT")]
+        mean = float(block.find_value("_ma_qa_metric_global.metric_value"))
+        assert mean == pytest.approx(ranking["plddts"][name], abs=0.006)
+        assert MMCIF2Dict(str(folder / f"unrelaxed_{name}.cif"))["_ma_qa_metric_global.metric_value"] == [f"{mean:.2f}"]
+    best = max(ranking["plddts"], key=ranking["plddts"].get)
+    assert ranking["order"][0] == best
 
 
 def test_random_weights_are_declared_in_outputs(villin_run):
@@ -108,7 +139,7 @@ def test_random_weights_are_declared_in_outputs(villin_run):
 
 def test_random_weights_run_says_so_everywhere(tmp_path):
     predict(
-        [DATA / "villin.fasta"], tmp_path, random_weights=True, models=["model_3"], relax=False,
+        [DATA / "villin.fasta"], tmp_path, random_weights=True, models=["model_3"], relax=False, msa_mode="single-sequence",
         max_msa_clusters=4, max_extra_msa=4, num_recycles=0, kernels="torch", progress=False,
     )  # fmt: skip
     folder = tmp_path / "villin_n68h"
@@ -118,7 +149,7 @@ def test_random_weights_run_says_so_everywhere(tmp_path):
     assert "random weights" in json.loads((folder / "confidence_model_3.json").read_text())["warning"]
     assert "random weights" in json.loads((tmp_path / "run_info.json").read_text())["warning"]
     assert not (folder / "relaxed_model_3.pdb").exists()
-    assert "predicted_aligned_error" not in json.loads((folder / "confidence_model_3.json").read_text())
+    assert not (folder / "pae_model_3.json").exists()  # model_3 has no PAE head
 
 
 @pytest.mark.skipif(shutil.which("jackhmmer") is None, reason="needs HMMER's jackhmmer")
@@ -129,7 +160,7 @@ def test_real_jackhmmer_msa_is_used_by_the_prediction(tmp_path):
         kernels="torch", progress=False,
     )  # fmt: skip
     report = summary["HBB_HUMAN"]
-    assert report["msa_mode"] == "searched" and report["alignment_files"] == ["uniref90_hits.sto"]
+    assert report["msa_mode"] == "jackhmmer" and report["alignment_files"] == ["uniref90_hits.sto"]
     folder = tmp_path / "HBB_HUMAN"
     assert (folder / "msas" / "uniref90_hits.sto").read_text().startswith("# STOCKHOLM")
     with np.load(folder / "features.npz", allow_pickle=False) as feats:
@@ -159,6 +190,7 @@ def test_templates_from_mmcif_folder_reach_the_model(tmp_path):
     fasta.write_text(">villin_homologue\nLSDEDFRAIFGMTRSAFANLPLWKQQHLKKDKGLF\n")
     summary = predict(
         [fasta], tmp_path / "out", random_weights=True, models=["model_1"], relax=False, plots=False,
+        msa_mode="single-sequence",
         template_mmcif_dir=tmp_path / "mmcif", max_msa_clusters=4, max_extra_msa=4, num_recycles=0,
         kernels="torch", progress=False,
     )  # fmt: skip

@@ -9,7 +9,7 @@ from ferryman.core.errors import UserError
 
 DATA = Path(__file__).parents[3] / "data" / "fastfold"
 
-FAST = dict(random_weights=True, relax=False, kernels="torch", num_recycles=0, progress=False)
+FAST = dict(random_weights=True, msa_mode="single-sequence", relax=False, kernels="torch", num_recycles=0, progress=False)
 
 
 def _refused(out: Path, fastas, match: str, **options) -> str:
@@ -41,7 +41,7 @@ def test_missing_and_corrupt_params(tmp_path):
     folder.mkdir()
     (folder / "params_model_1.npz").write_bytes(b"this is not a zip file")
     message = _refused(tmp_path / "out", [DATA / "villin.fasta"], "params_model_1.npz", params=folder, **opts)
-    assert "not a readable AlphaFold parameter file" in message
+    assert "cannot read this AlphaFold parameter file" in message
     _refused(
         tmp_path / "out", [DATA / "villin.fasta"], r"--models model_2: no params_<name>\.npz",
         params=folder, models=["model_2"], **opts,
@@ -50,27 +50,28 @@ def test_missing_and_corrupt_params(tmp_path):
 
 def test_missing_binary_is_named(tmp_path, monkeypatch):
     db = DATA / "seqdb" / "globins45.fa"
+    JACKHMMER = {**FAST, "msa_mode": "jackhmmer"}
     message = _refused(
         tmp_path / "out", [DATA / "villin.fasta"], "jackhmmer", uniref90_db=db,
-        jackhmmer_binary=tmp_path / "bin" / "jackhmmer", **FAST,
+        jackhmmer_binary=tmp_path / "bin" / "jackhmmer", **JACKHMMER,
     )  # fmt: skip
     assert "apt-get install hmmer hhsuite kalign" in message
     monkeypatch.setenv("PATH", str(tmp_path))
-    _refused(tmp_path / "out", [DATA / "villin.fasta"], "jackhmmer not found on PATH", uniref90_db=db, **FAST)
-    _refused(tmp_path / "out", [DATA / "villin.fasta"], "--uniref90-db: .* not found", uniref90_db=tmp_path / "x.fa", **FAST)
+    _refused(tmp_path / "out", [DATA / "villin.fasta"], "jackhmmer not found on PATH", uniref90_db=db, **JACKHMMER)
+    _refused(tmp_path / "out", [DATA / "villin.fasta"], "--uniref90-db: .* not found", uniref90_db=tmp_path / "x.fa", **JACKHMMER)
 
 
 def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    _refused(blocker / "out", [DATA / "villin.fasta"], "--out .*cannot write there", **FAST)
+    _refused(blocker / "out", [DATA / "villin.fasta"], "cannot create the --out folder", **FAST)
     assert blocker.read_text() == "not a folder"
 
 
 def test_msa_dir_without_the_targets_alignment(tmp_path):
     (tmp_path / "msas").mkdir()
-    with pytest.raises(UserError, match="no alignment for 'villin_n68h'"):
-        predict([DATA / "villin.fasta"], tmp_path / "out", msa_dir=tmp_path / "msas", **FAST)
+    opts = {**FAST, "msa_mode": None}
+    _refused(tmp_path / "out", [DATA / "villin.fasta"], "no alignment for 'villin_n68h'", msa_dir=tmp_path / "msas", **opts)
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,9 @@ def validate_sequence(sequence: str, *, where: str) -> str:
         sequence = sequence[:-1]
     if not sequence:
         raise UserError(f"{where}: the sequence is empty")
+    if len(sequence) >= 20 and set(sequence.upper()) <= set("ACGTUN"):
+        raise UserError(f"{where}: this looks like a DNA/RNA sequence (only A, C, G, T/U, N); give the protein "
+                        "sequence (translate it first)")  # fmt: skip
     for pos, letter in enumerate(sequence, start=1):
         if letter in STANDARD_AA:
             continue

@@ -220,14 +220,19 @@ def hit_features(query: str, hit: Hit, chain: Chain) -> FeatureDict | None:
 
 def search_templates(
     query: str, msa: Msa, *, folder: Path, searcher: Hmmsearch | HHSearch, max_hits: int = 4,
-    hits_out: Path | None = None, kalign: Kalign | None = None,
+    hits_out: Path | None = None, kalign: Kalign | None = None, index=None, hit_filter=None,
 ) -> FeatureDict:
     """Template features for `query` from the mmCIF chains in `folder` (empty if no hit passes).
 
     With an HHSearch searcher the hits come from its PDB70-style database and are matched to the
     folder's chains by name (`<pdb id>_<chain>`), realigned with `kalign` where they disagree.
+    Sequences come from the folder's index (`template_index.load_index`, built once); only the
+    files of hits are parsed, and `hit_filter` drops hits after the release-date cut-off.
     """
-    chains = load_template_folder(folder)
+    from ferryman.apps.fastfold.data.template_index import HitFilter, load_index
+
+    index = index or load_index(folder)
+    hit_filter = hit_filter or HitFilter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         if isinstance(searcher, HHSearch):
@@ -236,16 +241,17 @@ def search_templates(
             out = searcher.search(a3m, hits_out or tmp_dir / "pdb_hits.hhr")
             hits = parse_hhr(out.read_text())
         else:
-            seqres = tmp_dir / "seqres.fasta"
-            seqres.write_text("".join(f">{c.name}\n{c.sequence}\n" for c in chains.values()))
+            seqres = index.seqres_fasta(tmp_dir / "seqres.fasta")
             sto = tmp_dir / "query.sto"
             sto.write_text(msa_to_stockholm(msa))
             hmm = searcher.build(sto, tmp_dir / "query.hmm")
             out = searcher.search(hmm, seqres, hits_out or tmp_dir / "pdb_hits.sto")
             hits = parse_hmmsearch_sto(out.read_text(), len(query))
     chosen = []
+    chains = _HitChains(index)
     for hit in hits:
-        chain = chains.get(hit.name)
+        name = hit_filter.resolve(hit.name, index)
+        chain = chains.get(name) if name is not None else None
         hit = realign_to_chain(hit, chain, kalign) if chain is not None else None
         feats = hit_features(query, hit, chain) if hit is not None else None
         if feats is not None:
@@ -259,3 +265,18 @@ def search_templates(
         values = [c[key] for c in chosen]
         out_feats[key] = np.array(values, dtype=object) if isinstance(values[0], bytes) else np.stack(values)
     return out_feats
+
+
+class _HitChains:
+    """Chains of the hit files only, each file parsed at most once."""
+
+    def __init__(self, index) -> None:
+        self.index, self.files, self.loaded = index, index.file_of(), {}
+
+    def get(self, name: str) -> Chain | None:
+        file_name = self.files.get(name.split("_")[0].lower())
+        if file_name is None:
+            return None
+        if file_name not in self.loaded:
+            self.loaded[file_name] = {c.name: c for c in read_mmcif_chains(self.index.folder / file_name)}
+        return self.loaded[file_name].get(name)

@@ -56,54 +56,52 @@ def compute_ptm(logits: np.ndarray, max_bin: float = 31.0, residue_weights: np.n
 
 
 def plddt_category(plddt: np.ndarray) -> list[str]:
-    """AF DB bands: very high (>90), confident (70-90), low (50-70), very low (<50)."""
-    return ["very high" if p > 90 else "confident" if p > 70 else "low" if p > 50 else "very low" for p in plddt]
+    """AF2's letters: D (disordered, < 50), L (low, 50-70), M (medium, 70-90), H (high, >= 90)."""
+    return ["D" if p < 50 else "L" if p < 70 else "M" if p < 90 else "H" for p in np.clip(plddt, 0, 100)]
 
 
-def confidence_record(
-    *, model_name: str, plddt: np.ndarray, pae: np.ndarray | None = None, max_pae: float | None = None,
-    ptm: float | None = None, random_weights: bool = False,
-) -> dict:
-    """Everything about one model's confidence in one JSON object (AF2 field names where they exist)."""
+def confidence_json(plddt: np.ndarray, *, random_weights: bool = False) -> dict:
+    """AF2 v2.3's confidence_<model>.json: residue numbers, pLDDT (2 decimals) and categories."""
     plddt = np.asarray(plddt, np.float64)
-    record: dict = {
-        "model": model_name,
+    record = {
         "residueNumber": list(range(1, len(plddt) + 1)),
         "confidenceScore": [round(float(p), 2) for p in plddt],
         "confidenceCategory": plddt_category(plddt),
-        "mean_plddt": round(float(plddt.mean()), 4),
     }
-    if ptm is not None:
-        record["ptm"] = round(float(ptm), 6)
-    if pae is not None:
-        record["predicted_aligned_error"] = np.round(np.asarray(pae, np.float64), 2).tolist()
-        record["max_predicted_aligned_error"] = max_pae
     if random_weights:
         record["warning"] = RANDOM_WEIGHTS_NOTE
     return record
 
 
+def pae_json(pae: np.ndarray, max_pae: float) -> list[dict]:
+    """AF2 v2.3's pae_<model>.json: one object, the [N, N] matrix rounded to 2 decimals."""
+    return [{
+        "predicted_aligned_error": np.round(np.asarray(pae, np.float64), 2).tolist(),
+        "max_predicted_aligned_error": float(max_pae),
+    }]  # fmt: skip
+
+
 RANDOM_WEIGHTS_NOTE = "random weights: this structure is NOT a prediction, only a test of the pipeline"
 
 
-def write_json(path: str | Path, obj) -> Path:
-    write_text(path, json.dumps(obj, indent=1) + "\n")
+def write_json(path: str | Path, obj, *, compact: bool = False) -> Path:
+    """Pretty JSON, or AF2's compact form (no spaces) for the per-model files tools read."""
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1)
+    write_text(path, text + "\n")
     return Path(path)
 
 
-def rank_models(plddts: dict[str, float], ptms: dict[str, float]) -> tuple[list[str], str]:
-    """Order best first: by pTM when every model has a pTM head, else by mean pLDDT."""
-    metric = "ptm" if ptms and set(ptms) == set(plddts) else "plddt"
-    scores = ptms if metric == "ptm" else plddts
-    return sorted(scores, key=lambda name: -scores[name]), metric
+def rank_models(plddts: dict[str, float]) -> list[str]:
+    """Best first by mean pLDDT, as AF2 and ColabFold rank monomer models (including _ptm ones)."""
+    return sorted(plddts, key=lambda name: -plddts[name])
 
 
-def ranking_debug(plddts: dict[str, float], ptms: dict[str, float], random_weights: bool = False) -> dict:
-    order, metric = rank_models(plddts, ptms)
-    record: dict = {"plddts": plddts}
+def ranking_debug(plddts: dict[str, float], ptms: dict[str, float] | None = None, random_weights: bool = False) -> dict:
+    """AF2 v2.3's ranking_debug.json for monomer presets: {"plddts": ..., "order": ...}; the pTM of
+    _ptm models is added under "ptms" (AF2 keeps it in its result pickles, which we do not write)."""
+    record: dict = {"plddts": plddts, "order": rank_models(plddts)}
     if ptms:
         record["ptms"] = ptms
-    record.update({"ranking_metric": metric, "order": order})
     if random_weights:
         record["warning"] = RANDOM_WEIGHTS_NOTE
     return record

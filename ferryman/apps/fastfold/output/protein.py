@@ -105,34 +105,87 @@ def _ter(serial: int, res: tuple[str, int], chain: str) -> str:
     return f"{'TER':<6}{serial:>5}      {res[0]:>3} {chain:>1}{res[1]:>4}\n"
 
 
-def _cif_value(value: str) -> str:
-    return f"'{value}'" if (" " in value or not value) else value
+def _gemmi_structure(prot: Protein, block: str):
+    """The protein as a gemmi Structure: one polymer entity per chain, label_seq_id = residue number."""
+    import gemmi
+
+    st = gemmi.Structure()
+    st.name = block
+    model = gemmi.Model(1)
+    chains: dict[int, gemmi.Chain] = {}
+    for i in range(prot.aatype.shape[0]):
+        c = int(prot.chain_index[i])
+        chains.setdefault(c, gemmi.Chain(CHAIN_IDS[c]))
+        residue = gemmi.Residue()
+        residue.name = _resname(int(prot.aatype[i]))
+        residue.seqid = gemmi.SeqId(int(prot.residue_index[i]), " ")
+        residue.label_seq = int(prot.residue_index[i])
+        residue.subchain = CHAIN_IDS[c]
+        residue.entity_id = str(c + 1)
+        residue.entity_type = gemmi.EntityType.Polymer
+        for j, atom_name in enumerate(rc.atom_types):
+            if prot.atom_mask[i, j] < 0.5:
+                continue
+            atom = gemmi.Atom()
+            atom.name, atom.element = atom_name, gemmi.Element(atom_name[0])
+            atom.pos = gemmi.Position(*map(float, prot.atom_positions[i, j]))
+            atom.occ, atom.b_iso = 1.0, float(prot.b_factors[i, j])
+            residue.add_atom(atom)
+        chains[c].add_residue(residue)
+    for c in sorted(chains):
+        model.add_chain(chains[c])
+        entity = gemmi.Entity(str(c + 1))
+        entity.entity_type, entity.polymer_type = gemmi.EntityType.Polymer, gemmi.PolymerType.PeptideL
+        entity.subchains = [CHAIN_IDS[c]]
+        entity.full_sequence = [r.name for r in chains[c]]
+        st.entities.append(entity)
+    st.add_model(model)
+    return st
+
+
+def _plddt_per_residue(prot: Protein) -> np.ndarray:
+    """The pLDDT of each residue: its CA's B-factor (every atom of a residue carries the same)."""
+    return prot.b_factors[:, rc.atom_order["CA"]].astype(np.float64)
 
 
 def to_mmcif(prot: Protein, name: str = "prediction") -> str:
-    """mmCIF text with entity, sequence and atom_site categories readable by Biopython/gemmi."""
-    block = "".join(c if c.isalnum() or c in "_-" else "_" for c in name) or "prediction"
-    lines = [f"data_{block}", "#", f"_entry.id {block}", "#"]
-    for remark in prot.remarks:
-        lines.append(f"# {remark}")
-    lines += ["loop_", "_entity_poly_seq.entity_id", "_entity_poly_seq.num", "_entity_poly_seq.mon_id", "_entity_poly_seq.hetero"]
-    for i, a in enumerate(prot.aatype):
-        lines.append(f"{int(prot.chain_index[i]) + 1} {int(prot.residue_index[i])} {_resname(int(a))} n")
-    lines += ["#", "loop_", "_struct_asym.id", "_struct_asym.entity_id"]
-    for c in sorted({int(c) for c in prot.chain_index}):
-        lines.append(f"{CHAIN_IDS[c]} {c + 1}")
-    columns = ["group_PDB", "id", "type_symbol", "label_atom_id", "label_alt_id", "label_comp_id", "label_asym_id", "label_entity_id", "label_seq_id", "pdbx_PDB_ins_code", "Cartn_x", "Cartn_y", "Cartn_z", "occupancy", "B_iso_or_equiv", "pdbx_formal_charge", "auth_seq_id", "auth_comp_id", "auth_asym_id", "auth_atom_id", "pdbx_PDB_model_num"]
-    lines += ["#", "loop_", *[f"_atom_site.{c}" for c in columns]]
-    for serial, (i, resname, atom_name, element, xyz, b) in enumerate(_atoms(prot), start=1):
-        chain = CHAIN_IDS[int(prot.chain_index[i])]
-        resnum = int(prot.residue_index[i])
-        lines.append(
-            f"ATOM {serial} {element} {_cif_value(atom_name)} . {resname} {chain} {int(prot.chain_index[i]) + 1} "
-            f"{resnum} ? {xyz[0]:.3f} {xyz[1]:.3f} {xyz[2]:.3f} 1.00 {b:.2f} ? {resnum} {resname} {chain} "
-            f"{_cif_value(atom_name)} 1"
-        )
-    lines.append("#")
-    return "\n".join(lines) + "\n"
+    """mmCIF written by gemmi, with pLDDT as ModelCIF quality metrics as AlphaFold2 v2.3 and the
+    AlphaFold DB write them: ``_ma_qa_metric`` (global and local pLDDT), the global mean in
+    ``_ma_qa_metric_global`` and one ``_ma_qa_metric_local`` row per residue; B-factors hold
+    pLDDT too. Remarks (e.g. the random-weights warning) go to ``_struct.title``."""
+    block_name = "".join(c if c.isalnum() or c in "_-" else "_" for c in name) or "prediction"
+    doc = _gemmi_structure(prot, block_name).make_mmcif_document()
+    block = doc.sole_block()
+    plddt = _plddt_per_residue(prot)
+    block.set_pair("_struct.entry_id", block_name)
+    block.set_pair("_struct.title", _quoted("; ".join(prot.remarks) or "Ferryman fastfold prediction"))
+    block.set_mmcif_category("_software", {"pdbx_ordinal": ["1"], "name": ["Ferryman fastfold"],
+                                           "classification": ["other"], "type": ["package"],
+                                           "description": ["Structure prediction (AlphaFold2 model)"]})  # fmt: skip
+    block.set_mmcif_category("_ma_qa_metric", {
+        "id": ["1", "2"], "mode": ["global", "local"], "name": ["pLDDT", "pLDDT"], "software_group_id": ["1", "1"],
+        "type": ["pLDDT", "pLDDT"],
+    })  # fmt: skip
+    block.set_mmcif_category("_ma_qa_metric_global", {
+        "metric_id": ["1"], "metric_value": [f"{plddt.mean():.2f}" if len(plddt) else "0"], "model_id": ["1"],
+        "ordinal_id": ["1"],
+    })  # fmt: skip
+    block.set_mmcif_category("_ma_qa_metric_local", {
+        "label_asym_id": [CHAIN_IDS[int(c)] for c in prot.chain_index],
+        "label_comp_id": [_resname(int(a)) for a in prot.aatype],
+        "label_seq_id": [str(int(r)) for r in prot.residue_index],
+        "metric_id": ["2"] * len(plddt),
+        "metric_value": [f"{p:.2f}" for p in plddt],
+        "model_id": ["1"] * len(plddt),
+        "ordinal_id": [str(i + 1) for i in range(len(plddt))],
+    })  # fmt: skip
+    return doc.as_string()
+
+
+def _quoted(text: str) -> str:
+    import gemmi
+
+    return gemmi.cif.quote(text)
 
 
 def write_pdb(prot: Protein, path: str | Path) -> Path:

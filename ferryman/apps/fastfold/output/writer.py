@@ -6,8 +6,9 @@
   unrelaxed_<model>.pdb|.cif     per model, pLDDT in the B-factor column
   relaxed_<model>.pdb|.cif       per model when relaxing
   ranked_<i>.pdb|.cif            best first (relaxed when relaxing)
-  confidence_<model>.json        pLDDT per residue, mean pLDDT, pTM and PAE matrix when present
-  ranking_debug.json             scores and order
+  confidence_<model>.json        pLDDT per residue and its category (AF2 v2.3 format)
+  pae_<model>.json               predicted aligned error of _ptm models (AF2 v2.3 format)
+  ranking_debug.json             mean pLDDT per model and the order (AF2 ranks monomers by it)
   relax_metrics.json             energies, Cα RMSD and violations per model
   timings.json                   seconds per stage
   plddt.png, pae_<model>.png, msa_coverage.png
@@ -61,27 +62,25 @@ def write_model_files(result: ModelResult, folder: Path, *, target: str, random_
     """Unrelaxed structure, confidence JSON and PAE plot of one model."""
     write_pdb(result.unrelaxed, folder / f"unrelaxed_{result.name}.pdb")
     write_mmcif(result.unrelaxed, folder / f"unrelaxed_{result.name}.cif", name=f"{target}_{result.name}")
-    record = confidence.confidence_record(
-        model_name=result.name, plddt=result.plddt, pae=result.pae, max_pae=result.max_pae, ptm=result.ptm,
-        random_weights=random_weights,
-    )  # fmt: skip
-    confidence.write_json(folder / f"confidence_{result.name}.json", record)
+    confidence.write_json(folder / f"confidence_{result.name}.json",
+                          confidence.confidence_json(result.plddt, random_weights=random_weights), compact=True)  # fmt: skip
+    if result.pae is not None:
+        confidence.write_json(folder / f"pae_{result.name}.json", confidence.pae_json(result.pae, result.max_pae),
+                              compact=True)  # fmt: skip
     if result.pae is not None and plot:
         title = f"{target} {result.name}" + (" (random weights)" if random_weights else "")
         plots.plot_pae(result.pae, folder / f"pae_{result.name}.png", max_pae=result.max_pae or 31.75, title=title)
 
 
 def rank(results: list[ModelResult]) -> list[str]:
-    plddts = {r.name: r.mean_plddt for r in results}
-    ptms = {r.name: r.ptm for r in results if r.ptm is not None}
-    return confidence.rank_models(plddts, ptms)[0]
+    return confidence.rank_models({r.name: r.mean_plddt for r in results})
 
 
 def write_ranking(
     results: list[ModelResult], folder: Path, *, target: str, random_weights: bool, plot: bool = True
 ) -> list[str]:
     """ranked_<i> files, ranking_debug.json, relax_metrics.json and the pLDDT plot; returns the order."""
-    plddts = {r.name: round(r.mean_plddt, 4) for r in results}
+    plddts = {r.name: r.mean_plddt for r in results}
     ptms = {r.name: round(r.ptm, 6) for r in results if r.ptm is not None}
     record = confidence.ranking_debug(plddts, ptms, random_weights=random_weights)
     by_name = {r.name: r for r in results}

@@ -18,6 +18,7 @@ from ferryman.apps.fastfold.train.dataset import StructureDataset
 from ferryman.apps.fastfold.train.step import make_loss_fn
 from ferryman.core.config import save_config
 from ferryman.core.errors import ConfigError, UserError
+from ferryman.core.files import check_writable
 from ferryman.core.io import write_text
 from ferryman.core.parallel import ParallelDims
 from ferryman.core.training import TrainResult, train
@@ -69,6 +70,15 @@ def plot_lddt(metrics_path: Path, png: Path) -> Path | None:
     return plot_metric(records, png, key="lddt_ca", ylabel="lDDT-Cα", title="training lDDT-Cα", ylim=(0, 1))
 
 
+def _check_resume(resume: str | None) -> None:
+    """A --resume folder that is not a checkpoint fails before the run folder is touched."""
+    if resume in (None, "latest"):
+        return
+    if not (Path(resume) / "trainer.json").is_file():
+        raise UserError(f"--resume {resume}: not a checkpoint folder (no trainer.json); give 'latest' or a "
+                        "checkpoints/step-N folder of a run")  # fmt: skip
+
+
 def run(cfg: FastfoldTrainConfig, dims: ParallelDims | None = None) -> tuple[TrainResult, StructureDataset]:
     """Train as ``cfg`` says; returns the loop's result and the dataset (with its skip count).
 
@@ -82,6 +92,8 @@ def run(cfg: FastfoldTrainConfig, dims: ParallelDims | None = None) -> tuple[Tra
         raise UserError(f"dap={cfg.dap} but {dap} DAP process(es) are running; start with --gpus {cfg.dap} (torchrun)")
     main = dims is None or dims.is_main
     out = Path(cfg.train.out_dir)
+    check_writable(out, "--out run folder")
+    _check_resume(cfg.train.resume)
     dataset = StructureDataset.from_folder(cfg.data, cfg.preset, msa_dir=cfg.msa_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
