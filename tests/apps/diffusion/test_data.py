@@ -119,10 +119,10 @@ def test_stream_loader_state_is_its_batch_position(tokenizer):
     expected = list(data.stream_loader(stream, batch_size=3, start_batch=0, num_batches=5))
     loader = data.StreamLoader(stream, batch_size=3)
     head = list(itertools.islice(loader, 2))
-    assert loader.state_dict() == {"batch": 2}
+    assert loader.state_dict() == {"samples": 6}  # two batches of 3
     resumed = data.StreamLoader(stream, batch_size=3)
     resumed.load_state_dict(loader.state_dict())
     tail = list(itertools.islice(resumed, 3))  # endless: the loop decides when to stop
     for a, b in zip(expected, head + tail):
         assert torch.equal(a["pixel_values"], b["pixel_values"]) and int(a["noise_seed"]) == int(b["noise_seed"])
-    assert resumed.state_dict() == {"batch": 5}
+    assert resumed.state_dict() == {"samples": 15}

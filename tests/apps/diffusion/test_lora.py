@@ -15,8 +15,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Could not find a config file")  
 
 # UNet and text-encoder adapters, EMA with diffusers' warm-up; no clipping (plain takes the norm in
 # fp32, Gemini in fp64: clipped runs agree only to rounding).
-COMMON = dict(lora=LoraConfig(rank=4), train_text_encoder=True, lr=1e-2, ema=True, ema_decay=0.9,
-              max_grad_norm=0.0, precision="fp32", checkpoint_every=2)
+COMMON = dict(lora=LoraConfig(rank=4), train_text_encoder=True, lr=1e-2, ema_decay=0.9,
+              max_grad_norm=0.0, precision="fp32", ckpt_every=2)
 
 
 @pytest.fixture(scope="module")
