@@ -26,7 +26,7 @@ def tokenizer():
 
 TRAIN_KEYS = {"max_steps", "precision", "seed", "ema_decay", "grad_accum", "resume", "ckpt_every", "warmup_steps",
               "schedule", "keep_last", "log_every", "device"}
-OPTIM_KEYS = {"lr", "weight_decay", "max_grad_norm"}
+OPTIM_KEYS = {"lr", "weight_decay", "max_grad_norm", "eps"}
 
 
 def tiny_config(model: Path, out: Path, **changes):
