@@ -105,7 +105,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
             raise UserError(f"{path} line {number}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
             raise UserError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((f"{path.name} line {number}", row))
+        rows.append((f"line {number}", row))
     return rows
 
 
@@ -114,7 +114,7 @@ def _read_csv(path: Path) -> list[tuple[str, dict]]:
     try:
         if not reader.fieldnames:
             raise UserError(f"{path} has no header row; expected columns such as file_name,text")
-        return [(f"{path.name} line {reader.line_num}", row) for row in reader]
+        return [(f"line {reader.line_num}", row) for row in reader]
     except csv.Error as err:
         raise UserError(f"{path} line {reader.line_num}: not readable as CSV ({err})") from None
 
@@ -130,10 +130,10 @@ def _rows_to_records(rows, root: Path, source: Path, caption_column: str, image_
     records = []
     for where, row in rows:
         if caption_column not in row or row[caption_column] is None:
-            raise UserError(f"{source}: {where} has no caption column '{caption_column}' "
+            raise UserError(f"{source} {where}: no caption column '{caption_column}' "
                             f"(columns: {', '.join(sorted(str(k) for k in row))}); set --caption-column to the right one")
         if row.get(image_column) in (None, ""):
-            raise UserError(f"{source}: {where} has no image file name in column '{image_column}' "
+            raise UserError(f"{source} {where}: no image file name in column '{image_column}' "
                             f"(columns: {', '.join(sorted(str(k) for k in row))})")
         records.append(Record(path=root / str(row[image_column]), caption=str(row[caption_column]).strip()))
     return records

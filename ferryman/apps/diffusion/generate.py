@@ -9,7 +9,6 @@ images, ``--offload model`` (one component on the GPU at a time) and ``--offload
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from ferryman.apps.diffusion.attention import set_attention
 from ferryman.apps.diffusion.config import GenerateConfig
 from ferryman.apps.diffusion.lora import WEIGHT_NAME
-from ferryman.apps.diffusion.parts import check_model_dir
+from ferryman.apps.diffusion.parts import check_model_dir, loading_bars
 from ferryman.apps.diffusion.report import save_png
 from ferryman.apps.diffusion.train import resolve_device
 from ferryman.core.errors import UserError
@@ -117,21 +116,6 @@ def _load_lora(pipe, file: Path, where: str) -> None:
                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
-@contextlib.contextmanager
-def _loading_bars(show: bool):
-    """diffusers' "Loading pipeline components" bars on or off for the block, then as they were."""
-    from diffusers.utils import logging as diffusers_logging
-
-    if show or not diffusers_logging.is_progress_bar_enabled():
-        yield
-        return
-    diffusers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        diffusers_logging.enable_progress_bar()
-
-
 def set_scheduler(pipe, name: str) -> None:
     if not name:
         return
@@ -169,7 +153,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> list[Path]:
     check_writable(cfg.out, "output folder (--out)")  # before the sampling work, not after it
     device = resolve_device(cfg.device)
     dtype = compute_dtype(cfg.precision, device)
-    with _loading_bars(progress):
+    with loading_bars(progress):
         pipe = load_pipeline(cfg.model, dtype=dtype, lora=cfg.lora)
     set_scheduler(pipe, cfg.scheduler)
     place(pipe, cfg, device)

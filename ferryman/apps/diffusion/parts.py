@@ -7,6 +7,7 @@ file or a pickled ``pytorch_model.bin`` they would fall back to ends in one line
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,19 +44,37 @@ def check_model_dir(path: str | Path, flag: str = "--model") -> Path:
     return path
 
 
-def load_parts(model_dir: str | Path) -> Parts:
+@contextlib.contextmanager
+def loading_bars(show: bool):
+    """diffusers' and transformers' loading progress bars off for the block when ``show`` is
+    False (--no-progress), then as they were."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    turned_off = [] if show else [m for m in (diffusers_logging, transformers_logging) if m.is_progress_bar_enabled()]
+    for module in turned_off:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module in turned_off:
+            module.enable_progress_bar()
+
+
+def load_parts(model_dir: str | Path, *, progress: bool = True) -> Parts:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = str(check_model_dir(model_dir))
     try:
-        return Parts(
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-        )
+        with loading_bars(progress):
+            return Parts(
+                tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+                vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+                unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+                noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+            )
     except (OSError, ValueError) as err:
         raise UserError(f"--model {path}: cannot load the pipeline parts: {str(err).splitlines()[0]}") from None
 

@@ -51,7 +51,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_stream(cfg: FinetuneConfig, tokenizer) -> tuple[data_mod.CaptionStream, str]:
+def scan_data(cfg: FinetuneConfig) -> tuple[data_mod.Scan, data_mod.Scan | None]:
+    """The training images with their captions, and DreamBooth's class images (or None)."""
     d = cfg.data
     if d.instance_prompt:  # DreamBooth: one prompt for every image
         scan = data_mod.scan_prompt_folder(d.path, d.instance_prompt, on_bad=d.on_bad)
@@ -59,6 +60,12 @@ def build_stream(cfg: FinetuneConfig, tokenizer) -> tuple[data_mod.CaptionStream
         scan = data_mod.scan_folder(d.path, caption_column=d.caption_column, image_column=d.image_column,
                                     on_bad=d.on_bad)
     prior = data_mod.scan_prompt_folder(d.class_path, d.class_prompt, on_bad=d.on_bad) if d.class_path else None
+    return scan, prior
+
+
+def build_stream(cfg: FinetuneConfig, scans: tuple[data_mod.Scan, data_mod.Scan | None],
+                 tokenizer) -> tuple[data_mod.CaptionStream, str]:
+    (scan, prior), d = scans, cfg.data
     summary = scan.summary() + (f"; class images: {prior.summary()}" if prior else "")
     stream = data_mod.CaptionStream(scan.records, tokenizer, resolution=d.resolution, center_crop=d.center_crop,
                                     random_flip=d.random_flip, seed=cfg.train.seed,
@@ -98,11 +105,12 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
     if not cfg.model or not cfg.out or not cfg.data.path:
         raise UserError("--model, --data and --out are required")
     check_writable(cfg.out, "output folder (--out)")
+    scans = scan_data(cfg)  # before the model: bad captions are found in a second, not after loading
     dims = init_parallel()  # one process, or the group torchrun started
     device = pick_device(cfg.train.device, dims)
-    parts = load_parts(cfg.model)
+    parts = load_parts(cfg.model, progress=progress)
     cfg = resolved(cfg, parts)
-    stream, summary = build_stream(cfg, parts.tokenizer)
+    stream, summary = build_stream(cfg, scans, parts.tokenizer)
     out = Path(cfg.out)
     if dims.is_main:
         save_config(cfg, out / "config.yaml")
