@@ -6,7 +6,7 @@ import torch
 
 from ferryman.apps.diffusion.loss import LossConfig, NoisePredictionLoss, TrainModule
 from ferryman.core.errors import ConfigError
-from tests.tolerance import approx
+from tests.tolerance import approx, assert_close
 
 
 def _loss(tiny_model, **cfg):
@@ -109,3 +109,28 @@ def test_min_snr_and_prior_weights_at_non_trivial_values_against_hand_computatio
     e = errors.double().numpy()
     expected = np.mean(w[:2] * e[:2]) + 0.3 * np.mean(w[2:] * e[2:])
     assert loss == approx(expected, ulps=64)
+
+
+def test_micro_batches_draw_their_own_rows_of_the_global_batch(tiny_model):
+    """Two halves of a global batch of 4 (two processes, or two accumulation steps), DreamBooth
+    class images and offset noise included, get the timesteps and noise the whole batch gets."""
+    from diffusers import UNet2DConditionModel
+
+    from ferryman.apps.diffusion.data import collate
+
+    fn, _ = _loss(tiny_model, prediction_type="epsilon", noise_offset=0.1)
+    model = TrainModule(UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet"))
+    gen = torch.Generator().manual_seed(0)
+    samples = [{"pixel_values": torch.rand(3, 32, 32, generator=gen) * 2 - 1, "input_ids": torch.randint(0, 600, (77,), generator=gen),
+                "prior_pixel_values": torch.rand(3, 32, 32, generator=gen) * 2 - 1,
+                "prior_input_ids": torch.randint(0, 600, (77,), generator=gen)} for _ in range(4)]
+    whole = collate(samples, seed=3, global_batch=4, first=8)  # the third global batch
+    halves = [collate(samples[:2], seed=3, global_batch=4, first=8), collate(samples[2:], seed=3, global_batch=4, first=10)]
+    with torch.no_grad():
+        errors, timesteps = fn.per_sample(model, whole)  # [8]: instances 0-3, then class images 0-3
+        parts = [fn.per_sample(model, half) for half in halves]
+    order = [0, 1, 4, 5, 2, 3, 6, 7]  # half 0: instances 0-1, classes 0-1; half 1: instances 2-3, classes 2-3
+    assert torch.equal(torch.cat([t for _, t in parts]), timesteps[order])
+    assert_close(torch.cat([e for e, _ in parts]), errors[order], ulps=64)
+    other = fn.per_sample(model, collate(samples, seed=3, global_batch=4, first=12))[1]
+    assert not torch.equal(other, timesteps)  # the next global batch draws afresh
