@@ -50,10 +50,11 @@ class LoraConfig:
 
 
 def finetune_train() -> TrainConfig:
-    """The core loop's settings as diffusers' train_text_to_image.py has them (its argparse
-    defaults): lr 1e-5 held constant after the warm-up, AdamW betas (0.9, 0.999) decaying every
-    parameter (norm scales and biases too) by 1e-2, gradients clipped at norm 1.0, a checkpoint
-    every 500 steps and all of them kept, EMA off (``--ema``: 0.9999 with its warm-up), fp32.
+    """sd-finetune's defaults for the core loop, the recipe of diffusers' text-to-image example
+    (train_text_to_image.py and the command its README gives): lr 1e-5 held constant after the
+    warm-up, AdamW betas (0.9, 0.999) decaying every parameter (norm scales and biases too) by
+    1e-2, gradients clipped at norm 1.0, a checkpoint every 500 steps and all of them kept, EMA
+    off (``--ema``: EMAModel's 0.9999 with its warm-up), fp32.
 
     sd-finetune writes its own config.yaml, loss curve and final output, so the loop's are off.
     """
