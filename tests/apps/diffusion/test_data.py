@@ -1,5 +1,6 @@
 """Caption folders: the three layouts, bad input (clear error or counted skip), seeded stream."""
 
+import itertools
 import json
 
 import pytest
@@ -162,3 +163,27 @@ def test_skipped_images_are_named_in_the_summary(tmp_path):
            + [{"file_name": "gone.png", "text": "x"}, {"file_name": "broken.png", "text": "y"}])
     summary = data.scan_folder(tmp_path).summary()
     assert "skipped: 1 missing, 1 unreadable: gone.png (missing), broken.png (unreadable (" in summary
+
+
+def test_stream_position_carries_over_to_another_split_of_the_same_global_batch(tokenizer):
+    """A checkpoint's position is samples consumed: a resume may split the global batch of 6
+    differently (3 micro-batches of 2, or 2 processes x 3), and refuses a global batch of 4."""
+    scan = data.scan_folder(SAMPLES)
+    stream = data.CaptionStream(scan.records, tokenizer, resolution=16, center_crop=True, random_flip=False, seed=3)
+    whole = data.StreamLoader(stream, batch_size=6)
+    whole.load_state_dict({"samples": 12})  # two steps done
+    accum = data.StreamLoader(stream, batch_size=2, share=data.Share(accum=3))
+    accum.load_state_dict(whole.state_dict())
+    ranks = [data.StreamLoader(stream, batch_size=3, share=data.Share(ranks=2, rank=r)) for r in (0, 1)]
+    for loader in ranks:
+        loader.load_state_dict(whole.state_dict())
+    [step] = itertools.islice(whole, 1)
+    micro = list(itertools.islice(accum, 3))
+    halves = [next(iter(loader)) for loader in ranks]
+    assert torch.equal(torch.cat([m["pixel_values"] for m in micro]), step["pixel_values"])
+    assert torch.equal(torch.cat([h["pixel_values"] for h in halves]), step["pixel_values"])
+    assert {int(m["noise_seed"]) for m in micro + halves} == {int(step["noise_seed"])}
+    assert [m["noise_slice"].tolist() for m in micro] == [[0, 6], [2, 6], [4, 6]]
+    assert accum.state_dict() == {"samples": 18} and whole.state_dict() == {"samples": 18}
+    with pytest.raises(UserError, match=r"12 samples.*global batches of 8"):
+        data.StreamLoader(stream, batch_size=8).load_state_dict({"samples": 12})
