@@ -160,6 +160,8 @@ CASES = {
         pickled(s.root / "lora.bin"))], ("lora.bin", "pickle")),
     "generate/pickle renamed .safetensors": Case("generate", lambda s: ["--model", str(s.tiny_model), "--lora", str(
         pickled(s.root / "lora.safetensors"))], ("lora.safetensors", "pickle")),
+    "generate/model weights given as --lora": Case("generate", lambda s: ["--model", str(s.tiny_model), "--lora", str(
+        s.tiny_model / "unet" / "diffusion_pytorch_model.safetensors")], ("--lora", "holds no LoRA weights")),
     "generate/LoRA folder without weights": Case("generate", lambda s: ["--model", str(s.tiny_model), "--lora", str(
         s.data())], ("--lora", "no pytorch_lora_weights.safetensors")),
     # D: outputs that cannot be written, found before any work
