@@ -75,10 +75,13 @@ def ferryman_step(pipe, device: torch.device, precision: str, memory: str, offlo
     """sd-finetune's own setup and step (prepare_model, build_engine, NoisePredictionLoss)."""
     from ferryman.apps.diffusion.config import FinetuneConfig
     from ferryman.apps.diffusion.loss import LossConfig, NoisePredictionLoss
-    from ferryman.apps.diffusion.train import Parts, build_engine, prepare_model
+    from ferryman.apps.diffusion.parts import Parts, prepare_model
+    from ferryman.apps.diffusion.train import build_engine
+    from ferryman.core.cli import MEMORY_MODES
+    from ferryman.core.config import merge
 
-    cfg = FinetuneConfig(precision=precision, memory=memory, offload_frozen=offload_frozen,
-                         loss=LossConfig(prediction_type="epsilon"))
+    base = FinetuneConfig(offload_frozen=offload_frozen, loss=LossConfig(prediction_type="epsilon"))
+    cfg = merge(base, {"train": {"precision": precision, **MEMORY_MODES[memory]}})
     parts = Parts(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
                   noise_scheduler=pipe.scheduler)
     engine = build_engine(cfg, prepare_model(cfg, parts, device), device)

@@ -65,7 +65,7 @@ class DiffusersCheckpoints(CheckpointStore):
 
     def __init__(self, run) -> None:
         cfg = run.cfg
-        super().__init__(run.out, keep_last=cfg.checkpoints_total_limit, trainable_only=cfg.use_lora)
+        super().__init__(run.out, keep_last=cfg.train.keep_last, trainable_only=cfg.use_lora)
         self.run = run
 
     def name(self, step: int) -> str:
@@ -81,15 +81,15 @@ class DiffusersCheckpoints(CheckpointStore):
         return resolve_resume(self.root, resume)
 
     def export(self, folder: Path, engine, ema_named: dict | None, *, rank: int) -> None:
-        if rank == 0:
-            self.run.export_weights(folder, engine, ema_named)
+        # Every rank: under data-parallel Gemini, reading the weights is a collective; rank 0 writes.
+        self.run.export_weights(folder, engine, ema_named)
 
     def extra_state(self) -> dict:
         return self.run.checkpoint_state()
 
     def load(self, folder: Path, engine, *, rank: int) -> tuple[dict, dict | None]:
         trainer, ema = super().load(folder, engine, rank=rank)
-        if self.run.cfg.ema and ema is None:
+        if self.run.cfg.use_ema and ema is None:
             raise UserError(f"checkpoint {folder} has no EMA weights but this run uses --ema")
         trainer.setdefault("loader", {"batch": trainer["step"]})  # written before the core loop ran sd-finetune
         self.run.restore(trainer)

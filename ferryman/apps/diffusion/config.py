@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 from ferryman.apps.diffusion.loss import LossConfig
 from ferryman.core.errors import ConfigError
+from ferryman.core.gemini.config import GeminiConfig, OptimConfig
+from ferryman.core.training import TrainConfig
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-MEMORY_MODES = ("plain", "gemini-auto", "gemini-offload")
 
 
 @dataclass(kw_only=True)
@@ -48,59 +49,60 @@ class LoraConfig:
             raise ConfigError("lora.rank and lora.alpha must be >= 0")
 
 
+def finetune_train() -> TrainConfig:
+    """sd-finetune's defaults for the core loop, the recipe of diffusers' text-to-image example
+    (train_text_to_image.py and the command its README gives): lr 1e-5 held constant after the
+    warm-up, AdamW betas (0.9, 0.999) decaying every parameter (norm scales and biases too) by
+    1e-2, gradients clipped at norm 1.0, a checkpoint every 500 steps and all of them kept, EMA
+    off (``--ema``: EMAModel's 0.9999 with its warm-up), fp32.
+
+    sd-finetune writes its own config.yaml, loss curve and final output, so the loop's are off.
+    """
+    optim = OptimConfig(lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, no_decay_1d=False, max_grad_norm=1.0)
+    return TrainConfig(
+        out_dir="", max_steps=1000, precision="fp32", engine="plain", gemini=GeminiConfig(precision="fp32"),
+        optim=optim, schedule="constant", warmup_steps=0, min_lr_ratio=0.0, ema_decay=0.0, ema_warmup=True,
+        ckpt_every=500, ckpt_at_end=False, keep_last=0, log_every=10, plot=False, config_file="",
+    )
+
+
 @dataclass(kw_only=True)
 class FinetuneConfig:
-    """Everything one sd-finetune run needs; flags set the common fields, --set the rest."""
+    """One sd-finetune run: the model, data, objective and outputs are sd-finetune's own fields;
+    steps, learning rate, engine, precision, EMA, checkpoints, resume, seed and device are the
+    core loop's (``train``, a TrainConfig with sd-finetune's defaults). The output folder is
+    ``train.out_dir``."""
 
     model: str = ""
-    out: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=finetune_train)
     train_text_encoder: bool = False
-    max_steps: int = 1000
-    batch_size: int = 1
-    lr: float = 1e-5
-    lr_warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine (after warm-up)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0  # <= 0 disables clipping
-    ema: bool = False
-    ema_decay: float = 0.9999
-    precision: str = "fp32"  # of the UNet's compute (autocast) and the frozen modules' weights
+    batch_size: int = 1  # per process and micro-batch: one update sees batch_size x grad_accum x processes
     gradient_checkpointing: bool = False
-    memory: str = "plain"  # plain | gemini-auto | gemini-offload (Gemini placement of the trained model)
     offload_frozen: bool = False  # keep VAE / frozen text encoder on the host between uses
-    device: str = "auto"
-    seed: int = 0
-    checkpoint_every: int = 500  # 0: no intermediate checkpoints
-    checkpoints_total_limit: int = 0  # 0: keep all
-    resume: str = ""  # "", "latest" or a checkpoint-N folder
     validation_prompts: list[str] = field(default_factory=list)
     validation_every: int = 0  # 0: only at the end (when prompts are given)
     validation_inference_steps: int = 25
-    log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision={self.precision!r} must be one of {PRECISIONS}")
-        if self.memory not in MEMORY_MODES:
-            raise ConfigError(f"memory={self.memory!r} must be one of {MEMORY_MODES}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"lr_schedule={self.lr_schedule!r} must be 'constant' or 'cosine'")
-        for name in ("max_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("checkpoint_every", "checkpoints_total_limit", "validation_every", "lr_warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay={self.ema_decay} must lie in [0, 1)")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if self.validation_every < 0 or self.validation_inference_steps < 1:
+            raise ConfigError("validation_every must be >= 0 and validation_inference_steps >= 1")
+
+    @property
+    def out(self) -> str:
+        return self.train.out_dir
 
     @property
     def use_lora(self) -> bool:
         return self.lora.rank > 0
+
+    @property
+    def use_ema(self) -> bool:
+        return self.train.ema_decay > 0
 
 
 @dataclass(kw_only=True)

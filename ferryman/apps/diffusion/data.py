@@ -7,15 +7,18 @@ A data folder holds images and their captions in one of three layouts, tried in 
 2. ``metadata.csv`` or ``captions.csv`` with a header naming the same two columns;
 3. a ``.txt`` file beside each image holding its caption (``0001.png`` + ``0001.txt``).
 
-A missing caption column is an error naming the file and the columns it has. A missing or
-unreadable image, or an image without a caption, is skipped and counted (``on_bad="error"`` makes
-it an error instead). Every random choice (sample order, crop, flip) is a function of the run
-seed and the sample's position in the stream, so a resumed run sees exactly the same batches.
+A missing caption or image column, a line that is not JSON, or a file that is not UTF-8 text
+is an error naming the file and the line. A missing or unreadable image, or an image without a
+caption, is skipped, counted and named in the summary (``on_bad="error"`` makes it an error
+instead). Every random choice (sample order, crop, flip, and the noise of the loss) is a function
+of the run seed and the sample's position in the stream, so a resumed run sees exactly the same
+batches, and so does a run that splits each batch over processes or accumulation steps (``Share``).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import random
@@ -28,6 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ferryman.core.errors import UserError
+from ferryman.core.files import reading
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 IMAGE_COLUMNS = ("file_name", "image", "path", "file")
@@ -39,18 +43,24 @@ class Record:
     caption: str
 
 
+NAMED_SKIPS = 5  # skipped images named in the summary; the rest are counted
+
+
 @dataclass(kw_only=True)
 class Scan:
     """What a data folder yielded: usable records and the skipped ones by reason."""
 
     records: list[Record]
     skipped: Counter = field(default_factory=Counter)
+    skipped_files: list[str] = field(default_factory=list)  # the first NAMED_SKIPS, "name (why)"
     source: str = ""
 
     def summary(self) -> str:
         text = f"{len(self.records)} images with captions from {self.source}"
         if self.skipped:
-            text += " (skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) + ")"
+            text += " (skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
+            more = sum(self.skipped.values()) - len(self.skipped_files)
+            text += ": " + ", ".join(self.skipped_files) + (f" and {more} more" if more > 0 else "") + ")"
         return text
 
 
@@ -72,9 +82,21 @@ def scan_folder(root: str | Path, *, caption_column: str = "text", image_column:
     return check_records(records, root, on_bad, str(source))
 
 
+def read_text(path: Path, what: str = "captions file") -> str:
+    """A UTF-8 text file (a BOM is dropped); bytes that are not UTF-8 are named by line number."""
+    with reading(path, what):
+        raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(f"{path} line {line}: not UTF-8 text (byte {raw[err.start]:#04x}); "
+                        f"is this the {what}?") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -83,16 +105,18 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
             raise UserError(f"{path} line {number}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
             raise UserError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((f"{path.name} line {number}", row))
+        rows.append((f"line {number}", row))
     return rows
 
 
 def _read_csv(path: Path) -> list[tuple[str, dict]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
         if not reader.fieldnames:
             raise UserError(f"{path} has no header row; expected columns such as file_name,text")
-        return [(f"{path.name} row {number}", row) for number, row in enumerate(reader, start=2)]
+        return [(f"line {reader.line_num}", row) for row in reader]
+    except csv.Error as err:
+        raise UserError(f"{path} line {reader.line_num}: not readable as CSV ({err})") from None
 
 
 def _rows_to_records(rows, root: Path, source: Path, caption_column: str, image_column: str) -> list[Record]:
@@ -106,8 +130,11 @@ def _rows_to_records(rows, root: Path, source: Path, caption_column: str, image_
     records = []
     for where, row in rows:
         if caption_column not in row or row[caption_column] is None:
-            raise UserError(f"{source}: {where} has no caption column '{caption_column}' "
-                            f"(columns: {', '.join(sorted(row))}); set --caption-column to the right one")
+            raise UserError(f"{source} {where}: no caption column '{caption_column}' "
+                            f"(columns: {', '.join(sorted(str(k) for k in row))}); set --caption-column to the right one")
+        if row.get(image_column) in (None, ""):
+            raise UserError(f"{source} {where}: no image file name in column '{image_column}' "
+                            f"(columns: {', '.join(sorted(str(k) for k in row))})")
         records.append(Record(path=root / str(row[image_column]), caption=str(row[caption_column]).strip()))
     return records
 
@@ -116,7 +143,7 @@ def _sidecar_records(root: Path) -> list[Record]:
     records = []
     for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         sidecar = path.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+        caption = read_text(sidecar, "caption file").strip() if sidecar.is_file() else None
         records.append(Record(path=path, caption=caption))  # type: ignore[arg-type]
     if not records:
         raise UserError(f"data folder {root} has no metadata.jsonl, metadata.csv/captions.csv, or images "
@@ -135,6 +162,8 @@ def check_records(records: list[Record], root: Path, on_bad: str, source: str) -
         if on_bad == "error":
             raise UserError(f"{record.path}: {problem}")
         scan.skipped[problem.split(" (")[0]] += 1
+        if len(scan.skipped_files) < NAMED_SKIPS:
+            scan.skipped_files.append(f"{record.path.name} ({problem})")
     if not scan.records:
         raise UserError(f"no usable images in {root}: {scan.summary()}")
     return scan
@@ -160,7 +189,7 @@ def _problem(record: Record) -> str | None:
         with Image.open(record.path) as image:
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        return f"unreadable ({err})"
+        return f"unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     return None
 
 
@@ -234,10 +263,36 @@ class CaptionStream(torch.utils.data.Dataset):
         return item
 
 
-def collate(samples: list[dict[str, torch.Tensor]], *, seed: int, batch_size: int, first: list[int]) -> dict:
-    """Stack samples; ``noise_seed`` fixes the batch's noise and timesteps from its position."""
+@dataclass(frozen=True, kw_only=True)
+class Share:
+    """One process's part of every optimizer step's samples.
+
+    A step reads one global batch: ``accum * ranks`` consecutive micro-batches of the stream.
+    Process ``rank`` (of ``ranks`` data-parallel ones) takes micro-batches ``a * ranks + rank``
+    for a = 0 .. accum - 1. A sample's place in the global batch, and with it its noise, is the
+    one it has when one process reads the whole global batch at once.
+    """
+
+    accum: int = 1
+    ranks: int = 1
+    rank: int = 0
+
+    @property
+    def per_step(self) -> int:
+        return self.accum * self.ranks
+
+    def micro(self, n: int) -> int:
+        """The stream's micro-batch index of this process's ``n``-th micro-batch."""
+        step, a = divmod(n, self.accum)
+        return (step * self.accum + a) * self.ranks + self.rank
+
+
+def collate(samples: list[dict[str, torch.Tensor]], *, seed: int, global_batch: int, first: int) -> dict:
+    """Stack samples; ``noise_seed`` fixes the global batch's noise and timesteps from its
+    position, and ``noise_slice`` ([first row, global batch size]) says which rows are these."""
     batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
-    batch["noise_seed"] = torch.tensor(_mix(seed, 2, first[0] // batch_size))
+    batch["noise_seed"] = torch.tensor(_mix(seed, 2, first // global_batch))
+    batch["noise_slice"] = torch.tensor([first % global_batch, global_batch])
     return batch
 
 
@@ -251,54 +306,67 @@ class _Indexed(torch.utils.data.Dataset):
         return k, self.stream[k]
 
 
-def _collate_indexed(items, seed: int, batch_size: int) -> dict:
-    return collate([item for _, item in items], seed=seed, batch_size=batch_size, first=[items[0][0]])
+def _collate_indexed(items, seed: int, global_batch: int) -> dict:
+    return collate([item for _, item in items], seed=seed, global_batch=global_batch, first=items[0][0])
+
+
+class _MicroBatches:
+    """Stream indices of this process's micro-batches ``first``, ``first + 1``, ... (``count`` of them, None: endless)."""
+
+    def __init__(self, share: Share, batch_size: int, first: int, count: int | None):
+        self.share, self.batch_size, self.first, self.count = share, batch_size, first, count
+
+    def __iter__(self):
+        numbers = itertools.count(self.first) if self.count is None else range(self.first, self.first + self.count)
+        for n in numbers:
+            start = self.share.micro(n) * self.batch_size
+            yield from range(start, start + self.batch_size)
 
 
 def stream_loader(stream: CaptionStream, *, batch_size: int, start_batch: int, num_batches: int | None,
-                  num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """Batches ``start_batch .. start_batch + num_batches - 1`` of the stream (None: endless)."""
+                  num_workers: int = 0, share: Share = Share()) -> torch.utils.data.DataLoader:
+    """This process's micro-batches ``start_batch .. start_batch + num_batches - 1`` (None: endless)."""
     import functools
 
-    first = start_batch * batch_size
-    sampler = _Endless(first) if num_batches is None else range(first, first + num_batches * batch_size)
     return torch.utils.data.DataLoader(
-        _Indexed(stream), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=functools.partial(_collate_indexed, seed=stream.seed, batch_size=batch_size),
-        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        _Indexed(stream), batch_size=batch_size, sampler=_MicroBatches(share, batch_size, start_batch, num_batches),
+        num_workers=num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        collate_fn=functools.partial(_collate_indexed, seed=stream.seed, global_batch=batch_size * share.per_step),
     )
 
 
-class _Endless:
-    """Sample indices first, first + 1, ... without end."""
-
-    def __init__(self, first: int):
-        self.first = first
-
-    def __iter__(self):
-        return itertools.count(self.first)
-
-
 class StreamLoader:
-    """Endless batches of a CaptionStream for the core training loop, from a batch position.
+    """Endless micro-batches of a CaptionStream for the core training loop, from a position.
 
-    Its state is that position (``state_dict``/``load_state_dict``), so a resumed run starts at
-    the checkpoint's batch directly instead of decoding every earlier image again.
+    Its state is the number of samples every process together has consumed (whole steps:
+    checkpoints fall between steps), so a resumed run starts there directly instead of decoding
+    every earlier image again, whatever its split over processes and accumulation steps.
     """
 
-    def __init__(self, stream: CaptionStream, *, batch_size: int, num_workers: int = 0):
-        self.stream, self.batch_size, self.num_workers = stream, batch_size, num_workers
-        self.position = 0  # batches handed out so far
+    def __init__(self, stream: CaptionStream, *, batch_size: int, share: Share = Share(), num_workers: int = 0):
+        self.stream, self.batch_size, self.share, self.num_workers = stream, batch_size, share, num_workers
+        self.position = 0  # micro-batches this process has handed out
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.share.per_step
 
     def __iter__(self):
         loader = stream_loader(self.stream, batch_size=self.batch_size, start_batch=self.position, num_batches=None,
-                               num_workers=self.num_workers)
+                               num_workers=self.num_workers, share=self.share)
         for batch in loader:
             self.position += 1
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"batch": self.position}
+        return {"samples": self.position // self.share.accum * self.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position = int(state["batch"])
+        if "samples" not in state:  # written before Share: one micro-batch per step, one process
+            self.position = int(state["batch"]) * self.share.accum
+            return
+        steps, rest = divmod(int(state["samples"]), self.global_batch)
+        if rest:
+            raise UserError(f"the checkpoint stopped after {state['samples']} samples, not a whole number of this "
+                            f"run's global batches of {self.global_batch} (batch size x grad accumulation x processes)")
+        self.position = steps * self.share.accum

@@ -18,9 +18,11 @@ import torch
 from ferryman.apps.diffusion.attention import set_attention
 from ferryman.apps.diffusion.config import GenerateConfig
 from ferryman.apps.diffusion.lora import WEIGHT_NAME
+from ferryman.apps.diffusion.parts import check_model_dir, loading_bars
 from ferryman.apps.diffusion.report import save_png
-from ferryman.apps.diffusion.train import check_model_dir, resolve_device
+from ferryman.apps.diffusion.train import resolve_device
 from ferryman.core.errors import UserError
+from ferryman.core.files import check_model_folder, check_safetensors, check_writable, reading, refuse_pickled
 from ferryman.core.io import write_text
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
@@ -42,29 +44,42 @@ def dtype_kw(dtype: torch.dtype) -> dict:
 
 
 def load_pipeline(model: str | Path, *, dtype: torch.dtype = torch.float32, lora: str = ""):
-    """A StableDiffusionPipeline from a pipeline folder or an sd-finetune checkpoint-N/ folder."""
+    """A StableDiffusionPipeline from a pipeline folder or an sd-finetune checkpoint-N/ folder.
+
+    Every file is checked before diffusers reads any (damaged safetensors, pickled weights).
+    """
     from diffusers import StableDiffusionPipeline
 
     path = Path(model)
+    lora_file = lora_weights_file(lora) if lora else None
     state_file = path / "trainer_state.json"
     if state_file.is_file():
-        return _from_checkpoint(path, json.loads(state_file.read_text(encoding="utf-8")), dtype, lora)
+        return _from_checkpoint(path, _checkpoint_state(state_file), dtype, lora_file)
     check_model_dir(path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(path), **dtype_kw(dtype))
     except (OSError, ValueError) as err:
         raise UserError(f"--model {path}: cannot load the pipeline: {str(err).splitlines()[0]}") from None
-    if lora:
-        _load_lora(pipe, lora)
+    if lora_file:
+        _load_lora(pipe, lora_file, f"--lora {lora}")
     return pipe
 
 
-def _from_checkpoint(path: Path, state: dict, dtype: torch.dtype, lora: str):
+def _checkpoint_state(state_file: Path) -> dict:
+    with reading(state_file, "checkpoint state file"):
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    if not isinstance(state, dict) or not isinstance(state.get("base_model"), str):
+        raise UserError(f"{state_file}: no base_model recorded; not a checkpoint sd-finetune wrote")
+    return state
+
+
+def _from_checkpoint(path: Path, state: dict, dtype: torch.dtype, lora_file: Path | None):
     """Base model from the checkpoint's record, with the checkpoint's trained weights swapped in."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    base = check_model_dir(state["base_model"])
+    check_model_folder(path, "checkpoint folder")
+    base = check_model_dir(state["base_model"], flag=f"base model of {path}:")
     parts = {}
     unet_dir = path / "unet_ema" if (path / "unet_ema").is_dir() else path / "unet"
     if unet_dir.is_dir():
@@ -73,20 +88,32 @@ def _from_checkpoint(path: Path, state: dict, dtype: torch.dtype, lora: str):
         parts["text_encoder"] = CLIPTextModel.from_pretrained(str(path / "text_encoder"), **dtype_kw(dtype))
     pipe = StableDiffusionPipeline.from_pretrained(str(base), **dtype_kw(dtype), **parts)
     if (path / WEIGHT_NAME).is_file():
-        _load_lora(pipe, str(path))
-    if lora:
-        _load_lora(pipe, lora)
+        _load_lora(pipe, path / WEIGHT_NAME, f"--model {path}")
+    if lora_file:
+        _load_lora(pipe, lora_file, f"--lora {lora_file}")
     return pipe
 
 
-def _load_lora(pipe, lora: str) -> None:
+def lora_weights_file(lora: str) -> Path:
+    """The LoRA safetensors file ``--lora`` names (the file, or the one in a folder), checked:
+    a pickle-based file is refused by name and contents, a damaged one named."""
     path = Path(lora)
     if not path.exists():
         raise UserError(f"--lora {lora}: no such file or folder")
-    folder, name = (path.parent, path.name) if path.is_file() else (path, WEIGHT_NAME)
-    if not (folder / name).is_file():
-        raise UserError(f"--lora {lora}: no {name} inside")
-    pipe.load_lora_weights(str(folder), weight_name=name)
+    file = path if path.is_file() else path / WEIGHT_NAME
+    if not file.is_file():
+        raise UserError(f"--lora {lora}: no {WEIGHT_NAME} inside")
+    refuse_pickled(file, "LoRA weights file")
+    check_safetensors(file, "LoRA weights file")
+    return file
+
+
+def _load_lora(pipe, file: Path, where: str) -> None:
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"{where}: {file} holds no LoRA weights this pipeline takes "
+                        f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -123,9 +150,11 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> list[Path]:
     """Render every prompt ``num_images`` times; returns the PNG paths written."""
     if not cfg.model or not cfg.out or not cfg.prompts:
         raise UserError("--model, --prompt and --out are required")
+    check_writable(cfg.out, "output folder (--out)")  # before the sampling work, not after it
     device = resolve_device(cfg.device)
     dtype = compute_dtype(cfg.precision, device)
-    pipe = load_pipeline(cfg.model, dtype=dtype, lora=cfg.lora)
+    with loading_bars(progress):
+        pipe = load_pipeline(cfg.model, dtype=dtype, lora=cfg.lora)
     set_scheduler(pipe, cfg.scheduler)
     place(pipe, cfg, device)
     pipe.set_progress_bar_config(disable=not progress)

@@ -1,7 +1,9 @@
 """LoRA adapters (Hu et al. 2021) on the UNet and text-encoder attention projections, via peft.
 
 Weights are saved with diffusers' own LoRA writer, so ``pipe.load_lora_weights(out)`` on the
-base pipeline loads them back, as users of diffusers' train_text_to_image_lora.py expect.
+base pipeline loads them back, as users of diffusers' train_text_to_image_lora.py expect. The
+adapters' config (rank and alpha) goes into the file's metadata: without it diffusers loads the
+adapters at alpha = rank, a scale of 1 instead of alpha / rank.
 """
 
 from __future__ import annotations
@@ -39,9 +41,16 @@ def save_lora(out: str | Path, unet: nn.Module, text_encoder: nn.Module | None =
 
     out = Path(out)
     text_layers = lora_state(text_encoder) if text_encoder is not None else None
+    text_metadata = _adapter_config(text_encoder) if text_encoder is not None else None
     with atomic_path(out / WEIGHT_NAME) as tmp:
         StableDiffusionPipeline.save_lora_weights(
             str(tmp.parent), unet_lora_layers=lora_state(unet), text_encoder_lora_layers=text_layers,
+            unet_lora_adapter_metadata=_adapter_config(unet), text_encoder_lora_adapter_metadata=text_metadata,
             weight_name=tmp.name, safe_serialization=True,
         )
     return out / WEIGHT_NAME
+
+
+def _adapter_config(module: nn.Module) -> dict:
+    """The peft LoraConfig of ``module``'s adapter as a plain dict (what diffusers stores as metadata)."""
+    return module.peft_config["default"].to_dict()

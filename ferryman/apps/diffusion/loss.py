@@ -9,6 +9,8 @@ prior-preservation term (Ruiz et al. 2023) on the class images carried in the sa
 
 Noise, timesteps and the VAE posterior sample are drawn on the host from the batch's
 ``noise_seed``, so a step's numbers depend only on its data position, never on device or history.
+They are drawn for the whole global batch and a micro-batch keeps its own rows (``noise_slice``),
+so data-parallel processes and accumulation steps draw what one process with the whole batch does.
 """
 
 from __future__ import annotations
@@ -76,23 +78,35 @@ class NoisePredictionLoss:
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``model``: a TrainModule, or anything called like one (a GeminiEngine wrapping it)."""
+        errors, timesteps = self.per_sample(model, batch)
+        return self.reduce(errors * self.snr_weights(timesteps), prior="prior_pixel_values" in batch)
+
+    def per_sample(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's unweighted mean squared error and its timestep, [B'] each (B' = 2B with
+        DreamBooth class images: the instance samples first)."""
         generator = torch.Generator().manual_seed(int(batch["noise_seed"]))
         pixels, ids = batch["pixel_values"], batch["input_ids"]
-        if "prior_pixel_values" in batch:
+        start, total = batch["noise_slice"].tolist() if "noise_slice" in batch else (0, pixels.shape[0])
+        rows = torch.arange(start, start + pixels.shape[0])
+        if "prior_pixel_values" in batch:  # the global draw holds every instance row, then every class row
             pixels = torch.cat([pixels, batch["prior_pixel_values"]])  # [2B, 3, H, W]
             ids = torch.cat([ids, batch["prior_input_ids"]])  # [2B, L]
-        latents = self.encode_images(pixels, generator)  # [B', 4, h, w]
-        noise, timesteps = self.draw_noise(latents, generator)
+            rows, total = torch.cat([rows, rows + total]), 2 * total
+        latents = self.encode_images(pixels, generator, rows=rows, total=total)  # [B', 4, h, w]
+        noise, timesteps = self.draw_noise(latents, generator, rows=rows, total=total)
         noisy, target = self.noisy_and_target(latents, noise, timesteps)
         ids = ids.to(self.device)
         text = ids if self.text_encoder is None else self.encode_frozen_text(ids)
         pred = model(noisy, timesteps, text)  # the engine applies autocast / the compute dtype
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B']
-        per_sample = per_sample * self.snr_weights(timesteps)
-        if "prior_pixel_values" in batch:
-            instance, prior = per_sample.chunk(2)
-            return instance.mean() + self.cfg.prior_loss_weight * prior.mean()
-        return per_sample.mean()
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)), timesteps  # [B']
+
+    def reduce(self, weighted: torch.Tensor, *, prior: bool) -> torch.Tensor:
+        """The batch loss from weighted per-sample errors: their mean, or with class images the
+        instance mean plus ``prior_loss_weight`` times the class mean (Ruiz et al. 2023, eq. 2)."""
+        if prior:
+            instance, klass = weighted.chunk(2)
+            return instance.mean() + self.cfg.prior_loss_weight * klass.mean()
+        return weighted.mean()
 
     def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """x_t = sqrt(a) x0 + sqrt(1 - a) eps, and eps or v = sqrt(a) eps - sqrt(1 - a) x0 as target."""
@@ -103,20 +117,25 @@ class NoisePredictionLoss:
         return noisy, alphas.sqrt() * noise - (1 - alphas).sqrt() * latents
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator, *, rows: torch.Tensor | None = None,
+                      total: int = 0) -> torch.Tensor:
+        """Latents sampled from the VAE posterior; ``rows`` of a draw for ``total`` samples (default: all)."""
         with self._frozen_on_device(self.vae) as vae:
             moments = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
             # Sample the posterior from host noise so the result does not depend on the device.
-            eps = torch.randn(moments.mean.shape, generator=generator).to(self.device, moments.mean.dtype)
+            eps = _draw(torch.randn, moments.mean.shape, generator, rows, total).to(self.device, moments.mean.dtype)
             latents = moments.mean + moments.std * eps
         return latents.float() * self.scaling_factor
 
-    def draw_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw_noise(self, latents: torch.Tensor, generator: torch.Generator, *, rows: torch.Tensor | None = None,
+                   total: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise (with the offset, if on) and timesteps; ``rows`` of a draw for ``total`` samples."""
         batch, channels = latents.shape[:2]
-        noise = torch.randn(latents.shape, generator=generator)
+        noise = _draw(torch.randn, latents.shape, generator, rows, total)
         if self.cfg.noise_offset:
-            noise = noise + self.cfg.noise_offset * torch.randn((batch, channels, 1, 1), generator=generator)
-        timesteps = torch.randint(0, self.num_timesteps, (batch,), generator=generator)
+            noise = noise + self.cfg.noise_offset * _draw(torch.randn, (batch, channels, 1, 1), generator, rows, total)
+        timesteps = _draw(lambda shape, generator: torch.randint(0, self.num_timesteps, shape, generator=generator),
+                          (batch,), generator, rows, total)
         return noise.to(self.device), timesteps.to(self.device)
 
     @torch.no_grad()
@@ -143,3 +162,11 @@ class NoisePredictionLoss:
             yield module
         finally:
             module.to("cpu")
+
+
+def _draw(sample, shape, generator: torch.Generator, rows: torch.Tensor | None, total: int) -> torch.Tensor:
+    """``sample(shape)`` as rows ``rows`` of one draw for ``total`` samples (the global batch)."""
+    if rows is None:
+        return sample(tuple(shape), generator=generator)
+    whole = sample((total, *shape[1:]), generator=generator)
+    return whole if len(rows) == total else whole[rows]

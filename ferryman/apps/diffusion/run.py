@@ -5,6 +5,9 @@ learning-rate schedule, EMA with diffusers' warm-up, checkpoints and exact resum
 supplies the trained module, records each step's loss and learning rate (``on_step``), renders
 validation grids every N steps, and writes the weights diffusers reads: unet/ (unet_ema/,
 text_encoder/) or the LoRA file, into checkpoint-N/ folders and the final output.
+
+Under data-parallel Gemini, reading the weights gathers every rank's shards (a collective), so
+every rank calls the methods that read them and only rank 0 writes or renders.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from ferryman.apps.diffusion.lora import save_lora
 from ferryman.apps.diffusion.loss import TrainModule
+from ferryman.apps.diffusion.parts import prepare_model
 from ferryman.core.errors import UserError
 
 
@@ -30,6 +34,7 @@ class Run:
     parts: Any
     out: Path
     device: torch.device
+    rank: int = 0  # the global rank: rank 0 writes
     model: TrainModule | None = None  # the trained module; under Gemini its parameters are chunk views
     shadow: TrainModule | None = None  # host copy for exports when Gemini owns ``model``'s storage
     losses: list[float] = field(default_factory=list)  # every step's loss from step 1, resumed ones included
@@ -37,17 +42,15 @@ class Run:
 
     def build_model(self) -> TrainModule:
         """The loop's model builder: freeze, add LoRA, place the frozen parts (the loop seeds first)."""
-        from ferryman.apps.diffusion.train import prepare_model
-
         model = prepare_model(self.cfg, self.parts, self.device)
         if not any(p.requires_grad for p in model.parameters()):
             raise UserError("nothing to train: every parameter is frozen")
         self.model = model
-        self.shadow = copy.deepcopy(model) if self.cfg.memory != "plain" else None  # Gemini takes over model's storage
+        self.shadow = copy.deepcopy(model) if self.cfg.train.engine == "gemini" else None  # Gemini takes over model's storage
         return model
 
     def on_step(self, info) -> None:
-        """After every update (core ``StepInfo``): record it, render the validation grid when due."""
+        """After every update (core ``StepInfo``, on every rank): record it, render the validation grid when due."""
         self.losses.append(info.loss)
         self.lrs.append(info.lr)
         cfg = self.cfg
@@ -87,28 +90,38 @@ class Run:
     def validate(self, name: str, engine, ema_named: dict[str, torch.Tensor] | None) -> Path:
         from ferryman.apps.diffusion.validation import render_validation
 
+        path = self.out / "validation" / name
         with self.ema_weights(engine, ema_named) as module:
-            return render_validation(self, module, self.out / "validation" / name)
+            if self.rank == 0:
+                render_validation(self, module, path)
+        return path
 
     def export_weights(self, folder: Path, engine, ema_named: dict[str, torch.Tensor] | None) -> None:
-        """Weights in the layout diffusers reads: unet/ (and text_encoder/, unet_ema/), or the LoRA file."""
+        """Weights in the layout diffusers reads: unet/ (and text_encoder/, unet_ema/), or the LoRA file.
+
+        Every rank calls it; rank 0 writes.
+        """
+        write = self.rank == 0
         if self.cfg.use_lora:  # the adapters only: the frozen base stays in --model
             with self.ema_weights(engine, ema_named) as module:
-                save_lora(folder, module.unet, module.text_encoder)
+                if write:
+                    save_lora(folder, module.unet, module.text_encoder)
             return
         module = self.weights(engine)
-        module.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        if module.text_encoder is not None:
-            module.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        if write:
+            module.unet.save_pretrained(folder / "unet", safe_serialization=True)
+            if module.text_encoder is not None:
+                module.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
         if ema_named is not None:
             with self.ema_weights(engine, ema_named) as averaged:
-                averaged.unet.save_pretrained(folder / "unet_ema", safe_serialization=True)
+                if write:
+                    averaged.unet.save_pretrained(folder / "unet_ema", safe_serialization=True)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The run's own fields of trainer_state.json."""
         cfg = self.cfg
         return {"losses": self.losses, "lrs": self.lrs, "base_model": str(Path(cfg.model).resolve()),
-                "lora": cfg.use_lora, "train_text_encoder": cfg.train_text_encoder, "memory": cfg.memory}
+                "lora": cfg.use_lora, "train_text_encoder": cfg.train_text_encoder}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.losses, self.lrs = list(state["losses"]), list(state["lrs"])

@@ -49,12 +49,12 @@ def render_validation(run, module, path: Path) -> Path:
     module.eval()
     images = []
     device = run.device
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision]
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.precision]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     try:
         with _on_device([run.parts.vae, text_encoder, module.unet], device), autocast:
             for index, prompt in enumerate(cfg.validation_prompts):
-                generator = torch.Generator().manual_seed(cfg.seed + index)
+                generator = torch.Generator().manual_seed(cfg.train.seed + index)
                 result = pipe(prompt, height=cfg.data.resolution, width=cfg.data.resolution,
                               num_inference_steps=cfg.validation_inference_steps, generator=generator)
                 images.append(result.images[0])

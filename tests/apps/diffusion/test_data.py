@@ -1,5 +1,6 @@
 """Caption folders: the three layouts, bad input (clear error or counted skip), seeded stream."""
 
+import itertools
 import json
 
 import pytest
@@ -90,7 +91,9 @@ def test_transform_crop_flip_and_range():
     import random
 
     center = data.transform(image, resolution=16, center_crop=True, random_flip=False, rng=random.Random(0))
-    assert center.shape == (3, 16, 16) and center.min() >= -1 and center.max() <= 1
+    # 60x30 -> 32x16, centre crop from column 8: 7 white columns, the bilinear seam (223, 32), 7 black
+    row = torch.tensor([255.0] * 7 + [223.0, 32.0] + [0.0] * 7) / 127.5 - 1
+    assert center.shape == (3, 16, 16) and torch.equal(center, row.expand(3, 16, 16))
     flips = [data.transform(image, resolution=16, center_crop=True, random_flip=True, rng=random.Random(s))
              for s in range(8)]
     flipped = [t for t in flips if not torch.equal(t, center)]
@@ -119,10 +122,68 @@ def test_stream_loader_state_is_its_batch_position(tokenizer):
     expected = list(data.stream_loader(stream, batch_size=3, start_batch=0, num_batches=5))
     loader = data.StreamLoader(stream, batch_size=3)
     head = list(itertools.islice(loader, 2))
-    assert loader.state_dict() == {"batch": 2}
+    assert loader.state_dict() == {"samples": 6}  # two batches of 3
     resumed = data.StreamLoader(stream, batch_size=3)
     resumed.load_state_dict(loader.state_dict())
     tail = list(itertools.islice(resumed, 3))  # endless: the loop decides when to stop
     for a, b in zip(expected, head + tail):
         assert torch.equal(a["pixel_values"], b["pixel_values"]) and int(a["noise_seed"]) == int(b["noise_seed"])
-    assert resumed.state_dict() == {"batch": 5}
+    assert resumed.state_dict() == {"samples": 15}
+
+
+CAPTIONS = ['a "quoted" word, then a comma', "naïve café, 東京の夜 🚀", "tab\there; semicolon | pipe",
+            "it's 50% off: back\\slash", "two\nlines in one caption"]
+
+
+@pytest.mark.parametrize("layout", ["csv", "jsonl"])
+def test_captions_with_commas_quotes_and_unicode_come_back_exactly(tmp_path, tokenizer, layout):
+    import csv
+
+    names = _images(tmp_path, n=len(CAPTIONS))
+    if layout == "csv":  # as a spreadsheet writes it: a BOM, quoted fields, CRLF line ends
+        with open(tmp_path / "metadata.csv", "w", newline="", encoding="utf-8-sig") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file_name", "text"])
+            writer.writerows(zip(names, CAPTIONS))
+    else:
+        (tmp_path / "metadata.jsonl").write_text(
+            "".join(json.dumps({"file_name": n, "text": c}, ensure_ascii=False) + "\n" for n, c in zip(names, CAPTIONS)),
+            encoding="utf-8")
+    scan = data.scan_folder(tmp_path)
+    assert [(r.path.name, r.caption) for r in scan.records] == list(zip(names, CAPTIONS))
+    stream = data.CaptionStream(scan.records, tokenizer, resolution=16, center_crop=True, random_flip=False, seed=0)
+    ids = {tuple(stream[k]["input_ids"].tolist()) for k in range(len(CAPTIONS))}
+    assert len(ids) == len(CAPTIONS)  # every caption tokenizes to its own ids
+
+
+def test_skipped_images_are_named_in_the_summary(tmp_path):
+    names = _images(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"garbage")
+    _jsonl(tmp_path, [{"file_name": n, "text": "ok"} for n in names]
+           + [{"file_name": "gone.png", "text": "x"}, {"file_name": "broken.png", "text": "y"}])
+    summary = data.scan_folder(tmp_path).summary()
+    assert "skipped: 1 missing, 1 unreadable: gone.png (missing), broken.png (unreadable (" in summary
+
+
+def test_stream_position_carries_over_to_another_split_of_the_same_global_batch(tokenizer):
+    """A checkpoint's position is samples consumed: a resume may split the global batch of 6
+    differently (3 micro-batches of 2, or 2 processes x 3), and refuses a global batch of 4."""
+    scan = data.scan_folder(SAMPLES)
+    stream = data.CaptionStream(scan.records, tokenizer, resolution=16, center_crop=True, random_flip=False, seed=3)
+    whole = data.StreamLoader(stream, batch_size=6)
+    whole.load_state_dict({"samples": 12})  # two steps done
+    accum = data.StreamLoader(stream, batch_size=2, share=data.Share(accum=3))
+    accum.load_state_dict(whole.state_dict())
+    ranks = [data.StreamLoader(stream, batch_size=3, share=data.Share(ranks=2, rank=r)) for r in (0, 1)]
+    for loader in ranks:
+        loader.load_state_dict(whole.state_dict())
+    [step] = itertools.islice(whole, 1)
+    micro = list(itertools.islice(accum, 3))
+    halves = [next(iter(loader)) for loader in ranks]
+    assert torch.equal(torch.cat([m["pixel_values"] for m in micro]), step["pixel_values"])
+    assert torch.equal(torch.cat([h["pixel_values"] for h in halves]), step["pixel_values"])
+    assert {int(m["noise_seed"]) for m in micro + halves} == {int(step["noise_seed"])}
+    assert [m["noise_slice"].tolist() for m in micro] == [[0, 6], [2, 6], [4, 6]]
+    assert accum.state_dict() == {"samples": 18} and whole.state_dict() == {"samples": 18}
+    with pytest.raises(UserError, match=r"12 samples.*global batches of 8"):
+        data.StreamLoader(stream, batch_size=8).load_state_dict({"samples": 12})

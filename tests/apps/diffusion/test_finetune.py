@@ -21,7 +21,7 @@ OVERFIT_STEPS, OVERFIT_BOUND = 40, 0.3
 @pytest.fixture(scope="module")
 def overfit(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("overfit")
-    cfg = tiny_config(tiny_model, out, max_steps=OVERFIT_STEPS, batch_size=4, checkpoint_every=20,
+    cfg = tiny_config(tiny_model, out, max_steps=OVERFIT_STEPS, batch_size=4, ckpt_every=20,
                       validation_prompts=["a red circle on a blue background", "a black ring"],
                       validation_every=20, validation_inference_steps=2)
     return finetune(cfg, progress=False)
@@ -45,7 +45,7 @@ def test_run_writes_curve_csv_grids_config_checkpoints(overfit):
         with Image.open(out / "validation" / name) as grid:
             assert grid.size == (64, 32)  # two 32 px images side by side
     cfg = load_config(FinetuneConfig, out / "config.yaml")
-    assert cfg.max_steps == OVERFIT_STEPS and cfg.loss.prediction_type == "epsilon"
+    assert cfg.train.max_steps == OVERFIT_STEPS and cfg.loss.prediction_type == "epsilon"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
     state = json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())
     assert state["step"] == 20 and state["losses"] == overfit.losses[:20]
@@ -74,7 +74,7 @@ def test_checkpoint_unet_loads_in_diffusers(overfit):
 
 def test_resume_from_checkpoint_repeats_uninterrupted_run(tiny_model, tmp_path):
     data = DataConfig(path=str(SAMPLES), resolution=32, random_flip=True)  # random crop and flip too
-    common = dict(data=data, ema=True, ema_decay=0.9, lr_warmup_steps=2, lr_schedule="cosine", checkpoint_every=3)
+    common = dict(data=data, ema_decay=0.9, warmup_steps=2, schedule="cosine", ckpt_every=3)
     whole = finetune(tiny_config(tiny_model, tmp_path / "whole", max_steps=6, **common), progress=False)
     finetune(tiny_config(tiny_model, tmp_path / "split", max_steps=3, **common), progress=False)
     resumed = finetune(tiny_config(tiny_model, tmp_path / "split", max_steps=6, resume="latest", **common),

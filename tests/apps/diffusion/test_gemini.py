@@ -9,7 +9,7 @@ from .conftest import tiny_config
 
 # Clipping is off: the plain engine takes the gradient norm in fp32, Gemini in fp64, so a clipped
 # run agrees only to rounding; everything else must match bit for bit.
-COMMON = dict(max_steps=3, ema=True, ema_decay=0.9, max_grad_norm=0.0, precision="fp32")
+COMMON = dict(max_steps=3, ema_decay=0.9, max_grad_norm=0.0, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_gemini_full_host_offload_equals_plain(plain, tiny_model, tmp_path):
 
 
 def test_gemini_auto_resumed_equals_plain(plain, tiny_model, tmp_path):
-    first = dict(COMMON, max_steps=2, checkpoint_every=2)
+    first = dict(COMMON, max_steps=2, ckpt_every=2)
     finetune(tiny_config(tiny_model, tmp_path, memory="gemini-auto", **first), progress=False)
     assert (tmp_path / "checkpoint-2" / "unet" / "config.json").is_file()
     resumed = finetune(tiny_config(tiny_model, tmp_path, memory="gemini-auto", resume="latest", **COMMON),

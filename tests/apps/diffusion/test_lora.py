@@ -8,15 +8,17 @@ from safetensors import safe_open
 
 from ferryman.apps.diffusion.config import LoraConfig
 from ferryman.apps.diffusion.train import finetune
+from tests.tolerance import assert_close
 
 from .conftest import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:Could not find a config file")  # peft, about the embeddings
 
-# UNet and text-encoder adapters, EMA with diffusers' warm-up; no clipping (plain takes the norm in
-# fp32, Gemini in fp64: clipped runs agree only to rounding).
-COMMON = dict(lora=LoraConfig(rank=4), train_text_encoder=True, lr=1e-2, ema=True, ema_decay=0.9,
-              max_grad_norm=0.0, precision="fp32", checkpoint_every=2)
+# UNet and text-encoder adapters at alpha 8 = 2 x rank (a scale of 2: at alpha = rank a lost alpha
+# goes unseen), EMA with diffusers' warm-up; no clipping (plain takes the norm in fp32, Gemini in
+# fp64: clipped runs agree only to rounding).
+COMMON = dict(lora=LoraConfig(rank=4, alpha=8), train_text_encoder=True, lr=1e-2, ema_decay=0.9,
+              max_grad_norm=0.0, precision="fp32", ckpt_every=2)
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +94,29 @@ def test_resume_from_lora_checkpoint_repeats_run_on_either_engine(plain, gemini_
         assert resumed.start_step == 2
         assert resumed.losses == plain.losses, memory
         _same_adapters(plain, resumed)
+
+
+def test_lora_output_is_base_plus_alpha_over_rank_times_b_a_and_survives_saving(tiny_model, tmp_path):
+    """to_q(x) = W x + (alpha / rank) B A x with alpha 10, rank 4, by hand; the saved file loads back
+    into diffusers at that scale (it once loaded at 1: the file did not carry alpha)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from ferryman.apps.diffusion.lora import UNET_TARGETS, add_lora, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet")
+    add_lora(unet, rank=4, alpha=10, targets=UNET_TARGETS)
+    layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for adapter in (layer.lora_A["default"], layer.lora_B["default"]):  # B starts at zero: make it count
+            adapter.weight.copy_(torch.randn(adapter.weight.shape, generator=gen))
+    x = torch.randn(3, layer.in_features, generator=gen)
+    base, a, b = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = x @ base.T + 2.5 * (x @ a.T @ b.T)  # [3, out]; to_q has no bias
+    with torch.no_grad():
+        assert_close(layer(x), expected, ulps=64)
+        save_lora(tmp_path, unet)
+        pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
+        pipe.load_lora_weights(str(tmp_path))
+        loaded = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+        assert_close(loaded(x), expected, ulps=64)

@@ -18,7 +18,7 @@ LORA = dict(lora=LoraConfig(rank=2), lr=1e-2, precision="fp32", memory="plain")
 
 def test_lora_resume_on_another_base_model_is_refused(tiny_model, tmp_path):
     out = tmp_path / "run"
-    finetune(tiny_config(tiny_model, out, max_steps=1, checkpoint_every=1, **LORA), progress=False)
+    finetune(tiny_config(tiny_model, out, max_steps=1, ckpt_every=1, **LORA), progress=False)
     other = tmp_path / "other-base"
     build_pipeline("tiny", TOKENIZER, seed=1).save_pretrained(str(other), safe_serialization=True)
     cfg = tiny_config(other, tmp_path / "resumed", max_steps=2, resume=str(out / "checkpoint-1"), **LORA)
