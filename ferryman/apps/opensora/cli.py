@@ -49,7 +49,7 @@ def data() -> None:
 
 
 @data.command("check")
-@click.argument("csv", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("csv", type=click.Path(path_type=Path))
 @_data_options
 @click.option("--dp", type=int, default=1, show_default=True, help="Data-parallel ranks that will share the batches.")
 @config_options
@@ -88,10 +88,10 @@ def _saved_config(resume: str, out: Path | None) -> Path | None:
 
 
 @main.command()
-@click.option("--csv", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Clip table.")
-@click.option("--text-encoder", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--csv", type=click.Path(path_type=Path), default=None, help="Clip table.")
+@click.option("--text-encoder", type=click.Path(path_type=Path), default=None,
               help="Local transformers folder with a T5 encoder and its tokenizer.")
-@click.option("--vae", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--vae", type=click.Path(path_type=Path), default=None,
               help="Local diffusers folder with an AutoencoderKL, applied per frame, or a video VAE (AutoencoderKLWan, "
                    "-HunyuanVideo, -LTXVideo, -CogVideoX), whose buckets then need 1 + r k frames (r: its time compression).")
 @click.option("--preset", default=None,
@@ -102,7 +102,7 @@ def _saved_config(resume: str, out: Path | None) -> Path | None:
               help="Recompute blocks in backward (runtime.grad_checkpointing).")
 @click.option("--ema-decay", type=float, default=None, help="Weight EMA decay (0: none); sampling uses the EMA.")
 @click.option("--sp", type=int, default=None, help="Sequence-parallel ranks (start with torchrun --nproc-per-node).")
-@click.option("--text-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--text-cache", type=click.Path(path_type=Path), default=None,
               help="Folder for cached caption features.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder.")
 @train_options()
@@ -145,12 +145,12 @@ def train(csv, text_encoder, vae, preset, buckets, frame_stride, backend, grad_c
 @click.option("--cfg-scale", type=float, default=4.0, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--fps", type=float, default=8.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--text-encoder", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--text-encoder", type=click.Path(path_type=Path), default=None,
               help="T5 folder (default: the one the checkpoint was trained with).")
-@click.option("--vae", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--vae", type=click.Path(path_type=Path), default=None,
               help="VAE folder (default: the one the checkpoint was trained with).")
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("sample.mp4"), show_default=True,
+@click.option("--out", type=click.Path(path_type=Path), default=Path("sample.mp4"), show_default=True,
               help="Output mp4; with several prompts, NAME-0.mp4, NAME-1.mp4, ...")
 def sample(ckpt, prompts, num_frames, resolution, steps, cfg_scale, fps, seed, text_encoder, vae, no_ema, out) -> None:
     """Generate videos from text with a trained STDiT and write them as H.264 mp4.
@@ -165,7 +165,7 @@ def sample(ckpt, prompts, num_frames, resolution, steps, cfg_scale, fps, seed, t
     from .data import write_mp4
     from .sample import load_for_sampling, parse_resolution, sample_latents, to_uint8, write_sidecar
     from .text import T5TextEncoder
-    from .train import Encoders
+    from .train import Encoders, check_encoder_folders
     from .vae import VideoVAE
 
     height, width = parse_resolution(resolution)
@@ -175,8 +175,7 @@ def sample(ckpt, prompts, num_frames, resolution, steps, cfg_scale, fps, seed, t
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_for_sampling(ckpt, device, use_ema=not no_ema)
     text_dir, vae_dir = text_encoder or cfg.text_encoder, vae or cfg.vae
-    if text_dir is None or vae_dir is None:
-        raise UserError("the checkpoint names no text encoder or VAE folder; pass --text-encoder and --vae")
+    check_encoder_folders(text_dir, vae_dir)
     encoders = Encoders(text=T5TextEncoder(text_dir, max_length=cfg.model.model_max_length, device=device),
                         vae=VideoVAE(vae_dir, device=device, micro_batch=cfg.vae_micro_batch))
     latents = sample_latents(model, encoders, cfg.diffusion, list(prompts), num_frames=num_frames, height=height,

@@ -9,7 +9,9 @@ disk, a stray edit) is computed again and rewritten, never fatal.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,6 +27,8 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 def require_config(folder: Path, what: str, hint: str) -> Path:
     """The folder exists and has a config.json (the weights are checked by ``check_weights``)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} folder {folder} is a file, not a folder ({hint})")
     if not folder.is_dir():
         raise UserError(f"{what} folder {folder} does not exist ({hint})")
     if not (folder / "config.json").is_file():
@@ -36,6 +40,21 @@ def check_weights(folder: Path, what: str) -> None:
     """Before transformers/diffusers read a user's folder: every weight file in it is a sound
     safetensors file, and no pickle (which could run code) stands where they would fall back to it."""
     files.check_model_folder(folder, f"{what} folder")
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Without transformers' per-tensor "Loading weights" bar, which would otherwise stand above
+    any one-line error the command ends with; the library's setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _fingerprint(folder: Path) -> str:
@@ -62,7 +81,8 @@ class T5TextEncoder:
         check_weights(self.folder, "text encoder")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
-            self.model = T5EncoderModel.from_pretrained(self.folder, dtype=dtype)
+            with _quiet_loading():
+                self.model = T5EncoderModel.from_pretrained(self.folder, dtype=dtype)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load the T5 encoder in {self.folder}: {str(err).splitlines()[0]}") from None
         self.model.to(device).eval().requires_grad_(False)

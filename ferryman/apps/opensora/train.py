@@ -26,7 +26,7 @@ from .diffusion import build_scheduler
 from .model import STDiT
 from .parallel import parallelize
 from .runtime import build_stdit
-from .text import T5TextEncoder
+from .text import T5TextEncoder, check_weights, require_config
 from .vae import VideoVAE
 
 
@@ -38,10 +38,20 @@ class Encoders:
     vae: VideoVAE
 
 
+def check_encoder_folders(text_dir: Path | None, vae_dir: Path | None) -> None:
+    """Both folders exist with a config and sound safetensors weights; checked before either is
+    loaded, so a damaged VAE is found before the T5 encoder (perhaps many GB) is read."""
+    if text_dir is None or vae_dir is None:
+        raise ConfigError("a text_encoder (a T5 folder, --text-encoder) and a vae (a diffusers VAE folder, --vae) "
+                          "are needed; `python -m ferryman.apps.opensora.tiny --out DIR` writes tiny ones")
+    hint = "expected a transformers T5 folder: config.json, model.safetensors and tokenizer files"
+    check_weights(require_config(text_dir, "text encoder", hint), "text encoder")
+    hint = "expected a diffusers VAE folder: config.json and diffusion_pytorch_model.safetensors"
+    check_weights(require_config(vae_dir, "VAE", hint), "VAE")
+
+
 def build_encoders(cfg: OpenSoraConfig, device: torch.device) -> Encoders:
-    if cfg.text_encoder is None or cfg.vae is None:
-        raise ConfigError("training needs text_encoder (a T5 folder) and vae (a diffusers VAE folder); "
-                          "`python -m ferryman.apps.opensora.tiny --out DIR` writes tiny ones")
+    check_encoder_folders(cfg.text_encoder, cfg.vae)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     text = T5TextEncoder(cfg.text_encoder, max_length=cfg.model.model_max_length, device=device, dtype=dtype,
                          cache_dir=cfg.text_cache)
@@ -162,12 +172,13 @@ def run_train(cfg: OpenSoraConfig, *, quiet: bool = False):
     check_writable(out, "run folder (--out)")
     if cfg.text_cache is not None:
         check_writable(cfg.text_cache, "text cache folder (--text-cache)")
+    check_encoder_folders(cfg.text_encoder, cfg.vae)
     dims = init_parallel(sp=cfg.sp)
     device = dims.device if dims.world_size > 1 else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if cfg.train.device == "cpu":
         device = torch.device("cpu")
+    loader = build_loader(cfg, dims)  # a bad table or bucket config is found before any model is loaded
     encoders = build_encoders(cfg, device)
-    loader = build_loader(cfg, dims)  # indexing errors surface before the model is built
     if dims.is_main:
         save_config(cfg, out / APP_CONFIG)
     loss_fn = LossFn(cfg, encoders)

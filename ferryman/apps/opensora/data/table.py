@@ -84,6 +84,8 @@ def _number(value: object, kind: type, path: Path, row: int, column: str) -> int
 def read_table(path: str | Path, root: Path | None = None) -> list[ClipRecord]:
     """Parse and check the table; clip paths are relative to ``root`` (default: the table's folder)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"clip table {path} is a folder; expected a CSV or parquet file")
     if not path.is_file():
         raise UserError(f"clip table {path} does not exist")
     rows = _rows(path)
