@@ -179,8 +179,8 @@ def run_train(cfg: OpenSoraConfig, *, quiet: bool = False):
         device = torch.device("cpu")
     loader = build_loader(cfg, dims)  # a bad table or bucket config is found before any model is loaded
     encoders = build_encoders(cfg, device)
-    if dims.is_main:
-        save_config(cfg, out / APP_CONFIG)
+    if dims.is_main:  # the run's settings; whether to resume is each command's own choice
+        save_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=None)), out / APP_CONFIG)
     loss_fn = LossFn(cfg, encoders)
     result = train(cfg.train, lambda: build_model(cfg, dims), lambda: loader, loss_fn,
                    dims=dims if dims.world_size > 1 else None)

@@ -110,7 +110,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_models):
     assert result.exit_code == 2 and "gives no full batch" in result.output
     result = CliRunner().invoke(opensora, ["train", "--csv", str(CLIPS / "clips.csv"), "--text-encoder", str(t5),
                                            "--vae", str(vae), "--preset", "tiny", "--set", "model.caption_channels=16",
-                                           "--out", str(tmp_path)])
+                                           "--bucket", "32:8:2", "--set", "data.size_multiple=8", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "model.caption_channels=16 but the T5 encoder" in result.output
     result = CliRunner().invoke(opensora, ["sample", "--ckpt", str(tmp_path), "--prompt", "x"])
     assert result.exit_code == 2 and "no checkpoint here" in result.output
