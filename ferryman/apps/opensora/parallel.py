@@ -31,7 +31,12 @@ from .model.blocks import SelfAttention
 
 @dataclass
 class _Tokens:
-    """What the entry hook learns and the sharded modules need: the unsharded patches per frame."""
+    """What the entry hook learns and the sharded modules need: the unsharded patches per frame.
+
+    Set by each forward and read again when checkpointed blocks are recomputed in its backward, so
+    forwards of different frame sizes must not be interleaved before their backwards (training
+    runs forward and backward per micro-batch).
+    """
 
     group: dist.ProcessGroup
     seq_len: int = 0

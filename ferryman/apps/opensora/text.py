@@ -83,7 +83,7 @@ class T5TextEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
             with _quiet_loading():
                 self.model = T5EncoderModel.from_pretrained(self.folder, dtype=dtype)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RuntimeError) as err:
             raise UserError(f"cannot load the T5 encoder in {self.folder}: {str(err).splitlines()[0]}") from None
         self.model.to(device).eval().requires_grad_(False)
         self._width = int(self.model.config.d_model)

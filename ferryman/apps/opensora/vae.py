@@ -87,7 +87,7 @@ class VideoVAE:
         check_weights(folder, "VAE")
         try:
             self.model = cls.from_pretrained(folder, torch_dtype=dtype)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RuntimeError) as err:
             raise UserError(f"cannot load the VAE in {folder}: {str(err).splitlines()[0]}") from None
         self.model.to(device).eval().requires_grad_(False)
         self.per_frame = name not in VIDEO_VAES

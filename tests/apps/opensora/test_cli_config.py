@@ -34,6 +34,13 @@ def test_model_files_import_no_parallel_code():
                 assert not name.startswith(("ferryman.core.parallel", "torch.distributed")), (path.name, name)
 
 
+def test_presets_do_not_import_the_app_config():
+    """config.py builds on presets.py, never the other way round (the old import cycle)."""
+    tree = ast.parse((MODEL_DIR.parent / "presets.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "config" not in imported and "model.config" in imported
+
+
 def _captured(monkeypatch) -> list[OpenSoraConfig]:
     """Make `opensora train` hand its resolved config over instead of training."""
     seen: list[OpenSoraConfig] = []
