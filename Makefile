@@ -107,7 +107,7 @@ demo: install
 	$(PY) -m ferryman.apps.opensora.tiny --out $(DEMO_OUT)/opensora/tiny
 	$(VENV)/bin/opensora data check data/opensora/clips.csv --bucket 32:8:2 --set data.size_multiple=8
 	$(VENV)/bin/opensora train --csv data/opensora/clips.csv --text-encoder $(DEMO_OUT)/opensora/tiny/t5 \
-	  --vae $(DEMO_OUT)/opensora/tiny/vae --preset debug --bucket 32:8:2 --set data.size_multiple=8 --steps 20 \
+	  --vae $(DEMO_OUT)/opensora/tiny/vae --preset debug --bucket 32:8:2 --set data.size_multiple=8 --max-steps 20 \
 	  --precision fp32 --lr 1e-3 --out $(DEMO_OUT)/opensora/run
 	$(VENV)/bin/opensora sample --ckpt $(DEMO_OUT)/opensora/run --prompt "a red circle moving right on a blue background" \
 	  --num-frames 8 --resolution 24x40 --steps 10 --out $(DEMO_OUT)/opensora/sample.mp4

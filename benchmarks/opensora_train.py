@@ -30,10 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import MIB, environment, is_oom, peak_bytes, print_table, synchronize, write_json
-from ferryman.apps.opensora.config import DiffusionConfig
+from ferryman.apps.opensora.config import DiffusionConfig, RuntimeConfig
 from ferryman.apps.opensora.diffusion import RectifiedFlow
-from ferryman.apps.opensora.model import STDiT, num_parameters
+from ferryman.apps.opensora.model import num_parameters
 from ferryman.apps.opensora.presets import model_preset
+from ferryman.apps.opensora.runtime import build_stdit
 from ferryman.core.gemini import GeminiConfig, OptimConfig
 from ferryman.core.training import TrainConfig, build_engine
 
@@ -43,10 +44,9 @@ VAE_FACTOR = 8
 def make_step(path: str, preset: str, frames: int, resolution: int, batch: int, device: torch.device, precision: str):
     ferryman = path == "ferryman"
     backend = "auto" if ferryman else "torch"
-    cfg = model_preset(preset, attention_backend=backend, norm_backend=backend, grad_checkpointing=ferryman,
-                       class_dropout_prob=0.0)
+    cfg = model_preset(preset)
     torch.manual_seed(0)
-    model = STDiT(cfg)
+    model = build_stdit(cfg, RuntimeConfig(attention_backend=backend, norm_backend=backend, grad_checkpointing=ferryman))
     tcfg = TrainConfig(engine="gemini" if ferryman else "plain", precision=precision, device=device.type,
                        optim=OptimConfig(lr=1e-4), gemini=GeminiConfig(placement="auto"), progress=False)
     engine = build_engine(model, tcfg)

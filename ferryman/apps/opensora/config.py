@@ -1,61 +1,49 @@
-"""Typed configs of the opensora app: model, diffusion, data, training and sampling."""
+"""Typed configs of the opensora app: model sizes, run options, diffusion, data and training.
+
+Every config is a frozen keyword-only dataclass: a changed setting is a new config
+(``dataclasses.replace``), never an edit of one already built. ``resolve`` builds the config of a
+command from its sources (preset, config file, flags, ``--set``), the preset first.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from ferryman.core.config import layered, nest, override_layers, parse_override, read_mapping, to_dict
 from ferryman.core.errors import ConfigError
 from ferryman.core.gemini.config import OptimConfig
 from ferryman.core.training.config import TrainConfig as CoreTrainConfig
+from ferryman.kernels import BACKENDS
 
-BACKENDS = ("auto", "triton", "torch")
+from .model.config import STDiTConfig
+from .presets import model_preset
+
+APP_CONFIG = "opensora.yaml"  # a run's saved config, in its run folder
+
+__all__ = ["APP_CONFIG", "Bucket", "DataConfig", "DiffusionConfig", "OpenSoraConfig", "RuntimeConfig", "STDiTConfig", "resolve"]
 
 
-@dataclass(kw_only=True)
-class STDiTConfig:
-    """Sizes of an STDiT (Open-Sora 1.0-1.2): latent channels, patch, width, depth, heads, text width.
+@dataclass(kw_only=True, frozen=True)
+class RuntimeConfig:
+    """How a built STDiT runs; none of it changes the weights, so a checkpoint loads under any of it.
 
-    ``depth`` counts spatial-temporal pairs: the model has ``depth`` spatial and ``depth``
-    temporal blocks, alternating. ``caption_channels`` is the text encoder's width (T5-XXL: 4096)
-    and ``model_max_length`` the number of text tokens (Open-Sora 1.0: 120, 1.2: 300).
+    ``attention_backend``/``norm_backend``: the fused Triton kernels or the PyTorch references
+    (``auto``: Triton on CUDA). ``grad_checkpointing``: recompute each block in the backward pass.
     """
 
-    in_channels: int = 4
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    caption_channels: int = 4096
-    model_max_length: int = 120
-    class_dropout_prob: float = 0.1
-    qk_norm: bool = True
-    base_size: int = 16  # latent patches per side at which the spatial positional grid is unscaled
     attention_backend: str = "auto"
     norm_backend: str = "auto"
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}")
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ConfigError("model.hidden_size / model.num_heads must be even (sin-cos embeddings)")
-        if self.hidden_size % 4:
-            raise ConfigError(f"model.hidden_size={self.hidden_size} must be a multiple of 4 (2D sin-cos positions)")
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ConfigError(f"model.patch_size={self.patch_size} must be three positive sizes (t, h, w)")
-        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
-        if min(self.depth, self.in_channels, self.caption_channels, self.model_max_length) < 1:
-            raise ConfigError("model.depth, in_channels, caption_channels and model_max_length must be >= 1")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ConfigError(f"model.class_dropout_prob={self.class_dropout_prob} must lie in [0, 1)")
         for name in ("attention_backend", "norm_backend"):
             if getattr(self, name) not in BACKENDS:
-                raise ConfigError(f"model.{name}={getattr(self, name)!r} must be one of {', '.join(BACKENDS)}")
+                raise ConfigError(f"runtime.{name}={getattr(self, name)!r} must be one of {', '.join(BACKENDS)}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class DiffusionConfig:
     """Rectified flow (Open-Sora 1.2) or DDPM (Ho et al. 2020, Open-Sora 1.0).
 
@@ -74,8 +62,13 @@ class DiffusionConfig:
     shift_scale: float = 1.0
     beta_start: float = 1e-4  # DDPM linear schedule
     beta_end: float = 0.02
+    # Share of training captions replaced by the learned null caption, so that classifier-free
+    # guidance has an unconditioned prediction to push away from (Open-Sora's class_dropout_prob).
+    caption_dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"diffusion.caption_dropout={self.caption_dropout} must lie in [0, 1)")
         if self.kind not in ("rflow", "ddpm"):
             raise ConfigError(f"diffusion.kind={self.kind!r} must be 'rflow' or 'ddpm'")
         if self.num_timesteps < 1 or self.logit_normal_scale <= 0 or self.shift_scale <= 0:
@@ -84,7 +77,7 @@ class DiffusionConfig:
             raise ConfigError("diffusion needs 0 < beta_start < beta_end < 1")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Bucket:
     """One bucket: frames of about ``resolution``^2 pixels, ``num_frames`` long, ``batch_size`` per batch."""
 
@@ -97,7 +90,7 @@ class Bucket:
             raise ConfigError(f"bucket {self}: resolution, num_frames and batch_size must be >= 1")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class DataConfig:
     """Where the clips are and how they are cut into buckets.
 
@@ -126,12 +119,6 @@ class DataConfig:
             raise ConfigError("data.aspect_ratios must be positive height/width ratios")
 
 
-def _preset(name: str) -> STDiTConfig:
-    from .presets import model_preset  # presets import this module
-
-    return model_preset(name)
-
-
 def _default_train() -> CoreTrainConfig:
     # EMA 0.999 rather than Open-Sora's 0.9999: runs of a few thousand steps should sample from
     # averaged weights, not from weights still close to the initialisation.
@@ -139,7 +126,7 @@ def _default_train() -> CoreTrainConfig:
                            optim=OptimConfig(lr=1e-4), schedule="constant", ckpt_every=50)
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class OpenSoraConfig:
     """Everything ``opensora train`` needs; saved as opensora.yaml in the run folder.
 
@@ -148,8 +135,9 @@ class OpenSoraConfig:
     the remaining ranks of a torchrun job are data parallel.
     """
 
-    preset: str = "debug"
-    model: STDiTConfig = field(default_factory=lambda: _preset("debug"))
+    preset: str = "debug"  # the sizes ``model`` started from (see ``resolve``)
+    model: STDiTConfig = field(default_factory=lambda: model_preset("debug"))
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: CoreTrainConfig = field(default_factory=_default_train)
@@ -163,3 +151,60 @@ class OpenSoraConfig:
     def __post_init__(self) -> None:
         if self.sp < 1 or self.vae_micro_batch < 1:
             raise ConfigError("sp and vae_micro_batch must be >= 1")
+
+
+# Fields that older run folders kept under ``model`` (sizes and run options were one section).
+_MOVED = {"attention_backend": ("runtime", "attention_backend"), "norm_backend": ("runtime", "norm_backend"),
+          "grad_checkpointing": ("runtime", "grad_checkpointing"), "class_dropout_prob": ("diffusion", "caption_dropout")}
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config mapping in today's sections (a run folder from before the split still samples)."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not set(model) & set(_MOVED):
+        return data
+    out = {**data, "model": {k: v for k, v in model.items() if k not in _MOVED}}
+    for old, (section, name) in _MOVED.items():
+        if old in model and isinstance(out.get(section, {}), dict):
+            out[section] = {**out.get(section, {}), name: model[old]}
+    return out
+
+
+def _explicit(data: dict[str, Any], preset: str) -> dict[str, Any]:
+    """A config file's mapping without the model fields that merely repeat the file's own preset.
+
+    A saved opensora.yaml lists every model size; those equal to its preset came from the preset,
+    so a different preset chosen by flag or ``--set`` replaces them, while fields the user changed
+    (they differ from the file's preset) still win.
+    """
+    own, model = data.get("preset"), data.get("model")
+    if own is None or str(own) == preset or not isinstance(model, dict):
+        return data
+    try:
+        implied = to_dict(model_preset(str(own)))
+    except ConfigError:
+        return data
+    return {**data, "model": {k: v for k, v in model.items() if implied.get(k) != v}}
+
+
+def resolve(*, config_file: Path | None = None, flags: dict[str, Any] | None = None,
+            overrides: tuple[str, ...] = ()) -> OpenSoraConfig:
+    """The config of a command: preset sizes <- config file <- flags <- ``--set``, validated once.
+
+    The preset is settled first, from the last source naming one (the file's ``preset``, then
+    ``flags["preset"]``, then ``--set preset=...``), and gives the model sizes whichever source
+    named it; model fields given explicitly in any source override them. ``flags`` maps dotted
+    keys to values, None meaning "not given".
+    """
+    flags = flags or {}
+    data = migrate(read_mapping(config_file)) if config_file is not None else {}
+    named = [data.get("preset"), flags.get("preset")]
+    named += [value for key, value in map(parse_override, overrides) if key == ["preset"]]
+    given = [str(name) for name in named if name is not None]
+    preset = given[-1] if given else "debug"
+    base = OpenSoraConfig(preset=preset, model=model_preset(preset))
+    layers = [(f"config file {config_file}", _explicit(data, preset))] if config_file is not None else []
+    for key, value in flags.items():
+        if value is not None:
+            layers.append(("", nest(key, str(value) if isinstance(value, Path) else value)))
+    return layered(base, layers + override_layers(overrides))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ferryman.core.errors import ConfigError
 
-from .config import STDiTConfig
+from .model.config import STDiTConfig
 
 _SIZES: dict[str, dict] = {
     # name: hidden, depth (spatial-temporal pairs), heads, caption width, text tokens
@@ -28,7 +28,7 @@ def preset_names() -> list[str]:
 
 
 def model_preset(name: str, **overrides) -> STDiTConfig:
-    """The STDiTConfig of a preset, with fields overridden by keyword."""
+    """The STDiTConfig of a preset, with size fields overridden by keyword."""
     if name not in _SIZES:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(_SIZES)}")
     return STDiTConfig(**{**_SIZES[name], "patch_size": (1, 2, 2), **overrides})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,13 +10,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ferryman.core.config import from_dict
+from ferryman.core.config import from_dict, read_mapping
 from ferryman.core.errors import UserError
+from ferryman.core.files import check_safetensors, load_safetensors, reading
 
-from .config import DiffusionConfig, OpenSoraConfig
+from .config import APP_CONFIG, DiffusionConfig, OpenSoraConfig, RuntimeConfig, migrate
 from .diffusion import build_scheduler, guided
 from .model import STDiT
-from .train import APP_CONFIG, Encoders
+from .runtime import build_stdit
+from .train import Encoders
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -29,50 +32,63 @@ def parse_resolution(text: str) -> tuple[int, int]:
         sizes = sizes * 2
     if len(sizes) != 2 or min(sizes) < 2:
         raise UserError(f"--resolution {text!r}: expected HEIGHTxWIDTH such as 48x64, or one number")
+    if sizes[0] % 2 or sizes[1] % 2:
+        raise UserError(f"--resolution {text!r}: height and width must be even (H.264 video in yuv420p)")
     return sizes[0], sizes[1]
 
 
 def find_checkpoint(path: Path) -> Path:
     """A checkpoint folder, or a run folder (its newest checkpoint, from checkpoints/latest)."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"--ckpt {path}: no such run or checkpoint folder")
     markers = ("trainer.json", "ema.safetensors", "model.safetensors", "gemini.json")
     if any((path / m).is_file() for m in markers):
         return path
     pointer = path / "checkpoints" / "latest"
     if pointer.is_file():
-        return path / "checkpoints" / pointer.read_text().strip()
+        with reading(pointer, "checkpoint pointer"):
+            name = pointer.read_text(encoding="utf-8").strip()
+        folder = path / "checkpoints" / name
+        if not name or Path(name).name != name or not folder.is_dir():
+            raise UserError(f"{pointer}: names no checkpoint folder beside it ({name[:40]!r}); "
+                            "pass a checkpoint folder (checkpoints/step-*) as --ckpt")
+        return folder
     raise UserError(f"{path}: no checkpoint here (expected a run folder with checkpoints/latest, "
                     "or a checkpoint folder with ema.safetensors or model.safetensors)")
 
 
 def _app_config(ckpt: Path) -> OpenSoraConfig:
-    from ferryman.core.config import read_mapping
-
     for folder in (ckpt, ckpt.parent, ckpt.parent.parent):
         if (folder / APP_CONFIG).is_file():
-            return from_dict(OpenSoraConfig, read_mapping(folder / APP_CONFIG))
+            return from_dict(OpenSoraConfig, migrate(read_mapping(folder / APP_CONFIG)))
     raise UserError(f"{ckpt}: no {APP_CONFIG} in the checkpoint or its run folder, so the model size is unknown")
 
 
 def _weights(ckpt: Path, use_ema: bool) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
     if use_ema and (ckpt / "ema.safetensors").is_file():
-        return load_file(str(ckpt / "ema.safetensors"))
+        return load_safetensors(ckpt / "ema.safetensors", "EMA weights file")
     if (ckpt / "model.safetensors").is_file():
-        return load_file(str(ckpt / "model.safetensors"))
+        return load_safetensors(ckpt / "model.safetensors", "model weights file")
     if (ckpt / "gemini.json").is_file():
         from ferryman.core.gemini.checkpoint import consolidate
 
-        return consolidate(ckpt)
+        for shard in sorted(ckpt.glob("*.safetensors")):  # name the damaged shard, not just the folder
+            check_safetensors(shard, "Gemini checkpoint shard")
+        with reading(ckpt / "gemini.json", "Gemini checkpoint"):
+            return consolidate(ckpt)
     raise UserError(f"{ckpt}: no weights (ema.safetensors, model.safetensors or gemini.json)")
 
 
-def load_for_sampling(ckpt: Path, device: torch.device, *, use_ema: bool = True) -> tuple[STDiT, OpenSoraConfig]:
-    """The model (EMA weights when saved) and the app config of a checkpoint."""
+def load_for_sampling(ckpt: Path, device: torch.device, *, use_ema: bool = True,
+                      runtime: RuntimeConfig | None = None) -> tuple[STDiT, OpenSoraConfig]:
+    """The model (EMA weights when saved) and the app config of a checkpoint; ``runtime``: how the
+    model runs (default: the run's own, without activation checkpointing, which only saves memory
+    in training)."""
     ckpt = find_checkpoint(ckpt)
     cfg = _app_config(ckpt)
-    model = STDiT(cfg.model)
+    runtime = runtime or dataclasses.replace(cfg.runtime, grad_checkpointing=False)
+    model = build_stdit(cfg.model, runtime)
     try:
         model.load_state_dict(_weights(ckpt, use_ema))
     except RuntimeError as err:

@@ -69,6 +69,58 @@ def write_tiny_vae(out: Path, *, seed: int = 0) -> Path:
     return Path(out)
 
 
+def passthrough_vae(*, offset: float = 100.0, bias: float = 20.0):
+    """An AutoencoderKL whose encoder and decoder are the identity on pixels (to about 1e-4), for
+    end-to-end checks that must tell a sampled video from its training clip pixel by pixel.
+
+    Latent channels 0-2 carry R, G, B unchanged (no downsampling; channel 3 is 0). The resnets
+    and the mid block are made identities by zeroing their last convolution. The GroupNorm before
+    each output convolution would normalise the pixels away, so every colour travels in a group
+    of four channels (p, -p, offset, -offset): the group mean is exactly 0 and its deviation is
+    offset/sqrt(2) up to a relative 5e-5 (pixels in [-1, 1]), so the norm scales p by a known
+    constant; a shift of ``bias`` makes the SiLU after it linear, and the output convolution
+    subtracts it again. The posterior's log-variance is -30 (std 3e-7).
+    """
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=3,
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), block_out_channels=(12,),
+        mid_block_add_attention=False, scaling_factor=1.0, sample_size=16,
+    )
+    with torch.no_grad():
+        for param in vae.parameters():
+            param.zero_()
+        for coder in (vae.encoder, vae.decoder):
+            _spread(coder.conv_in, offset)
+            for norm in [m for m in coder.modules() if isinstance(m, torch.nn.GroupNorm)]:
+                norm.weight.fill_(1.0)  # inside the (zeroed) residual branches: any value works
+            coder.conv_norm_out.weight.zero_()
+            for c in range(3):
+                coder.conv_norm_out.weight[4 * c] = offset / 2**0.5
+                coder.conv_norm_out.bias[4 * c] = bias
+                coder.conv_out.weight[c, 4 * c, 1, 1] = 1.0
+                coder.conv_out.bias[c] = -bias
+        vae.encoder.conv_out.bias[4:] = -30.0  # log-variance of the posterior
+        for conv in (vae.quant_conv, vae.post_quant_conv):
+            conv.weight[:, :, 0, 0] = torch.eye(conv.weight.shape[0])
+    return vae
+
+
+def _spread(conv: torch.nn.Conv2d, offset: float) -> None:
+    """conv_in: input channel c < 3 (a colour) -> channels 4c..4c+3 = (p, -p, offset, -offset)."""
+    for c in range(3):
+        conv.weight[4 * c, c, 1, 1] = 1.0
+        conv.weight[4 * c + 1, c, 1, 1] = -1.0
+        conv.bias[4 * c + 2] = offset
+        conv.bias[4 * c + 3] = -offset
+
+
+def write_passthrough_vae(out: Path) -> Path:
+    passthrough_vae().save_pretrained(out)
+    return Path(out)
+
+
 def tiny_video_vae(kind: str = "wan"):
     """A video VAE of about 150k parameters that maps 1 + 4k frames of H x W to 1 + k latent frames of
     H/4 x W/4 with 4 channels. ``kind``: wan, hunyuan, ltx or cogvideox (the slowest on CPU)."""

@@ -2,12 +2,13 @@
 
 One training example goes pixels -> VAE latents, caption -> T5 features (both frozen, no
 gradients), then the diffusion loss of the STDiT on the latents with captions dropped at
-``model.class_dropout_prob`` so that classifier-free guidance works at sampling time. The noise
+``diffusion.caption_dropout`` so that classifier-free guidance works at sampling time. The noise
 is seeded by the batch, so sequence-parallel ranks sharing a batch draw the same noise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,17 +17,17 @@ from torch import Tensor
 
 from ferryman.core.config import save_config
 from ferryman.core.errors import ConfigError, UserError
+from ferryman.core.files import check_writable
 from ferryman.core.parallel import ParallelDims
 
-from .config import OpenSoraConfig
+from .config import APP_CONFIG, OpenSoraConfig
 from .data import build_loader as build_clip_loader
 from .diffusion import build_scheduler
 from .model import STDiT
 from .parallel import parallelize
-from .text import T5TextEncoder
+from .runtime import build_stdit
+from .text import T5TextEncoder, check_weights, require_config
 from .vae import VideoVAE
-
-APP_CONFIG = "opensora.yaml"
 
 
 @dataclass
@@ -37,10 +38,20 @@ class Encoders:
     vae: VideoVAE
 
 
+def check_encoder_folders(text_dir: Path | None, vae_dir: Path | None) -> None:
+    """Both folders exist with a config and sound safetensors weights; checked before either is
+    loaded, so a damaged VAE is found before the T5 encoder (perhaps many GB) is read."""
+    if text_dir is None or vae_dir is None:
+        raise ConfigError("a text_encoder (a T5 folder, --text-encoder) and a vae (a diffusers VAE folder, --vae) "
+                          "are needed; `python -m ferryman.apps.opensora.tiny --out DIR` writes tiny ones")
+    hint = "expected a transformers T5 folder: config.json, model.safetensors and tokenizer files"
+    check_weights(require_config(text_dir, "text encoder", hint), "text encoder")
+    hint = "expected a diffusers VAE folder: config.json and diffusion_pytorch_model.safetensors"
+    check_weights(require_config(vae_dir, "VAE", hint), "VAE")
+
+
 def build_encoders(cfg: OpenSoraConfig, device: torch.device) -> Encoders:
-    if cfg.text_encoder is None or cfg.vae is None:
-        raise ConfigError("training needs text_encoder (a T5 folder) and vae (a diffusers VAE folder); "
-                          "`python -m ferryman.apps.opensora.tiny --out DIR` writes tiny ones")
+    check_encoder_folders(cfg.text_encoder, cfg.vae)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     text = T5TextEncoder(cfg.text_encoder, max_length=cfg.model.model_max_length, device=device, dtype=dtype,
                          cache_dir=cfg.text_cache)
@@ -70,7 +81,7 @@ def check_compatible(cfg: OpenSoraConfig, text: T5TextEncoder, vae: VideoVAE) ->
 
 def build_model(cfg: OpenSoraConfig, dims: ParallelDims | None = None) -> STDiT:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = STDiT(cfg.model)
+    model = build_stdit(cfg.model, cfg.runtime)
     if dims is not None and dims.sp > 1:
         parallelize(model, dims.sp_group)
     return model
@@ -99,8 +110,8 @@ def diffusion_loss(cfg: OpenSoraConfig, model, inputs: dict, generator: torch.Ge
     scheduler = build_scheduler(cfg.diffusion)
     latents = inputs["latents"]
     drop = None
-    if cfg.model.class_dropout_prob > 0:
-        drop = torch.rand(latents.shape[0], generator=generator, device=latents.device) < cfg.model.class_dropout_prob
+    if cfg.diffusion.caption_dropout > 0:
+        drop = torch.rand(latents.shape[0], generator=generator, device=latents.device) < cfg.diffusion.caption_dropout
 
     def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
         return model(x_t, t, inputs["y"], inputs["mask"], fps=inputs["fps"], height=inputs["height"],
@@ -137,24 +148,39 @@ class LossFn:
         return engine(x, torch.zeros(1, device=device), y).float().sum() * 0.0
 
 
-def run_train(cfg: OpenSoraConfig, *, resume: bool = False, quiet: bool = False):
-    """Train with the core loop (plain or Gemini engine); returns its TrainResult."""
-    import dataclasses
+def absolute_paths(cfg: OpenSoraConfig) -> OpenSoraConfig:
+    """The config with every input and output path absolute, so that the run folder's saved config
+    (which ``opensora sample`` and ``--resume`` read) works from any working directory."""
 
+    def full(path):
+        return None if path is None else Path(path).expanduser().absolute()
+
+    data = dataclasses.replace(cfg.data, csv=full(cfg.data.csv), root=full(cfg.data.root))
+    train = dataclasses.replace(cfg.train, out_dir=str(full(cfg.train.out_dir)))
+    return dataclasses.replace(cfg, data=data, train=train, text_encoder=full(cfg.text_encoder),
+                               vae=full(cfg.vae), text_cache=full(cfg.text_cache))
+
+
+def run_train(cfg: OpenSoraConfig, *, quiet: bool = False):
+    """Train with the core loop (plain or Gemini engine; ``cfg.train.resume`` to continue); returns
+    its TrainResult. Every input is checked, and the run folder found writable, before any output."""
     from ferryman.core.parallel import init_parallel
     from ferryman.core.training import train
 
-    if resume:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="latest"))
+    cfg = absolute_paths(cfg)
+    out = Path(cfg.train.out_dir)
+    check_writable(out, "run folder (--out)")
+    if cfg.text_cache is not None:
+        check_writable(cfg.text_cache, "text cache folder (--text-cache)")
+    check_encoder_folders(cfg.text_encoder, cfg.vae)
     dims = init_parallel(sp=cfg.sp)
     device = dims.device if dims.world_size > 1 else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if cfg.train.device == "cpu":
         device = torch.device("cpu")
+    loader = build_loader(cfg, dims)  # a bad table or bucket config is found before any model is loaded
     encoders = build_encoders(cfg, device)
-    loader = build_loader(cfg, dims)  # indexing errors surface before the model is built
-    out = Path(cfg.train.out_dir)
-    if dims.is_main:
-        save_config(cfg, out / APP_CONFIG)
+    if dims.is_main:  # the run's settings; whether to resume is each command's own choice
+        save_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=None)), out / APP_CONFIG)
     loss_fn = LossFn(cfg, encoders)
     result = train(cfg.train, lambda: build_model(cfg, dims), lambda: loader, loss_fn,
                    dims=dims if dims.world_size > 1 else None)

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ferryman.core.errors import UserError
+from ferryman.core.files import reading
 
-from .text import check_model_folder
+from .text import check_weights, require_config
 
 VIDEO_VAES = ("AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo", "AutoencoderKLCogVideoX")
 # Encoders of these take [B, C, T, H, W] but are not wired here (untested frame rules, or a 2D
@@ -73,8 +74,9 @@ class VideoVAE:
         import diffusers
 
         hint = "expected a diffusers VAE folder: config.json and diffusion_pytorch_model.safetensors"
-        self.folder = folder = check_model_folder(folder, "VAE", hint)
-        config = diffusers.AutoencoderKL.load_config(folder)
+        self.folder = folder = require_config(folder, "VAE", hint)
+        with reading(folder / "config.json", "VAE config"):
+            config = dict(diffusers.AutoencoderKL.load_config(folder))
         self.name = name = config.get("_class_name", "AutoencoderKL")
         cls = getattr(diffusers, name, None)
         if cls is None or not name.startswith("Autoencoder"):
@@ -82,9 +84,10 @@ class VideoVAE:
         if name in UNSUPPORTED:
             raise UserError(f"VAE folder {folder}: {name} is not supported; use an image AutoencoderKL or one of "
                             f"{', '.join(VIDEO_VAES)}")
+        check_weights(folder, "VAE")
         try:
             self.model = cls.from_pretrained(folder, torch_dtype=dtype)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RuntimeError) as err:
             raise UserError(f"cannot load the VAE in {folder}: {str(err).splitlines()[0]}") from None
         self.model.to(device).eval().requires_grad_(False)
         self.per_frame = name not in VIDEO_VAES

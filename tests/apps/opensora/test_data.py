@@ -94,14 +94,51 @@ def test_resize_crop_covers_then_centre_crops():
     frames[:, :, 32:] = 255  # right half white
     video = resize_crop(frames, 32, 32)
     assert video.shape == (3, 2, 32, 32)
-    assert video.min() >= -1 and video.max() <= 1
     assert torch.allclose(video[:, :, :, :14], torch.tensor(-1.0)) and torch.allclose(video[:, :, :, 18:], torch.tensor(1.0))
+
+
+def test_resize_crop_values_and_layout_are_exact_when_no_resize_is_needed():
+    """A 2x4 frame cropped to 2x2 keeps columns 1-2 (the centre); uint8 v becomes v / 127.5 - 1,
+    with colour first and time second."""
+    frames = np.arange(2 * 2 * 4 * 3, dtype=np.uint8).reshape(2, 2, 4, 3)  # [T, H, W, 3]
+    video = resize_crop(frames, 2, 2)
+    expected = torch.from_numpy(frames[:, :, 1:3].astype(np.float32) / 127.5 - 1).permute(3, 0, 1, 2)
+    assert torch.equal(video, expected)
+    assert video[2, 1, 0, 1].item() == pytest.approx(frames[1, 0, 2, 2] / 127.5 - 1)
 
 
 def test_bucket_sizes_follow_area_and_aspect():
     assert bucket_size(256, 1.0, 16) == (256, 256)
-    h, w = bucket_size(256, 0.5625, 16)
-    assert h % 16 == 0 and w % 16 == 0 and abs(h / w - 0.5625) < 0.05 and abs(h * w / 256**2 - 1) < 0.05
+    # height/width 9:16 is landscape: height first, and swapping the aspect swaps the sides
+    assert bucket_size(256, 0.5625, 16) == (192, 336)
+    assert bucket_size(256, 1.7778, 16) == (336, 192)
+    assert bucket_size(32, 0.75, 8) == (24, 40)
+
+
+def test_bucket_choice_puts_resolution_before_frames_and_aspect_on_a_log_scale():
+    """Expectations that flip if the orderings are swapped: a clip that fits both a larger frame
+    size with fewer frames and a smaller one with more takes the larger size; a 72x100 clip (ratio
+    0.72) is nearer 1.0 than 0.5 on a log scale (0.33 vs 0.37) but not on a linear one."""
+    cfg = _cfg(buckets=[Bucket(resolution=32, num_frames=16), Bucket(resolution=48, num_frames=8)])
+    key, _ = assign(VideoInfo(num_frames=16, height=48, width=64, fps=8), cfg)
+    assert (key.resolution, key.num_frames) == (48, 8)
+    cfg = _cfg(aspect_ratios=[0.5, 1.0], buckets=[Bucket(resolution=32, num_frames=8)])
+    key, _ = assign(VideoInfo(num_frames=8, height=72, width=100, fps=8), cfg)
+    assert (key.aspect, key.height, key.width) == (1.0, 32, 32)
+    # aspect is height / width: a portrait clip twice as tall as wide is 2.0, not 0.5
+    key, _ = assign(VideoInfo(num_frames=8, height=128, width=64, fps=8), _cfg(aspect_ratios=[0.5, 1.0, 2.0]))
+    assert (key.aspect, key.height, key.width) == (2.0, 48, 24)
+
+
+def test_csv_captions_keep_quoted_commas_newlines_and_unicode(tmp_path):
+    """Everything the CSV format allows in a field: quoted commas, doubled quotes, a newline inside
+    quotes, non-ASCII text; plus a spreadsheet's byte-order mark, CRLF line ends and padded names."""
+    captions = ['a cat, then a dog', 'she said "hello"', 'two\nlines', 'café au lait, 猫 🎬']
+    rows = ["path , text,num_frames"] + [f'c{i}.mp4,"{c.replace(chr(34), chr(34) * 2)}",{8 + i}' for i, c in enumerate(captions)]
+    (tmp_path / "t.csv").write_bytes(("\ufeff" + "\r\n".join(rows) + "\r\n").encode("utf-8"))
+    records = read_table(tmp_path / "t.csv")
+    assert [r.text for r in records] == captions
+    assert [(r.path.name, r.num_frames, r.row) for r in records] == [(f"c{i}.mp4", 8 + i, 2 + i) for i in range(4)]
 
 
 def test_bucket_assignment_prefers_largest_resolution_then_longest_clip():

@@ -4,18 +4,22 @@ import pytest
 import torch
 from torch import nn
 
-from ferryman.apps.opensora.config import STDiTConfig
+from ferryman.apps.opensora.config import RuntimeConfig, STDiTConfig
 from ferryman.apps.opensora.model import STDiT, num_parameters
 from ferryman.apps.opensora.parallel import parallelize
 from ferryman.apps.opensora.presets import model_preset
+from ferryman.apps.opensora.runtime import build_stdit
 from ferryman.core.errors import ConfigError
 from ferryman.core.parallel import run_distributed
 
 
 def _cfg(**kw) -> STDiTConfig:
-    base = dict(hidden_size=48, depth=2, num_heads=3, caption_channels=12, model_max_length=6,
-                attention_backend="torch", norm_backend="torch")
+    base = dict(hidden_size=48, depth=2, num_heads=3, caption_channels=12, model_max_length=6)
     return STDiTConfig(**{**base, **kw})
+
+
+def _model(cfg: STDiTConfig, **runtime) -> STDiT:
+    return build_stdit(cfg, RuntimeConfig(**{"attention_backend": "torch", "norm_backend": "torch", **runtime}))
 
 
 def _randomize(model: nn.Module, seed: int = 1) -> None:
@@ -37,24 +41,24 @@ def _inputs(b=2, t=3, h=6, w=10, seed=2):
 
 
 def test_output_shape_matches_input_including_sizes_the_patch_does_not_divide():
-    model = STDiT(_cfg())
+    model = _model(_cfg())
     _randomize(model)
     x, t, y, mask, kw = _inputs(h=7, w=9)
     assert model(x, t, y, mask, **kw).shape == x.shape
 
 
 def test_temporal_blocks_start_as_identity_and_output_starts_at_zero():
-    model = STDiT(_cfg())
+    model = _model(_cfg())
     x, t, y, mask, kw = _inputs()
     tokens = torch.randn(2, 3, 15, 48)
     t0 = model.t_block(model.condition(t, **kw))
     for block in model.temporal_blocks:
-        assert torch.equal(block(tokens, model.y_embedder(y), t0, mask, 15), tokens)
+        assert torch.equal(block(tokens, model.y_embedder(y), t0, mask), tokens)
     assert torch.count_nonzero(model(x, t, y, mask, **kw)) == 0  # zero-initialised final layer
 
 
 def test_padded_caption_tokens_are_ignored_and_null_caption_changes_the_output():
-    model = STDiT(_cfg())
+    model = _model(_cfg())
     _randomize(model)
     x, t, y, mask, kw = _inputs()
     out = model(x, t, y, mask, **kw)
@@ -66,7 +70,7 @@ def test_padded_caption_tokens_are_ignored_and_null_caption_changes_the_output()
 
 
 def test_fps_and_size_conditioning_change_the_prediction():
-    model = STDiT(_cfg())
+    model = _model(_cfg())
     _randomize(model)
     x, t, y, mask, kw = _inputs()
     out = model(x, t, y, mask, **kw)
@@ -77,7 +81,7 @@ def test_fps_and_size_conditioning_change_the_prediction():
 
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    plain, ckpt = STDiT(_cfg()), STDiT(_cfg(grad_checkpointing=True))
+    plain, ckpt = _model(_cfg()), _model(_cfg(), grad_checkpointing=True)
     _randomize(plain)
     ckpt.load_state_dict(plain.state_dict())
     x, t, y, mask, kw = _inputs()
@@ -103,12 +107,13 @@ def test_presets_span_debug_to_about_a_billion_parameters():
 
 @pytest.mark.parametrize(
     "kw, field",
-    [(dict(hidden_size=50, num_heads=4), "num_heads"), (dict(patch_size=(1, 2)), "patch_size"),
-     (dict(attention_backend="xformers"), "attention_backend")],
+    [(dict(hidden_size=50, num_heads=4), "num_heads"), (dict(patch_size=(1, 2)), "patch_size")],
 )
 def test_bad_model_config_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         _cfg(**kw)
+    with pytest.raises(ConfigError, match=r"runtime\.attention_backend='xformers'"):
+        RuntimeConfig(attention_backend="xformers")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
@@ -126,7 +131,7 @@ def _sp_worker(rank, world_size, cfg, state, cases):
     group = dist.new_group(list(range(world_size)))
     results = []
     for x, t, y, mask, kw in cases:
-        model = STDiT(cfg)
+        model = _model(cfg)
         model.load_state_dict(state)
         parallelize(model, group)
         out = model(x, t, y, mask, **kw)
@@ -141,7 +146,7 @@ def test_sequence_parallel_on_two_ranks_equals_one_process():
     frames of 3x5 and 4x5 patches (widths 10 and 9, the latter not divisible by the patch) pad the
     patch axis on one and not the other."""
     cfg = _cfg()
-    model = STDiT(cfg)
+    model = _model(cfg)
     _randomize(model)
     cases = [_inputs(w=10), _inputs(h=8, w=9, t=2)]
     results = run_distributed(_sp_worker, 2, cfg, model.state_dict(), cases)
@@ -165,10 +170,10 @@ def test_fused_kernels_give_the_reference_forward_and_gradients():
 
     if not (triton_available() and (torch.cuda.is_available() or interpreter_enabled())):
         pytest.skip("Triton cannot run here")
-    base = dict(hidden_size=32, depth=1, num_heads=2, caption_channels=8, model_max_length=4)
-    ref = STDiT(STDiTConfig(**base, attention_backend="torch", norm_backend="torch"))
+    cfg = STDiTConfig(hidden_size=32, depth=1, num_heads=2, caption_channels=8, model_max_length=4)
+    ref = _model(cfg)
     _randomize(ref)
-    fused = STDiT(STDiTConfig(**base, attention_backend="triton", norm_backend="triton"))
+    fused = _model(cfg, attention_backend="triton", norm_backend="triton")
     fused.load_state_dict(ref.state_dict())
     gen = torch.Generator().manual_seed(3)
     x, y = torch.randn(1, 4, 2, 4, 6, generator=gen), torch.randn(1, 4, 8, generator=gen)

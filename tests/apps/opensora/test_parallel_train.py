@@ -7,6 +7,7 @@ R ranks, and its mean loss is what averaging gradients over the dp group compute
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,10 +53,7 @@ def _four_rank_cfgs(tmp_path, tiny_models):
     plain = _cfg(tmp_path / "plain", tiny_models, **kw)
     gcfg = GeminiConfig(placement="static", param_host_fraction=0.5, optim_host_fraction=0.5, min_num_chunks=4)
     gemini = _cfg(tmp_path / "gemini", tiny_models, engine="gemini", gemini=gcfg, **kw)
-    for cfg in (plain, gemini):
-        cfg.sp = 2
-    gemini.model.grad_checkpointing = True
-    return plain, gemini
+    return replace(plain, sp=2), replace(gemini, sp=2, runtime=replace(gemini.runtime, grad_checkpointing=True))
 
 
 @pytest.mark.distributed

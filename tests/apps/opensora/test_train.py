@@ -4,6 +4,7 @@ plain in fp32, an overfit bound, and the CLI end to end (train, then sample an m
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from ferryman.apps.opensora.cli import main as opensora
-from ferryman.apps.opensora.config import Bucket, DataConfig, OpenSoraConfig
+from ferryman.apps.opensora.config import Bucket, DataConfig, OpenSoraConfig, RuntimeConfig
 from ferryman.apps.opensora.presets import model_preset
 from ferryman.apps.opensora.sample import load_for_sampling
 from ferryman.apps.opensora.train import run_train
@@ -31,7 +32,7 @@ def _cfg(tmp_path, tiny_models, *, csv=CLIPS / "clips.csv", steps=4, buckets=Non
     train = dict(out_dir=str(tmp_path), max_steps=steps, precision="fp32", optim=OptimConfig(lr=1e-3),
                  schedule="constant", ema_decay=0.9, progress=False, plot=False, seed=0)
     return OpenSoraConfig(
-        model=model_preset("debug", attention_backend="torch", norm_backend="torch"),
+        model=model_preset("debug"), runtime=RuntimeConfig(attention_backend="torch", norm_backend="torch"),
         text_encoder=t5, vae=vae,
         data=DataConfig(csv=csv, buckets=buckets or [Bucket(resolution=32, num_frames=8, batch_size=2)],
                         aspect_ratios=[0.75, 1.0, 1.3333], size_multiple=8),
@@ -46,7 +47,7 @@ def test_debug_preset_loss_curve_matches_stored_values_and_resume_is_exact(tmp_p
     stored = json.loads(GOLDEN.read_text())["losses"]
     assert straight.losses == pytest.approx(stored, rel=1e-4)
     run_train(_cfg(tmp_path / "b", tiny_models, steps=2, ckpt_every=2), quiet=True)
-    resumed = run_train(_cfg(tmp_path / "b", tiny_models), resume=True, quiet=True)
+    resumed = run_train(_cfg(tmp_path / "b", tiny_models, resume="latest"), quiet=True)
     assert resumed.losses == straight.losses[2:]  # data order, noise and weights all continue exactly
 
 
@@ -70,8 +71,8 @@ def test_overfits_two_clips_below_the_stated_bound(tmp_path, tiny_models):
     (tmp_path / "two.csv").write_text("\n".join([rows[0]] + [r for r in rows if "_diag" in r]) + "\n")
     cfg = _cfg(tmp_path / "run", tiny_models, csv=tmp_path / "two.csv", steps=OVERFIT_STEPS,
                optim=OptimConfig(lr=1e-2), ema_decay=0.0)
-    cfg.model.class_dropout_prob = 0.0
-    cfg.vae_sample = False  # the posterior noise of a random VAE would set a floor above the bound
+    # vae_sample=False: the posterior noise of a random VAE would set a floor above the bound
+    cfg = replace(cfg, diffusion=replace(cfg.diffusion, caption_dropout=0.0), vae_sample=False)
     losses = run_train(cfg, quiet=True).losses
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert first > 0.8 and last < OVERFIT_BOUND, (first, last)
@@ -83,9 +84,9 @@ def test_cli_trains_then_samples_an_mp4_pyav_reads_back(tmp_path, tiny_models):
     t5, vae = tiny_models
     run = tmp_path / "run"
     args = ["train", "--csv", str(CLIPS / "clips.csv"), "--text-encoder", str(t5), "--vae", str(vae),
-            "--preset", "debug", "--bucket", "32:8:2", "--steps", "2", "--precision", "fp32", "--out", str(run),
-            "--set", "data.size_multiple=8", "--set", "train.progress=false", "--set", "model.attention_backend=torch",
-            "--set", "model.norm_backend=torch"]
+            "--preset", "debug", "--bucket", "32:8:2", "--max-steps", "2", "--precision", "fp32", "--out", str(run),
+            "--set", "data.size_multiple=8", "--set", "train.progress=false", "--set", "runtime.attention_backend=torch",
+            "--set", "runtime.norm_backend=torch"]
     result = CliRunner().invoke(opensora, args)
     assert result.exit_code == 0, result.output
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG" and (run / "opensora.yaml").is_file()
@@ -109,7 +110,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_models):
     assert result.exit_code == 2 and "gives no full batch" in result.output
     result = CliRunner().invoke(opensora, ["train", "--csv", str(CLIPS / "clips.csv"), "--text-encoder", str(t5),
                                            "--vae", str(vae), "--preset", "tiny", "--set", "model.caption_channels=16",
-                                           "--out", str(tmp_path)])
+                                           "--bucket", "32:8:2", "--set", "data.size_multiple=8", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "model.caption_channels=16 but the T5 encoder" in result.output
     result = CliRunner().invoke(opensora, ["sample", "--ckpt", str(tmp_path), "--prompt", "x"])
     assert result.exit_code == 2 and "no checkpoint here" in result.output
@@ -130,8 +131,7 @@ def test_sequence_parallel_training_on_two_ranks_matches_one_process(tmp_path, t
 
     single = run_train(_cfg(tmp_path / "one", tiny_models, steps=3), quiet=True).losses
     cfg = _cfg(tmp_path / "two", tiny_models, steps=3, engine="gemini")
-    cfg.sp = 2
-    cfg.model.grad_checkpointing = True
+    cfg = replace(cfg, sp=2, runtime=replace(cfg.runtime, grad_checkpointing=True))
     for losses in run_distributed(_sp_train_worker, 2, cfg):
         assert losses == pytest.approx(single, rel=1e-5)
 
@@ -141,7 +141,7 @@ def test_ddpm_option_trains_and_samples(tmp_path, tiny_models):
     from ferryman.apps.opensora.train import build_encoders
 
     cfg = _cfg(tmp_path, tiny_models, steps=2)
-    cfg.diffusion.kind = "ddpm"
+    cfg = replace(cfg, diffusion=replace(cfg.diffusion, kind="ddpm"))
     result = run_train(cfg, quiet=True)
     assert all(0.5 < loss < 2.0 for loss in result.losses)  # epsilon MSE of a fresh model is about 1
     model, saved = load_for_sampling(tmp_path, torch.device("cpu"))

@@ -21,9 +21,9 @@ def wan_vae(tmp_path_factory):
 
 def _train_args(t5, vae, run, bucket):
     return ["train", "--csv", str(CLIPS / "clips.csv"), "--text-encoder", str(t5), "--vae", str(vae),
-            "--preset", "debug", "--bucket", bucket, "--steps", "2", "--precision", "fp32", "--out", str(run),
-            "--set", "data.size_multiple=8", "--set", "train.progress=false", "--set", "model.attention_backend=torch",
-            "--set", "model.norm_backend=torch", "--set", "model.patch_size=[2,2,2]"]
+            "--preset", "debug", "--bucket", bucket, "--max-steps", "2", "--precision", "fp32", "--out", str(run),
+            "--set", "data.size_multiple=8", "--set", "train.progress=false", "--set", "runtime.attention_backend=torch",
+            "--set", "runtime.norm_backend=torch", "--set", "model.patch_size=[2,2,2]"]
 
 
 def test_train_and_sample_with_a_video_vae_writes_the_requested_frames(tmp_path, tiny_models, wan_vae):

@@ -30,18 +30,43 @@ class ClipRecord:
         return None not in (self.num_frames, self.height, self.width, self.fps)
 
 
-def _rows(path: Path) -> list[dict[str, object]]:
+def _is_parquet(path: Path) -> bool:
     if path.suffix.lower() == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or use a CSV") from None
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PAR1"  # a parquet file by another name reads as one
+
+
+def _rows(path: Path) -> list[dict[str, object]]:
+    """The table's rows as mappings; a file that is not a table in the format it claims is one line."""
+    if _is_parquet(path):
+        return _parquet_rows(path)
+    try:
+        # utf-8-sig: spreadsheet programs start their UTF-8 CSVs with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None:
+                raise UserError(f"{path}: the file is empty; expected a header line path,text[,num_frames,height,width,fps]")
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
+            return list(reader)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text CSV (undecodable byte at offset {err.start}); "
+                        "expected a clip table with columns path,text[,num_frames,height,width,fps]") from None
+    except csv.Error as err:
+        raise UserError(f"{path}: not a readable CSV ({err}); expected columns path,text[,...]") from None
+
+
+def _parquet_rows(path: Path) -> list[dict[str, object]]:
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or use a CSV") from None
+    try:
         return pq.read_table(path).to_pylist()
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None:
-            raise UserError(f"{path}: the file is empty; expected a header line path,text[,num_frames,height,width,fps]")
-        return list(reader)
+    except (pyarrow.ArrowException, OSError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{path}: not a readable parquet file ({reason})") from None
 
 
 def _number(value: object, kind: type, path: Path, row: int, column: str) -> int | float | None:
@@ -59,6 +84,8 @@ def _number(value: object, kind: type, path: Path, row: int, column: str) -> int
 def read_table(path: str | Path, root: Path | None = None) -> list[ClipRecord]:
     """Parse and check the table; clip paths are relative to ``root`` (default: the table's folder)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"clip table {path} is a folder; expected a CSV or parquet file")
     if not path.is_file():
         raise UserError(f"clip table {path} does not exist")
     rows = _rows(path)

@@ -5,10 +5,10 @@ shared [B, 6 D] vector ("adaLN-single") that each block offsets with its own lea
 ``scale_shift_table``. Open-Sora's STDiT alternates a spatial block (attention among the patches
 of one frame) with a temporal block (attention among the frames at one patch position).
 
-Sequence parallelism (Ulysses, Jacobs et al. 2023): when ``attn.sp_group`` is set the patches of
-each frame are sharded across the group. The spatial attention swaps the sharded axis from
-patches to heads with an all_to_all, attends over the whole frame, and swaps back. Temporal
-attention, cross-attention and the MLP act on each patch alone and need no communication.
+The blocks act on whatever tokens they are given: sequence parallelism (``parallel.py``) hands
+them a shard of each frame's patches and swaps the spatial attention for one that exchanges
+shards. Every attention and LayerNorm has a ``backend`` attribute (auto|triton|torch) that
+``runtime.apply_runtime`` sets from outside.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ferryman.core.parallel import all_to_all
 from ferryman.kernels import LayerNorm, attention
 
-from ..config import STDiTConfig
+from .config import STDiTConfig
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -29,35 +28,34 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class SelfAttention(nn.Module):
     """Multi-head self-attention with optional LayerNorm on queries and keys (Open-Sora 1.2 qk_norm)."""
 
-    def __init__(self, dim: int, num_heads: int, *, qk_norm: bool, backend: str, norm_backend: str):
+    def __init__(self, dim: int, num_heads: int, *, qk_norm: bool):
         super().__init__()
-        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, "auto"
         self.qkv = nn.Linear(dim, 3 * dim)
-        norm = (lambda: LayerNorm(self.head_dim, eps=1e-6, backend=norm_backend)) if qk_norm else nn.Identity
+        norm = (lambda: LayerNorm(self.head_dim, eps=1e-6)) if qk_norm else nn.Identity
         self.q_norm, self.k_norm = norm(), norm()
         self.proj = nn.Linear(dim, dim)
-        self.sp_group = None  # set by parallelize(): the sequence axis of the input is sharded over it
 
-    def forward(self, x: Tensor, seq_len: int | None = None) -> Tensor:
-        """x: [N, L, D] (L: this rank's shard when sharded); seq_len: the unsharded length."""
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [N, L, D] -> [N, L, D]."""
         n, length, dim = x.shape
         qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, self.head_dim)  # [N, L, 3, H, Dh]
-        if self.sp_group is not None:
-            qkv = all_to_all(qkv, 3, 1, self.sp_group, gather_size=seq_len)  # [N, L_full, 3, H_local, Dh]
+        out = self.attend(qkv)  # [N, L, H', Dh]
+        return self.proj(out.reshape(n, length, dim))
+
+    def attend(self, qkv: Tensor) -> Tensor:
+        """[N, L, 3, H, Dh] queries, keys and values -> [N, L, H, Dh]."""
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, L, Dh] each
         out = attention(self.q_norm(q), self.k_norm(k), v, backend=self.backend)  # [N, H, L, Dh]
-        out = out.transpose(1, 2)  # [N, L, H, Dh]
-        if self.sp_group is not None:
-            out = all_to_all(out, 1, 2, self.sp_group, gather_size=self.num_heads)  # [N, L_shard, H, Dh]
-        return self.proj(out.reshape(n, -1, dim))
+        return out.transpose(1, 2)  # [N, L, H, Dh]
 
 
 class CrossAttention(nn.Module):
     """Queries from the video tokens, keys and values from the caption tokens (padding masked)."""
 
-    def __init__(self, dim: int, num_heads: int, *, backend: str):
+    def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, "auto"
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -91,17 +89,15 @@ class STDiTBlock(nn.Module):
         super().__init__()
         dim = cfg.hidden_size
         self.temporal = temporal
-        self.norm1 = LayerNorm(dim, eps=1e-6, elementwise_affine=False, backend=cfg.norm_backend)
-        self.attn = SelfAttention(
-            dim, cfg.num_heads, qk_norm=cfg.qk_norm, backend=cfg.attention_backend, norm_backend=cfg.norm_backend
-        )
-        self.cross_attn = CrossAttention(dim, cfg.num_heads, backend=cfg.attention_backend)
-        self.norm2 = LayerNorm(dim, eps=1e-6, elementwise_affine=False, backend=cfg.norm_backend)
+        self.norm1 = LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.attn = SelfAttention(dim, cfg.num_heads, qk_norm=cfg.qk_norm)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads)
+        self.norm2 = LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, y: Tensor, t0: Tensor, mask: Tensor | None, seq_len: int) -> Tensor:
-        """x: [B, T, S, D] (S may be a shard); y: [B, L, D]; t0: [B, 6 D]; seq_len: unsharded S."""
+    def forward(self, x: Tensor, y: Tensor, t0: Tensor, mask: Tensor | None) -> Tensor:
+        """x: [B, T, S, D] (S: this rank's patches under sequence parallelism); y: [B, L, D]; t0: [B, 6 D]."""
         b, t, s, d = x.shape
         mods = (self.scale_shift_table[None] + t0.reshape(b, 6, d))[:, :, None, None, :]  # [B, 6, 1, 1, D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.unbind(1)
@@ -110,7 +106,7 @@ class STDiTBlock(nn.Module):
             h = h.transpose(1, 2).reshape(b * s, t, d)  # [B*S, T, D]
             h = self.attn(h).reshape(b, s, t, d).transpose(1, 2)  # [B, T, S, D]
         else:
-            h = self.attn(h.reshape(b * t, s, d), seq_len=seq_len).reshape(b, t, s, d)
+            h = self.attn(h.reshape(b * t, s, d)).reshape(b, t, s, d)
         x = x + gate_msa * h
         x = x + self.cross_attn(x.reshape(b, t * s, d), y, mask).reshape(b, t, s, d)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
@@ -126,9 +122,9 @@ class STDiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """PixArt-α ``T2IFinalLayer``: modulated LayerNorm and a linear map back to patch pixels."""
 
-    def __init__(self, dim: int, patch_numel: int, out_channels: int, norm_backend: str):
+    def __init__(self, dim: int, patch_numel: int, out_channels: int):
         super().__init__()
-        self.norm = LayerNorm(dim, eps=1e-6, elementwise_affine=False, backend=norm_backend)
+        self.norm = LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.linear = nn.Linear(dim, patch_numel * out_channels)
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
 

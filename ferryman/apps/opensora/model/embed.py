@@ -34,19 +34,23 @@ def sincos_2d(dim: int, height: int, width: int, base_size: int, device=None) ->
 
 
 class PatchEmbed3D(nn.Module):
-    """Non-overlapping (pt, ph, pw) patches of a latent video projected to ``hidden`` channels."""
+    """Non-overlapping (pt, ph, pw) patches of a latent video projected to ``hidden`` channels, plus
+    the 2D sin-cos position of each patch within its frame (PixArt-style, scaled to ``base_size``)."""
 
-    def __init__(self, patch_size: tuple[int, int, int], in_channels: int, hidden: int):
+    def __init__(self, patch_size: tuple[int, int, int], in_channels: int, hidden: int, base_size: int):
         super().__init__()
-        self.patch_size = patch_size
+        self.patch_size, self.base_size = patch_size, base_size
         self.proj = nn.Conv3d(in_channels, hidden, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, C, T, H, W] -> [B, T', S, D] with S = H' W' patches per frame."""
         pt, ph, pw = self.patch_size
         _, _, t, h, w = x.shape
         x = F.pad(x, (0, -w % pw, 0, -h % ph, 0, -t % pt))  # sizes that the patch does not divide
         x = self.proj(x)  # [B, D, T', H', W']
-        return x.flatten(3).permute(0, 2, 3, 1)  # [B, T', S, D]
+        dim, nh, nw = x.shape[1], x.shape[3], x.shape[4]
+        tokens = x.flatten(3).permute(0, 2, 3, 1)  # [B, T', S, D]
+        return tokens + sincos_2d(dim, nh, nw, self.base_size, x.device).to(tokens.dtype)[None, None]
 
 
 class TimestepEmbedder(nn.Module):
@@ -90,9 +94,8 @@ class SizeEmbedder(nn.Module):
 class CaptionEmbedder(nn.Module):
     """PixArt-α: text features through a GELU MLP; dropped captions become a learned null caption."""
 
-    def __init__(self, caption_channels: int, hidden: int, num_tokens: int, dropout_prob: float):
+    def __init__(self, caption_channels: int, hidden: int, num_tokens: int):
         super().__init__()
-        self.dropout_prob = dropout_prob
         self.proj = nn.Sequential(
             nn.Linear(caption_channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden)
         )
@@ -104,9 +107,3 @@ class CaptionEmbedder(nn.Module):
             null = self.y_embedding[: y.shape[1]].to(y.dtype)
             y = torch.where(drop[:, None, None], null[None], y)
         return self.proj(y)  # [B, L, D]
-
-    def draw_drop(self, batch: int, device, generator: torch.Generator | None = None) -> Tensor | None:
-        """Which captions to drop during training (classifier-free guidance needs some unconditioned steps)."""
-        if self.dropout_prob == 0:
-            return None
-        return torch.rand(batch, device=device, generator=generator) < self.dropout_prob

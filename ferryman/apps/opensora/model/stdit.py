@@ -6,6 +6,11 @@ block, as in Open-Sora 1.0). ``depth`` spatial and ``depth`` temporal blocks alt
 cross-attention to the caption. The timestep, fps and frame size are embedded, summed and turned
 into one adaLN-single vector shared by all blocks. Temporal blocks start as the identity, so a
 model initialised from an image DiT first behaves like it frame by frame.
+
+The token trunk runs from ``x_embedder`` (patches with their spatial positions) to
+``final_layer``; everything between acts on each token, each frame or each patch position, so
+sequence parallelism (``parallel.py``) can shard the patches at the trunk's entry and gather them
+at its exit with hooks on those two modules, leaving this file free of collectives.
 """
 
 from __future__ import annotations
@@ -13,15 +18,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ferryman.core.parallel import gather, pad_to_multiple
-
-from ..config import STDiTConfig
 from .blocks import FinalLayer, STDiTBlock
-from .embed import CaptionEmbedder, PatchEmbed3D, SizeEmbedder, TimestepEmbedder, sincos_1d, sincos_2d
+from .config import STDiTConfig
+from .embed import CaptionEmbedder, PatchEmbed3D, SizeEmbedder, TimestepEmbedder, sincos_1d
 
 
 class STDiT(nn.Module):
@@ -31,17 +33,16 @@ class STDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = cfg.hidden_size
-        self.x_embedder = PatchEmbed3D(cfg.patch_size, cfg.in_channels, dim)
+        self.x_embedder = PatchEmbed3D(cfg.patch_size, cfg.in_channels, dim, cfg.base_size)
         self.t_embedder = TimestepEmbedder(dim)
         self.fps_embedder = SizeEmbedder(1, dim)
         self.size_embedder = SizeEmbedder(2, dim)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.y_embedder = CaptionEmbedder(cfg.caption_channels, dim, cfg.model_max_length, cfg.class_dropout_prob)
+        self.y_embedder = CaptionEmbedder(cfg.caption_channels, dim, cfg.model_max_length)
         self.spatial_blocks = nn.ModuleList(STDiTBlock(cfg, temporal=False) for _ in range(cfg.depth))
         self.temporal_blocks = nn.ModuleList(STDiTBlock(cfg, temporal=True) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(dim, math.prod(cfg.patch_size), cfg.in_channels, cfg.norm_backend)
-        self.sp_group = None  # set by parallelize()
-        self.grad_checkpointing = cfg.grad_checkpointing
+        self.final_layer = FinalLayer(dim, math.prod(cfg.patch_size), cfg.in_channels)
+        self.grad_checkpointing = False  # recompute blocks in backward; set by runtime.apply_runtime
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -92,43 +93,28 @@ class STDiT(nn.Module):
         pt, ph, pw = self.cfg.patch_size
         nt, nh, nw = -(-frames // pt), -(-h // ph), -(-w // pw)
         tokens = self.x_embedder(x)  # [B, T', S, D]
-        seq_len, dim = nh * nw, tokens.shape[-1]
-        tokens = tokens + sincos_2d(dim, nh, nw, self.cfg.base_size, x.device).to(tokens.dtype)[None, None]
-        tokens = self._shard(tokens)  # [B, T', S_local, D]
 
         t = self.condition(timestep, fps, height, width)  # [B, D]
         t0 = self.t_block(t)  # [B, 6 D]
         if drop is not None and mask is not None:
             mask = mask | drop[:, None]  # the null caption has no padding
         y = self.y_embedder(y, drop)  # [B, L, D]
-        pos_t = sincos_1d(dim, torch.arange(nt, device=x.device)).to(tokens.dtype)[None, :, None]  # [1, T', 1, D]
+        pos_t = sincos_1d(self.cfg.hidden_size, torch.arange(nt, device=x.device))[None, :, None]  # [1, T', 1, D]
+        pos_t = pos_t.to(tokens.dtype)
 
         for i, (spatial, temporal) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
-            tokens = self._block(spatial, tokens, y, t0, mask, seq_len)
+            tokens = self._block(spatial, tokens, y, t0, mask)
             if i == 0:
                 tokens = tokens + pos_t
-            tokens = self._block(temporal, tokens, y, t0, mask, seq_len)
+            tokens = self._block(temporal, tokens, y, t0, mask)
 
-        out = self.final_layer(tokens, t)  # [B, T', S_local, pt*ph*pw*C]
-        if self.sp_group is not None:
-            # Every rank computes the same loss from the whole output, so each keeps only its own
-            # slice of the gradient; the parameter gradients are summed over the group afterwards.
-            out = gather(out, 2, self.sp_group, size=seq_len, reduce_grad=False)
+        out = self.final_layer(tokens, t)  # [B, T', S, pt*ph*pw*C]
         return self.unpatchify(out, nt, nh, nw)[:, :, :frames, :h, :w]
 
-    def _shard(self, tokens: Tensor) -> Tensor:
-        if self.sp_group is None:
-            return tokens
-        world, rank = dist.get_world_size(self.sp_group), dist.get_rank(self.sp_group)
-        tokens = pad_to_multiple(tokens, 2, world)
-        length = tokens.shape[2] // world
-        # A plain slice: its backward keeps only this rank's part of the gradient (see forward).
-        return tokens[:, :, rank * length : (rank + 1) * length]
-
-    def _block(self, block: STDiTBlock, x, y, t0, mask, seq_len: int) -> Tensor:
+    def _block(self, block: STDiTBlock, x, y, t0, mask) -> Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, y, t0, mask, seq_len, use_reentrant=False)
-        return block(x, y, t0, mask, seq_len)
+            return checkpoint(block, x, y, t0, mask, use_reentrant=False)
+        return block(x, y, t0, mask)
 
     def unpatchify(self, x: Tensor, nt: int, nh: int, nw: int) -> Tensor:
         pt, ph, pw = self.cfg.patch_size
