@@ -23,7 +23,7 @@ from alphafold.model import modules, utils
 
 from ferryman.apps.fastfold.model import build_model
 from ferryman.apps.fastfold.model.config import AlphaFoldConfig
-from ferryman.apps.fastfold.weights import load_official_params, official_table
+from ferryman.apps.fastfold.weights import PREFIX, load_official_params, official_table
 
 _BIASES = ("bias", "output_b", "gating_b", "offset", "trainable_point_weights")
 
@@ -82,9 +82,11 @@ def af2_config(cfg: AlphaFoldConfig, *, bf16: bool = False):
     return c
 
 
-def random_official_params(cfg: AlphaFoldConfig, *, scale: float, seed: int = 0) -> dict[str, np.ndarray]:
+def random_official_params(cfg: AlphaFoldConfig, *, scale: float, seed: int = 0,
+                           scales: dict[str, float] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """Random arrays at every official key of ``cfg``'s model: weights ~ N(0, scale^2 / fan_in),
-    biases and LayerNorm offsets ~ N(0, 0.1^2), LayerNorm scales ~ 1 + N(0, 0.1^2).
+    biases and LayerNorm offsets ~ N(0, 0.1^2), LayerNorm scales ~ 1 + N(0, 0.1^2). ``scales``
+    maps module paths (after ``alphafold/alphafold_iteration/``) to a scale of their own.
 
     Written straight in the official layout, so the oracle reads them as it reads the released
     files and Ferryman goes through its npz importer, as a user's run does.
@@ -103,7 +105,9 @@ def random_official_params(cfg: AlphaFoldConfig, *, scale: float, seed: int = 0)
             params[key] = 0.1 * noise
         else:  # weights [in, out], attention [in, H, D], output_w [H, D, out] / [c, c, out]
             fan_in = math.prod(shape[:-1]) if name == "output_w" else shape[0]
-            params[key] = noise * np.float32(scale / math.sqrt(fan_in))
+            path = key.removeprefix(PREFIX)
+            own = [v for k, v in (scales or {}).items() if path.startswith(k)]
+            params[key] = noise * np.float32((own[0] if own else scale) / math.sqrt(fan_in))
     return params
 
 
@@ -146,13 +150,19 @@ def module_params(transformed, hparams: dict, layer: int, *args) -> dict:
     return out
 
 
-def run_module(fn, hparams: dict, *args, layer: int = 0):
-    """``fn(*args)`` (Haiku code building AF2 modules under their official scopes), jitted, with
-    parameters from ``hparams``; returns numpy outputs."""
+def module_runner(fn, hparams: dict, *example_args, layer: int = 0):
+    """``fn`` (Haiku code building AF2 modules under their official scopes) jitted once, with its
+    parameters taken from ``hparams``: a function of new arguments shaped like ``example_args``
+    returning numpy outputs."""
     transformed = hk.transform(fn)
-    params = module_params(transformed, hparams, layer, *args)
-    out = jax.jit(transformed.apply)(params, jax.random.PRNGKey(0), *args)
-    return jax.tree_util.tree_map(np.asarray, out)
+    params = module_params(transformed, hparams, layer, *example_args)
+    apply = jax.jit(transformed.apply)
+    return lambda *args: jax.tree_util.tree_map(np.asarray, apply(params, jax.random.PRNGKey(0), *args))
+
+
+def run_module(fn, hparams: dict, *args, layer: int = 0):
+    """``fn(*args)`` once through ``module_runner``."""
+    return module_runner(fn, hparams, *args, layer=layer)(*args)
 
 
 def whole_model(c):
@@ -181,6 +191,10 @@ def run_whole_model(apply, params: dict, batch: dict, cfg: AlphaFoldConfig, num_
     return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), out)
 
 
+# what -> (max deviation, bound, max |AF2|) of every comparison run, for the session summary.
+DEVIATIONS: dict[str, tuple[float, float, float]] = {}
+
+
 def assert_matches(ours, ref, *, atol: float, what: str = "", min_scale: float = 0.1) -> float:
     """max |ours - ref| <= atol, with ``ref`` large enough (``min_scale``) for the bound to mean
     something; returns the deviation."""
@@ -188,6 +202,7 @@ def assert_matches(ours, ref, *, atol: float, what: str = "", min_scale: float =
     ref = np.asarray(ref, np.float32)
     assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != AF2's {ref.shape}"
     err, scale = float(np.abs(ours - ref).max()), float(np.abs(ref).max())
+    DEVIATIONS[what] = (err, atol, scale)
     assert scale >= min_scale, f"{what}: AF2's output is too small ({scale:.2e}) to test against"
     assert err <= atol, f"{what}: max |Ferryman - AF2| = {err:.2e} > {atol:.0e} (max |AF2| = {scale:.2f})"
     return err

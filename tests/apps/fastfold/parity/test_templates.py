@@ -19,7 +19,7 @@ from alphafold.model import all_atom, modules
 
 from ferryman.apps.fastfold.common.all_atom import atom37_to_torsion_angles
 
-from ._af2 import assert_matches, run_module
+from ._af2 import assert_matches, module_runner, run_module
 from ._inputs import to_af2, to_torch, villin_features, villin_template
 
 pytestmark = pytest.mark.parity
@@ -40,7 +40,7 @@ def test_torsion_angle_features():
     jitted on a CPU or GPU with fused multiply-adds gives a random unit vector there (the rounding
     residual of a collinear frame, normalised), so those entries are checked apart.
     """
-    feats = villin_features(templates=(villin_template(slice(14, 17)),))
+    feats = villin_features(templates=(villin_template(slice(14, 17), hide_undefined=False),))
     b = to_af2(feats, templates=True)
     ref = jax.jit(all_atom.atom37_to_torsion_angles)(
         jnp.asarray(b["template_aatype"]), b["template_all_atom_positions"], b["template_all_atom_masks"]
@@ -63,7 +63,7 @@ def test_single_template_embedding(model, af2_cfg, hparams, feats, unit_vector):
     c = copy.deepcopy(af2_cfg)
     c.embeddings_and_evoformer.template.use_template_unit_vector = unit_vector
     b = to_af2(feats, templates=True)
-    one = {k: v[1] for k, v in _templates(b).items()}  # the template with unaligned residues
+    one = {k: v[1] for k, v in _templates(b).items()}  # the template with a gap
     n = b["aatype"].shape[0]
     mask_2d = np.ones((n, n), np.float32)
     z = np.zeros((n, n, 16), np.float32)  # read for its dtype only
@@ -106,15 +106,16 @@ def test_template_pair_stack(model, af2_cfg, hparams):
     assert_matches(out[:real, :real], ref[:real, :real], atol=ATOL, what="template pair stack")
 
 
-@pytest.mark.parametrize("template_mask", [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0)], ids=["both", "one", "none"])
-def test_template_embedding(model, af2_cfg, hparams, feats, template_mask):
-    """Every template embedded and attended to from the pair representation (Alg. 17), with
-    masked templates; Ferryman's lean path (one template at a time, running softmax) too."""
+MASKS = {"both": (1.0, 1.0), "one": (1.0, 0.0), "none": (0.0, 0.0)}
+
+
+@pytest.fixture(scope="module")
+def template_embedding_refs(af2_cfg, hparams, feats):
+    """AF2's TemplateEmbedding for each template mask (one compilation: masks are data), and z."""
     b = to_af2(feats, templates=True)
-    tb = _templates(b)
-    tb["template_mask"] = np.array(template_mask, np.float32)
     n = b["aatype"].shape[0]
-    z = np.random.default_rng(6).standard_normal((n, n, model.cfg.c_z)).astype(np.float32)
+    z = np.random.default_rng(6).standard_normal((n, n, af2_cfg.embeddings_and_evoformer.pair_channel))
+    z = z.astype(np.float32)
     mask_2d = np.ones((n, n), np.float32)
     tcfg, gc = af2_cfg.embeddings_and_evoformer.template, af2_cfg.global_config
 
@@ -122,12 +123,23 @@ def test_template_embedding(model, af2_cfg, hparams, feats, template_mask):
         with hk.experimental.name_scope("alphafold/alphafold_iteration/evoformer"):
             return modules.TemplateEmbedding(tcfg, gc)(z, batch, mask_2d, is_training=False)
 
-    ref = run_module(fn, hparams, z, tb, mask_2d)
-    batch = {**to_torch(feats), "template_mask": torch.tensor(template_mask)}
+    run = module_runner(fn, hparams, z, _templates(b), mask_2d)
+    refs = {name: run(z, {**_templates(b), "template_mask": np.array(m, np.float32)}, mask_2d)
+            for name, m in MASKS.items()}  # fmt: skip
+    return z, refs
+
+
+@pytest.mark.parametrize("case", list(MASKS))
+def test_template_embedding(model, feats, template_embedding_refs, case):
+    """Every template embedded and attended to from the pair representation (Alg. 17), with
+    masked templates; Ferryman's lean path (one template at a time, running softmax) too."""
+    z, refs = template_embedding_refs
+    n = z.shape[0]
+    batch = {**to_torch(feats), "template_mask": torch.tensor(MASKS[case])}
     embedder, zt, pair_mask = model.template_embedder, torch.from_numpy(z), torch.ones(n, n)
     with torch.no_grad():
         whole = embedder.pair_embedding(zt, batch, pair_mask, None, False)
         lean = embedder.add_pair_embedding_(zt.clone(), batch, pair_mask, chunk_size=5) - zt
-    scale = 0.0 if template_mask == (0.0, 0.0) else 0.1  # no template: AF2 and Ferryman add zeros
-    assert_matches(whole, ref, atol=ATOL, what="template embedding", min_scale=scale)
-    assert_matches(lean, ref, atol=ATOL, what="template embedding, lean path", min_scale=scale)
+    scale = 0.0 if case == "none" else 0.1  # no template: AF2 and Ferryman add zeros
+    assert_matches(whole, refs[case], atol=ATOL, what=f"template embedding, {case}", min_scale=scale)
+    assert_matches(lean, refs[case], atol=ATOL, what=f"template embedding, {case}, lean path", min_scale=scale)
