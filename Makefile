@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make test   install everything, then lint and run the test suite
+#   make test   install everything (and the parity oracle), then lint and run the test suite
 #   make demo   install everything, then run the main jobs on the shipped sample data
 # torch is installed first, pinned, so that no other requirement can pull a different build.
 
@@ -7,11 +7,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ferryman-installed
+PARITY_STAMP := $(VENV)/.ferryman-parity-installed
 TORCH_SPEC ?= torch==2.13.0
 DEBIAN_TOOLS := hmmer hhsuite kalign
 DEMO_OUT ?= demo-out
 
-.PHONY: install tools test lint demo clean
+.PHONY: install tools test parity lint demo clean
 
 install: $(STAMP) tools
 
@@ -22,6 +23,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -e ".[all,dev]"
 	@touch $(STAMP)
+
+# AlphaFold2's JAX code (the parity extra), the oracle of tests/apps/fastfold/parity: installed for
+# the tests only, never by `make install` or a user's `pip install ferryman`.
+$(PARITY_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[parity]"
+	@touch $(PARITY_STAMP)
 
 # jackhmmer/hmmsearch (hmmer), hhblits/hhsearch (hhsuite) and kalign come from Debian's packages.
 tools:
@@ -39,8 +46,12 @@ tools:
 lint: install
 	$(VENV)/bin/ruff check ferryman tests benchmarks
 
-test: install lint
+test: install lint $(PARITY_STAMP)
 	$(PY) -m pytest -q
+
+# Only the AlphaFold2 parity suite (a part of `make test`).
+parity: install $(PARITY_STAMP)
+	$(PY) -m pytest -q -m parity tests/apps/fastfold/parity
 
 demo: install
 	rm -rf $(DEMO_OUT)

@@ -29,17 +29,22 @@ _BIASES = ("bias", "output_b", "gating_b", "offset", "trainable_point_weights")
 
 
 def af2_config(cfg: AlphaFoldConfig, *, bf16: bool = False):
-    """AF2's ``model_1_ptm`` ConfigDict (``.model``) resized to ``cfg``.
-
-    AF2 derives per-head widths of the Evoformer attentions as channels / heads and shares one
-    config between the Evoformer and the extra-MSA stack, so ``cfg`` must follow that rule.
-    """
+    """AF2's ``model_1_ptm`` ConfigDict (``.model``) resized to ``cfg``, deterministic, fp32 unless
+    ``bf16`` (AF2's own default)."""
     c = af2_configs.model_config("model_1_ptm").model
     c.calc_extended_ptm = c.use_probs_extended = False  # RunModel sets these; AlphaFold_noE reads them
     gc = c.global_config
     # One subbatch of any size: AF2 chunks only to save memory (the global attention needs a number).
     gc.bfloat16, gc.deterministic, gc.subbatch_size = bf16, True, 1 << 20
-    e, t, s = c.embeddings_and_evoformer, cfg.template, cfg.structure
+    _resize_trunk(c.embeddings_and_evoformer, cfg)
+    _resize_templates(c.embeddings_and_evoformer.template, cfg.template)
+    _resize_heads(c.heads, cfg)
+    return c
+
+
+def _resize_trunk(e, cfg: AlphaFoldConfig) -> None:
+    # AF2 derives the Evoformer attentions' per-head widths as channels / heads and shares one
+    # config between the Evoformer and the extra-MSA stack: Ferryman's config must follow suit.
     assert cfg.c_hidden_msa * cfg.msa_heads == cfg.c_m and cfg.c_hidden_pair * cfg.pair_heads == cfg.c_z
     assert cfg.extra_msa_heads == cfg.msa_heads and cfg.c_hidden_extra * cfg.msa_heads == cfg.c_e
     e.msa_channel, e.pair_channel, e.seq_channel, e.extra_msa_channel = cfg.c_m, cfg.c_z, cfg.c_s, cfg.c_e
@@ -53,33 +58,38 @@ def af2_config(cfg: AlphaFoldConfig, *, bf16: bool = False):
         ev[name].num_intermediate_channel = cfg.c_hidden_mul
     ev.outer_product_mean.num_outer_channel = cfg.c_hidden_opm
     ev.msa_transition.num_intermediate_factor = ev.pair_transition.num_intermediate_factor = cfg.transition_factor
-    te = e.template
+
+
+def _resize_templates(te, t) -> None:
     te.enabled, te.embed_torsion_angles = t.enabled, t.embed_torsion_angles
     te.use_template_unit_vector, te.subbatch_size = t.use_unit_vector, None
-    te.attention.update(num_head=t.pointwise_heads, key_dim=t.pointwise_heads * t.c_hidden_pointwise,
-                        value_dim=t.pointwise_heads * t.c_hidden_pointwise)  # fmt: skip
+    width = t.pointwise_heads * t.c_hidden_pointwise
+    te.attention.update(num_head=t.pointwise_heads, key_dim=width, value_dim=width)
     te.dgram_features.update(min_bin=t.dgram_min_bin, max_bin=t.dgram_max_bin, num_bins=t.dgram_num_bins)
     tp = te.template_pair_stack
     tp.num_block = t.num_blocks
-    assert t.c_hidden_att * t.num_heads == t.c_t  # AF2: c_t is the ending node's value_dim
+    assert t.c_hidden_att * t.num_heads == t.c_t  # AF2 takes c_t from the ending node's value_dim
     for name in ("triangle_attention_starting_node", "triangle_attention_ending_node"):
         tp[name].update(num_head=t.num_heads, key_dim=t.c_t, value_dim=t.c_t)
     for name in ("triangle_multiplication_outgoing", "triangle_multiplication_incoming"):
         tp[name].num_intermediate_channel = t.c_hidden_mul
     tp.pair_transition.num_intermediate_factor = t.transition_factor
-    sm = c.heads.structure_module
-    sm.update(num_layer=s.num_layers, num_channel=cfg.c_s, num_head=s.num_heads, num_scalar_qk=s.c_hidden_scalar,
-              num_scalar_v=s.c_hidden_scalar, num_point_qk=s.num_qk_points, num_point_v=s.num_v_points,
-              num_layer_in_transition=s.num_transition_layers, position_scale=s.position_scale)  # fmt: skip
-    sm.sidechain.update(num_channel=s.c_resnet, num_residual_block=s.num_resnet_blocks)
-    h = cfg.heads
-    c.heads.predicted_lddt.update(num_channels=h.plddt_channels, num_bins=h.plddt_bins)
-    c.heads.distogram.update(num_bins=h.distogram_bins, first_break=h.distogram_first_break,
-                             last_break=h.distogram_last_break)  # fmt: skip
-    c.heads.masked_msa.num_output = h.masked_msa_classes
-    c.heads.predicted_aligned_error.update(weight=0.1 if h.ptm else 0.0, num_bins=h.pae_bins,
-                                           max_error_bin=h.pae_max_error_bin)  # fmt: skip
-    return c
+
+
+def _resize_heads(heads, cfg: AlphaFoldConfig) -> None:
+    s, h = cfg.structure, cfg.heads
+    heads.structure_module.update(
+        num_layer=s.num_layers, num_channel=cfg.c_s, num_head=s.num_heads, num_scalar_qk=s.c_hidden_scalar,
+        num_scalar_v=s.c_hidden_scalar, num_point_qk=s.num_qk_points, num_point_v=s.num_v_points,
+        num_layer_in_transition=s.num_transition_layers, position_scale=s.position_scale,
+    )  # fmt: skip
+    heads.structure_module.sidechain.update(num_channel=s.c_resnet, num_residual_block=s.num_resnet_blocks)
+    heads.predicted_lddt.update(num_channels=h.plddt_channels, num_bins=h.plddt_bins)
+    heads.distogram.update(num_bins=h.distogram_bins, first_break=h.distogram_first_break,
+                           last_break=h.distogram_last_break)  # fmt: skip
+    heads.masked_msa.num_output = h.masked_msa_classes
+    heads.predicted_aligned_error.update(weight=0.1 if h.ptm else 0.0, num_bins=h.pae_bins,
+                                         max_error_bin=h.pae_max_error_bin)  # fmt: skip
 
 
 def random_official_params(cfg: AlphaFoldConfig, *, scale: float, seed: int = 0,
