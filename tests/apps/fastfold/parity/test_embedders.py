@@ -63,7 +63,9 @@ def _stack_inputs(af2_cfg, hparams, batch: dict) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def states(cfg, model, af2_cfg, hparams, feats):
-    """(AF2's stack inputs, Ferryman's states at the same points)."""
+    """(AF2's stack inputs, Ferryman's states at the same points); residue numbers jump by 40
+    after residue 20, past the relative-position clip of 32, as between two domains."""
+    feats = {**feats, "residue_index": feats["residue_index"] + 40 * (np.arange(len(feats["aatype"])) >= 20)}
     n = feats["aatype"].shape[0]
     prev = _prev(cfg, n)
     extra_in, evo_in = _stack_inputs(af2_cfg, hparams, {**to_af2(feats, templates=True), **prev})

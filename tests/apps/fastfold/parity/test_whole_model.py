@@ -6,8 +6,8 @@ sequences take; and Ferryman's bf16 trunk next to AF2's own bf16, both against A
 Weights: 0.15 / sqrt(fan_in) in the trunk (AF2's own scale makes random networks chaotic once
 MSA, templates or recycling are on), 1 / sqrt(fan_in) in the structure module and heads
 (``_inputs.OUTPUT_SCALES``). The noise floor is the reference against itself with every weight
-perturbed by 1e-6 relative: measured about 2e-4 Angstrom on atoms (docs/fidelity.md), below the
-1e-3 Angstrom bound, which therefore can see a deviation.
+perturbed by 1e-6 relative: measured 3e-4 Angstrom on atoms for these inputs (docs/fidelity.md),
+below the 1e-3 Angstrom bound, which therefore can see a deviation.
 """
 
 from __future__ import annotations
