@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make test   install everything, then lint and run the test suite
+#   make test   install everything (AlphaFold2's JAX code, the parity oracle, included), then lint and test
 #   make demo   install everything, then run the main jobs on the shipped sample data
 # Both install the exact tested set pinned in requirements.lock (torch included, as the CPU build
 # of torch==2.13.0). `make lock` re-resolves the lock from pyproject's ranges; `make test-latest`
@@ -20,7 +20,7 @@ DEBIAN_TOOLS := hmmer hhsuite kalign mmseqs2
 DEMO_OUT ?= demo-out
 LATEST := .venv-latest
 
-.PHONY: install tools test lint demo clean lock test-latest
+.PHONY: install tools test parity lint demo clean lock test-latest
 
 install: $(STAMP) tools
 
@@ -70,6 +70,10 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q
+
+# Only the AlphaFold2 parity suite (a part of `make test`).
+parity: install
+	$(PY) -m pytest -q -m parity tests/apps/fastfold/parity
 
 demo: install
 	rm -rf $(DEMO_OUT)

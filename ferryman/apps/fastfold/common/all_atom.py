@@ -66,6 +66,12 @@ def atom37_to_torsion_angles(
     fourth = frames.invert_apply(torsion_pos[..., 3, :])  # [*, N, 7, 3]
     sin_cos = torch.stack([fourth[..., 2], fourth[..., 1]], dim=-1)
     sin_cos = sin_cos / torch.sqrt((sin_cos**2).sum(-1, keepdim=True) + 1e-8)
+    # A torsion whose first two atoms coincide (both absent: the pre-omega of a residue without a
+    # predecessor) has no frame. Exact arithmetic gives (0, 0); with fused multiply-adds the
+    # rounding residual of the collinear frame is normalised into a random unit vector (AF2 under
+    # XLA on FMA hardware, docs/fidelity.md), so the value is pinned whatever compiles this.
+    no_frame = (torsion_pos[..., 0, :] == torsion_pos[..., 1, :]).all(-1)  # [*, N, 7]
+    sin_cos = sin_cos.masked_fill(no_frame[..., None], 0.0)
     # psi is defined through O, which sits opposite the atom that defines psi in the paper.
     sign = sin_cos.new_tensor([1.0, 1.0, -1.0, 1.0, 1.0, 1.0, 1.0])
     sin_cos = sin_cos * sign[:, None]

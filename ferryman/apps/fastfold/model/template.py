@@ -38,7 +38,10 @@ def template_residue_inputs(batch: dict[str, Tensor], index: int) -> dict[str, T
     else:
         cb, cb_mask = pseudo_beta(aatype, pos, atom_mask)
     ia, ica, ic = (rc.atom_order[a] for a in ("N", "CA", "C"))
-    frames = Rigid.from_3_points(pos[:, ia], pos[:, ica], pos[:, ic])  # N at -x, C in the xy-plane
+    # AF2 measures template unit vectors in the frame of quat_affine.make_transform_from_reference:
+    # CA at the origin, C on +x, N in the xy-plane (y > 0); not the backbone frame of the structure
+    # module (N on -x). The point 2 CA - C lies on -x of that frame.
+    frames = Rigid.from_3_points(2 * pos[:, ica] - pos[:, ic], pos[:, ica], pos[:, ia])
     return {
         "cb": cb,
         "cb_mask": cb_mask,
