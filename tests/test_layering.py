@@ -111,3 +111,26 @@ def test_the_checker_catches_a_bad_import(tmp_path, monkeypatch):
     found = _violations()
     assert any("core imports ferryman.apps.a" in v for v in found)
     assert any("apps.a imports ferryman.apps.b" in v for v in found)
+
+
+def _model_collectives(root: Path) -> list[str]:
+    """Imports of collectives from any app's model/ package: models are math (DESIGN.md)."""
+    return [
+        f"{path}: {target}"
+        for path in sorted(root.glob("apps/*/model/**/*.py"))
+        for target, _ in _imports(path)
+        if target.startswith(("ferryman.core.parallel", "torch.distributed"))
+    ]
+
+
+def test_models_import_no_collectives():
+    assert _model_collectives(ROOT) == [], "apply parallelism from outside: the app's parallelize(model, dims)"
+
+
+def test_the_model_checker_catches_a_collective(tmp_path, monkeypatch):
+    fake = tmp_path / "ferryman"
+    (fake / "apps" / "a" / "model").mkdir(parents=True)
+    (fake / "apps" / "a" / "model" / "block.py").write_text("import torch.distributed as dist\n")
+    (fake / "apps" / "a" / "model" / "attn.py").write_text("def f():\n    from ferryman.core.parallel import gather\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
+    assert len(_model_collectives(fake)) == 2

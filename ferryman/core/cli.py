@@ -26,10 +26,28 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _OneLineUsageError(click.ClickException):
+    """A usage error shown as one line (click's own repeats the whole usage block above it)."""
+
+    exit_code = 2
+
+
 class _UserErrorsAsOneLine:
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[misc]
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as err:
+            where = " ".join(p for p in ((parent.command_path if parent else None), info_name) if p)
+            raise _OneLineUsageError(f"{err.format_message()} (see: {where} --help)") from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)  # type: ignore[misc]
+        except click.UsageError as err:  # e.g. a group's unknown subcommand
+            raise _OneLineUsageError(f"{err.format_message()} (see: {ctx.command_path} --help)") from None
         except UserError as err:
             click.echo(f"Error: {err}", err=True)
             sys.exit(2)

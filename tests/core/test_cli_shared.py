@@ -104,3 +104,11 @@ def test_a_bad_flag_value_is_one_line():
     result = CliRunner().invoke(_trainer, ["--grad-accum", "0"])
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "grad_accum" in result.output
+
+
+@pytest.mark.parametrize("args", [["--grad-accum", "two"], ["--bogus"], ["--memory", "cloud"]])
+def test_usage_errors_are_one_line_too(args):
+    result = CliRunner().invoke(_trainer, args)
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and result.output.startswith("Error: "), result.output
+    assert "--help" in result.output
