@@ -65,19 +65,26 @@ def refuse_pickled(path: str | os.PathLike, what: str) -> None:
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES or _looks_pickled(path):
         raise UserError(
-            f"{path}: {what} in a pickle-based format ({path.suffix or 'no suffix'}); loading it could run code hidden "
-            "in the file, so Ferryman reads only .safetensors. Convert it where you trust it, e.g. "
-            "safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')")
+            f"{path}: {what} in a pickle-based format (a Python pickle); loading it could run code hidden in "
+            "the file, so it is refused. Ferryman reads weights from .safetensors (AlphaFold parameters from .npz); "
+            "convert the file where you trust it, e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), ...)")
+
+
+def _head(path: Path) -> bytes:
+    if not path.is_file():
+        return b""
+    with open(path, "rb") as handle:
+        return handle.read(4)
+
+
+def _is_pickle_stream(path: Path) -> bool:
+    head = _head(path)
+    return head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # the PROTO opcode
 
 
 def _looks_pickled(path: Path) -> bool:
-    """A torch zip archive or a raw pickle stream, whatever the file is called."""
-    if not path.is_file():
-        return False
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    is_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # PROTO opcode
-    return is_pickle or head == b"PK\x03\x04"  # torch.save's zip archive
+    """A raw pickle stream or torch.save's zip archive, whatever the file is called."""
+    return _is_pickle_stream(path) or _head(path) == b"PK\x03\x04"
 
 
 def check_safetensors(path: str | os.PathLike, what: str = "safetensors file") -> dict[str, Any]:
@@ -129,8 +136,8 @@ def load_npz(path: str | os.PathLike, what: str = "parameter file") -> dict:
     object arrays (``allow_pickle=False``)."""
     import numpy as np
 
-    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
-        refuse_pickled(path, what)
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES or _is_pickle_stream(Path(path)):
+        refuse_pickled(path, what)  # np.load would only say "pickled data"; name what the file is
     with reading(path, what), np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
 

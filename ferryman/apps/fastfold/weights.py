@@ -146,22 +146,11 @@ def _describe(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _refuse_pickle(path: str | os.PathLike) -> None:
-    """np.load(allow_pickle=False) would only say 'pickled data'; name what the file is."""
-    with open(path, "rb") as handle:
-        head = handle.read(2)
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        raise UserError(f"{path}: a Python pickle, not an AlphaFold .npz parameter file; loading it could run "
-                        "code hidden in it, so it is refused")  # fmt: skip
-
-
 def load_official_params(model: nn.Module, path: str | os.PathLike) -> None:
     """Load an official AF2 ``.npz`` into ``model`` strictly: every key mapped, none left over,
     every shape checked. Any mismatch raises one UserError naming the offending keys."""
     from ferryman.core.files import load_npz
 
-    if Path(path).is_file():
-        _refuse_pickle(path)
     arrays = load_npz(path, "AlphaFold parameter file")  # every member's CRC checked: bit flips fail here
     table = official_table(model)
     missing = sorted(set(table) - set(arrays))

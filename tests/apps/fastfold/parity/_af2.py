@@ -10,8 +10,9 @@ builds from the unfused arrays the released npz files (and Ferryman's exporter) 
 
 from __future__ import annotations
 
-import io
 import math
+import tempfile
+from pathlib import Path
 
 import haiku as hk
 import jax
@@ -129,13 +130,13 @@ def perturbed(params: dict[str, np.ndarray], rel: float, seed: int = 1) -> dict[
 
 def ferryman_model(cfg: AlphaFoldConfig, params: dict[str, np.ndarray]):
     """Ferryman's model with ``params`` loaded through its official-npz importer."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **params)
-    buffer.seek(0)
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.to_empty(device="cpu")
-    load_official_params(model, buffer)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params_model_1_ptm.npz"
+        np.savez(path, **params)
+        load_official_params(model, path)
     return model.apply_precision().eval()
 
 
