@@ -11,11 +11,10 @@ from ferryman.apps.fastfold.parallelize import allreduce_dap_grads, parallelize
 from ferryman.apps.fastfold.presets import tiny
 from ferryman.core.parallel import run_distributed
 
-from ._model_inputs import random_features
+from ._model_inputs import random_features, ref_run
 
 N_RES, N_SEQ = 11, 5  # both odd: each rank's shard is padded
 STACKS = ("evoformer", "extra", "template")
-
 
 
 def _inputs():
@@ -47,7 +46,7 @@ def _stack_result(model, stack_name: str) -> dict:
 
 
 def _run(rank: int, world: int) -> dict:
-    model = random_weights_model(tiny(), seed=3)
+    model = random_weights_model(tiny(), seed=3, run=ref_run())
     group = torch.distributed.group.WORLD if world > 1 else None
     parallelize(model, group)
     results = {name: _stack_result(model, name) for name in STACKS}
@@ -74,6 +73,6 @@ def test_dap_two_ranks_match_one():
 
 
 def test_parallelize_single_rank_is_identity():
-    model = random_weights_model(tiny())
+    model = random_weights_model(tiny(), run=ref_run())
     parallelize(model, None)
     assert all(block.dap is None for block in model.evoformer.blocks)

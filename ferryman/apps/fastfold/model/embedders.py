@@ -61,12 +61,12 @@ class RecyclingEmbedder(nn.Module):
     """AF2 Suppl. Alg. 32: add the previous iteration's first MSA row, pair representation and
     pseudo-beta distogram to this iteration's inputs."""
 
-    def __init__(self, cfg: AlphaFoldConfig, backend: str = "auto"):
+    def __init__(self, cfg: AlphaFoldConfig):
         super().__init__()
         self.bins = (cfg.prev_pos_num_bins, cfg.prev_pos_min_bin, cfg.prev_pos_max_bin)
         self.prev_pos_linear = Linear(cfg.prev_pos_num_bins, cfg.c_z)
-        self.prev_msa_first_row_norm = layer_norm(cfg.c_m, backend)
-        self.prev_pair_norm = layer_norm(cfg.c_z, backend)
+        self.prev_msa_first_row_norm = layer_norm(cfg.c_m)
+        self.prev_pair_norm = layer_norm(cfg.c_z)
 
     def forward(self, z: Tensor, aatype: Tensor, prev_pos: Tensor, prev_msa_first_row: Tensor,
                 prev_pair: Tensor | None, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip

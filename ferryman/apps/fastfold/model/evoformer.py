@@ -123,7 +123,6 @@ def _block_kwargs(cfg: AlphaFoldConfig, extra: bool) -> dict:
         pair_heads=cfg.pair_heads,
         transition_factor=cfg.transition_factor,
         extra=extra,
-        backend=cfg.kernels,
     )
 
 

@@ -85,13 +85,11 @@ class TemplateEmbedder(nn.Module):
 
     def __init__(self, cfg: AlphaFoldConfig):
         super().__init__()
-        tcfg, backend = cfg.template, cfg.kernels
+        tcfg = cfg.template
         self.cfg = tcfg
         self.embedding2d = Linear(TEMPLATE_PAIR_FEAT_DIM, tcfg.c_t, init="relu")
-        self.template_pair_stack = TemplatePairStack(tcfg, backend)
-        self.attention = Attention(
-            cfg.c_z, tcfg.c_t, tcfg.c_hidden_pointwise, tcfg.pointwise_heads, gating=False, backend=backend
-        )
+        self.template_pair_stack = TemplatePairStack(tcfg)
+        self.attention = Attention(cfg.c_z, tcfg.c_t, tcfg.c_hidden_pointwise, tcfg.pointwise_heads, gating=False)
         if tcfg.embed_torsion_angles:
             self.template_single_embedding = Linear(TEMPLATE_SINGLE_FEAT_DIM, cfg.c_m, init="relu")
             self.template_projection = Linear(cfg.c_m, cfg.c_m, init="relu")

@@ -7,6 +7,7 @@ Writes under ``out_dir``: the run config (``fastfold_train.yaml``, loadable with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -47,13 +48,15 @@ def sync_dap_grads(model, dims: ParallelDims | None) -> None:
 
 def build_training_model(cfg: FastfoldTrainConfig, dims: ParallelDims | None = None):
     """The preset's model with AF2 initialisation, DAP attached over ``dims`` and gradients synced."""
+    from ferryman.apps.fastfold import presets
     from ferryman.apps.fastfold.model import build_model
     from ferryman.apps.fastfold.model.evoformer import EvoformerStack
     from ferryman.apps.fastfold.parallelize import parallelize
 
-    model = build_model(cfg.preset.model)
+    run = presets.run_options(cfg.preset.model)
     if cfg.kernels is not None:
-        model.set_kernels(cfg.kernels)
+        run = dataclasses.replace(run, kernels=cfg.kernels)
+    model = build_model(cfg.preset.model, run=run)
     if cfg.activation_checkpointing:  # recompute each Evoformer block in the backward pass
         for module in model.modules():
             if isinstance(module, EvoformerStack):
