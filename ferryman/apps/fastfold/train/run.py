@@ -12,8 +12,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from ferryman.apps.fastfold.train.config import FastfoldTrainConfig
 from ferryman.apps.fastfold.train.dataset import StructureDataset
 from ferryman.apps.fastfold.train.step import make_loss_fn
@@ -28,26 +26,9 @@ from ferryman.core.training.metrics import plot_metric
 log = logging.getLogger(__name__)
 
 
-def sync_dap_grads(model, dims: ParallelDims | None) -> None:
-    """Sum the gradients of the DAP-sharded parameters over the DAP group as autograd produces
-    them (what ``allreduce_dap_grads`` does after a backward, done per micro-batch here because the
-    core loop owns ``backward`` and accumulates several micro-batches before it steps)."""
-    from ferryman.apps.fastfold.parallelize import sharded_parameters
-
-    if dims is None or dims.dap_group is None or dims.dap == 1:
-        return
-
-    def hook(grad):
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad, group=dims.dap_group)
-        return grad
-
-    for param in sharded_parameters(model):
-        param.register_hook(hook)
-
-
 def build_training_model(cfg: FastfoldTrainConfig, dims: ParallelDims | None = None):
-    """The preset's model with AF2 initialisation, DAP attached over ``dims`` and gradients synced."""
+    """The preset's model with AF2 initialisation, on ``cfg.kernels`` (None: the preset's), DAP
+    applied over ``dims`` (which also has the sharded parameters' gradients summed over it)."""
     from ferryman.apps.fastfold import presets
     from ferryman.apps.fastfold.model import build_model
     from ferryman.apps.fastfold.model.evoformer import EvoformerStack
@@ -63,7 +44,6 @@ def build_training_model(cfg: FastfoldTrainConfig, dims: ParallelDims | None = N
                 module.activation_checkpointing = True
     if dims is not None and dims.dap > 1:
         parallelize(model, dims)
-        sync_dap_grads(model, dims)
     return model
 
 
