@@ -120,6 +120,8 @@ class OuterProductMean(nn.Module):
         """Pair update ``[N_a, N_b, c_z]`` from projections a ``[S, N_a, c]``, b ``[S, N_b, c]``."""
         # Counts of shared sequences in fp32: bf16 holds integers exactly only up to 256.
         norm = torch.einsum("si,sj->ij", mask_a.float(), mask_b.float())  # [N_a, N_b]
+        if chunk_size is None and self._shallow(*a.shape[:2], b.shape[1]):
+            return self._combine_shallow(a, b, norm)
 
         def run(a: Tensor, norm: Tensor) -> Tensor:
             outer = torch.einsum("isc,sjd->ijcd", a, b).flatten(-2)  # [i, N_b, c * c]
@@ -127,6 +129,26 @@ class OuterProductMean(nn.Module):
 
         a_t = a.transpose(0, 1)  # [N_a, S, c]
         return chunk_layer(run, {"a": a_t, "norm": norm}, chunk_size=chunk_size, num_batch_dims=1)
+
+    def _shallow(self, s: int, n_a: int, n_b: int) -> bool:
+        """Whether contracting b with the output weights first costs fewer operations than the
+        outer product (AF2 sizes: MSAs of up to ~40 rows, such as single sequence or a shallow
+        extra MSA), with its ``[S, c, N_b, c_z]`` intermediate smaller than the outer product's."""
+        c, c_z = self.c_hidden, self.output.out_features
+        outer_first = n_a * n_b * c * c * (s + c_z)
+        weights_first = s * c * c_z * (n_b * c + n_a * n_b)
+        return weights_first < outer_first and s * c_z < n_a * c
+
+    def _combine_shallow(self, a: Tensor, b: Tensor, norm: Tensor) -> Tensor:
+        """``combine`` reassociated: sum_{s,c} a[s,i,c] (sum_d b[s,j,d] W[z,c,d]), one matmul each
+        (XLA makes the same reordering of AF2's einsums)."""
+        s, n_a, c = a.shape
+        n_b, c_z = b.shape[1], self.output.out_features
+        w = self.output.weight.view(c_z, c, c).permute(2, 1, 0).reshape(c, c * c_z)  # [d, c * c_z]
+        bw = (b.reshape(s * n_b, c) @ w).view(s, n_b, c, c_z).transpose(1, 2)  # [S, c, N_b, c_z]
+        out = a.permute(1, 0, 2).reshape(n_a, s * c) @ bw.reshape(s * c, n_b * c_z)  # [N_a, N_b * c_z]
+        out = (out.view(n_a, n_b, c_z) + self.output.bias).float()
+        return (out / (self.eps + norm[..., None])).to(a.dtype)
 
     def forward(self, m: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
         a, b = self.projections(m, mask)

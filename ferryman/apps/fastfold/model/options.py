@@ -34,6 +34,7 @@ class RunOptions:
     kernels: str = "auto"
     inplace: bool = True
     precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_BACKENDS:

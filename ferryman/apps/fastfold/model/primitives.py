@@ -3,7 +3,9 @@ multi-head attention, global attention and the transition MLP.
 
 Attention runs through ``ferryman.kernels.attention`` and LayerNorm through
 ``ferryman.kernels.LayerNorm``; the backend (auto|triton|torch) is a module attribute set from
-config, so one model tree serves every kernel choice.
+config, so one model tree serves every kernel choice. Where the PyTorch path runs and no key is
+masked, attention is PyTorch's fused ``scaled_dot_product_attention`` with the biases as its
+additive mask: the same math as the reference, without the logits ever existing whole.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ferryman.core.chunking import chunk_layer
@@ -88,6 +91,22 @@ def _rows_of_bias(b: Tensor, rows: slice) -> Tensor:
     return b[..., rows, :] if b.shape[-2] > 1 else b
 
 
+def sdpa_applies(q: Tensor, mask: Tensor | None) -> bool:
+    """Whether ``scaled_dot_product_attention`` computes what the reference does: 4-d inputs (its
+    fused CPU kernel's layout) and no masked key. A masked key would need the mask folded into a
+    bias the size of the logits, and a row with every key masked must give zeros, not its mean."""
+    return q.dim() == 4 and (mask is None or bool(mask.all()))
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, biases: tuple[Tensor, ...]) -> Tensor:
+    """softmax(q k^T / sqrt(D) + sum(biases)) v for q ``[B, H, Q, D]``; the output's memory is
+    ``[B, Q, H, D]``, so merging its heads back is a view."""
+    bias = None
+    for b in biases:
+        bias = b if bias is None else bias + b
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+
+
 class Attention(nn.Module):
     """Gated multi-head attention with additive biases (AF2 Suppl. Alg. 7, 8, 13, 14, 17).
 
@@ -112,11 +131,12 @@ class Attention(nn.Module):
                 query_chunk: int | None = None) -> Tensor:  # fmt: skip
         """``query_chunk`` bounds the logits the PyTorch reference materialises to that many
         queries at a time; the fused kernel never materialises them and ignores it."""
-        q = self._heads(self.query_w(q_x))
-        k = self._heads(self.key_w(kv_x))
-        v = self._heads(self.value_w(kv_x))
+        q, k, v, g = self._projections(q_x, kv_x, fused=query_chunk is None)
         n_q = q.shape[-2]
-        if query_chunk is None or query_chunk >= n_q or resolve_backend(self.backend, q) != "torch":
+        reference = resolve_backend(self.backend, q) == "torch"
+        if reference and sdpa_applies(q, mask):
+            o = sdpa(q, k, v, tuple(biases))
+        elif query_chunk is None or query_chunk >= n_q or not reference:
             o = fused_attention(q, k, v, biases, mask, backend=self.backend)  # [*, H, Q, D]
         else:
             o = torch.empty_like(q)
@@ -125,9 +145,24 @@ class Attention(nn.Module):
                 m_rows = None if mask is None else _rows_of_bias(mask, rows)
                 o[..., rows, :] = fused_attention(q[..., rows, :], k, v, part, m_rows, backend=self.backend)
         o = o.transpose(-2, -3).flatten(-2)  # [*, Q, H * D]
-        if self.gating is not None:
-            o = o * torch.sigmoid(self.gating(q_x))
+        if g is not None:
+            o = o * torch.sigmoid(g)
         return self.output(o)
+
+    def _projections(self, q_x: Tensor, kv_x: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """q, k, v ``[*, H, L, D]`` and the gate's pre-activation ``[*, Q, H * D]`` (or None). For
+        self-attention, ``fused`` makes them one matmul whose columns the four view (the
+        memory-lean path keeps them apart: together they are four times a block's width)."""
+        gating = self.gating
+        if q_x is not kv_x or not fused:
+            gate = None if gating is None else gating(q_x)
+            return self._heads(self.query_w(q_x)), self._heads(self.key_w(kv_x)), self._heads(self.value_w(kv_x)), gate
+        lins = [self.query_w, self.key_w, self.value_w] + ([] if gating is None else [gating])
+        w = torch.cat([lin.weight for lin in lins])  # [3 or 4 x H * D, c]
+        width = self.num_heads * self.c_hidden
+        bias = None if gating is None else torch.cat([gating.bias.new_zeros(3 * width), gating.bias])
+        qkvg = F.linear(q_x, w, bias).split(width, dim=-1)  # each [*, L, H * D]
+        return self._heads(qkvg[0]), self._heads(qkvg[1]), self._heads(qkvg[2]), None if gating is None else qkvg[3]
 
 
 class GlobalAttention(nn.Module):
