@@ -185,7 +185,6 @@ def memory_point(impl: str, n_res: int, blocks: int, compile: bool) -> dict:
 
 
 def run_memory(args) -> dict:
-    import common
 
     rows = []
     env = {**os.environ, **_MALLOC_ENV}
