@@ -1,13 +1,22 @@
 """MSA-track modules of the Evoformer: row attention with pair bias, column attention, global
 column attention and the outer product mean. Inputs are unbatched: m ``[S, N, c_m]``,
-z ``[N, N, c_z]``, msa_mask ``[S, N]``; chunks are rows of the leading axis."""
+z ``[N, N, c_z]``, msa_mask ``[S, N]`` (None on the unchunked path when nothing is masked);
+chunks are rows of the leading axis."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from ferryman.apps.fastfold.model.primitives import Attention, GlobalAttention, Linear, chunk_add_, layer_norm
+from ferryman.apps.fastfold.model.primitives import (
+    Attention,
+    GlobalAttention,
+    Linear,
+    chunk_add_,
+    key_mask,
+    layer_norm,
+    transposed,
+)
 from ferryman.core.chunking import chunk_layer
 
 
@@ -34,9 +43,9 @@ class MSARowAttentionWithPairBias(nn.Module):
                 *, bias: Tensor | None = None) -> Tensor:  # fmt: skip
         bias = self.pair_bias(z, chunk_size) if bias is None else bias  # [H, N, N]
 
-        def run(m: Tensor, mask: Tensor) -> Tensor:
+        def run(m: Tensor, mask: Tensor | None) -> Tensor:
             m = self.query_norm(m)
-            return self.attention(m, m, (bias[None],), mask[:, None, None, :])
+            return self.attention(m, m, (bias[None],), key_mask(mask))
 
         return chunk_layer(run, {"m": m, "mask": mask}, chunk_size=chunk_size, num_batch_dims=1)
 
@@ -59,12 +68,12 @@ class MSAColumnAttention(nn.Module):
         self.query_norm = layer_norm(c_m, backend)
         self.attention = Attention(c_m, c_m, c_hidden, num_heads, backend=backend)
 
-    def _run(self, m: Tensor, mask: Tensor) -> Tensor:
+    def _run(self, m: Tensor, mask: Tensor | None) -> Tensor:
         m = self.query_norm(m)
-        return self.attention(m, m, (), mask[:, None, None, :])
+        return self.attention(m, m, (), key_mask(mask))
 
-    def forward(self, m: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
-        m_t, mask_t = m.transpose(0, 1), mask.transpose(0, 1)  # [N, S, c_m], [N, S]
+    def forward(self, m: Tensor, mask: Tensor | None, chunk_size: int | None = None) -> Tensor:
+        m_t, mask_t = m.transpose(0, 1), transposed(mask)  # [N, S, c_m], [N, S]
         out = chunk_layer(self._run, {"m": m_t, "mask": mask_t}, chunk_size=chunk_size, num_batch_dims=1)
         return out.transpose(0, 1)
 
@@ -82,11 +91,11 @@ class MSAColumnGlobalAttention(nn.Module):
         self.query_norm = layer_norm(c_m, backend)
         self.attention = GlobalAttention(c_m, c_hidden, num_heads, backend=backend)
 
-    def _run(self, m: Tensor, mask: Tensor) -> Tensor:
+    def _run(self, m: Tensor, mask: Tensor | None) -> Tensor:
         return self.attention(self.query_norm(m), mask)
 
-    def forward(self, m: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
-        m_t, mask_t = m.transpose(0, 1), mask.transpose(0, 1)  # [N, S, c_m], [N, S]
+    def forward(self, m: Tensor, mask: Tensor | None, chunk_size: int | None = None) -> Tensor:
+        m_t, mask_t = m.transpose(0, 1), transposed(mask)  # [N, S, c_m], [N, S]
         out = chunk_layer(self._run, {"m": m_t, "mask": mask_t}, chunk_size=chunk_size, num_batch_dims=1)
         return out.transpose(0, 1)
 
@@ -110,16 +119,21 @@ class OuterProductMean(nn.Module):
         self.right_projection = Linear(c_m, c_hidden)
         self.output = Linear(c_hidden * c_hidden, c_z, init="final")
 
-    def projections(self, m: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def projections(self, m: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Masked left and right projections ``[S, N, c]`` of the MSA (or of a column block)."""
         m = self.layer_norm_input(m)
+        if mask is None:
+            return self.left_projection(m), self.right_projection(m)
         mask = mask[..., None].to(m.dtype)
         return self.left_projection(m) * mask, self.right_projection(m) * mask
 
     def combine(self, a: Tensor, b: Tensor, mask_a: Tensor, mask_b: Tensor, chunk_size: int | None = None) -> Tensor:
         """Pair update ``[N_a, N_b, c_z]`` from projections a ``[S, N_a, c]``, b ``[S, N_b, c]``."""
         # Counts of shared sequences in fp32: bf16 holds integers exactly only up to 256.
-        norm = torch.einsum("si,sj->ij", mask_a.float(), mask_b.float())  # [N_a, N_b]
+        if mask_a is None:  # nothing masked: every pair shares every sequence
+            norm = a.new_full((a.shape[1], b.shape[1]), float(a.shape[0]), dtype=torch.float32)
+        else:
+            norm = torch.einsum("si,sj->ij", mask_a.float(), mask_b.float())  # [N_a, N_b]
         if chunk_size is None and self._shallow(*a.shape[:2], b.shape[1]):
             return self._combine_shallow(a, b, norm)
 
@@ -150,7 +164,7 @@ class OuterProductMean(nn.Module):
         out = (out.view(n_a, n_b, c_z) + self.output.bias).float()
         return (out / (self.eps + norm[..., None])).to(a.dtype)
 
-    def forward(self, m: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
+    def forward(self, m: Tensor, mask: Tensor | None, chunk_size: int | None = None) -> Tensor:
         a, b = self.projections(m, mask)
         return self.combine(a, b, mask, mask, chunk_size)
 

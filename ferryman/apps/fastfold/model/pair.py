@@ -1,6 +1,7 @@
 """Pair-track modules: triangle multiplicative updates and triangle attention (AF2 Suppl. Alg. 11-14).
 
-z is ``[N, N, c_z]`` (unbatched) and pair_mask ``[N, N]``. Each module exposes the pieces DAP
+z is ``[N, N, c_z]`` (unbatched) and pair_mask ``[N, N]`` (None on the unchunked path when nothing
+is masked). Each module exposes the pieces DAP
 needs to run on a block of rows (``projections``/``combine``, ``bias``) besides ``forward``.
 """
 
@@ -12,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ferryman.apps.fastfold.model.primitives import Attention, Linear, chunk_add_, layer_norm, row_slices
+from ferryman.apps.fastfold.model.primitives import (
+    Attention,
+    Linear,
+    chunk_add_,
+    key_mask,
+    layer_norm,
+    row_slices,
+    transposed,
+)
 from ferryman.core.chunking import chunk_layer
 
 
@@ -89,7 +98,8 @@ class TriangleMultiplication(nn.Module):
         inplace = not torch.is_grad_enabled()
         gates = p[2 * c :].sigmoid_() if inplace else p[2 * c :].sigmoid()
         proj = p[: 2 * c].mul_(gates) if inplace else p[: 2 * c] * gates
-        proj = proj.mul_(mask.reshape(1, -1)) if inplace else proj * mask.reshape(1, -1).to(proj.dtype)
+        if mask is not None:
+            proj = proj.mul_(mask.reshape(1, -1)) if inplace else proj * mask.reshape(1, -1).to(proj.dtype)
         a, b = proj[:c].view(c, n_i, n_j), proj[c:].view(c, n_i, n_j)
         if self.outgoing:  # sum_k a[i, k] b[j, k]
             out = torch.bmm(a, b.transpose(1, 2))
@@ -175,13 +185,13 @@ class TriangleAttention(nn.Module):
 
         return chunk_layer(run, {"z": z_rows, "mask": mask_rows}, chunk_size=chunk_size, num_batch_dims=1)
 
-    def forward(self, z: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
+    def forward(self, z: Tensor, mask: Tensor | None, chunk_size: int | None = None) -> Tensor:
         if not self.starting:
-            z, mask = z.transpose(0, 1), mask.transpose(0, 1)
+            z, mask = z.transpose(0, 1), transposed(mask)
         if chunk_size is None:  # one LayerNorm of z feeds both the bias and the attention
             x = self.query_norm(z)
             bias = self.feat_2d_weights(x).permute(2, 0, 1)  # [H, N, N]
-            out = self.attention(x, x, (bias[None],), mask[:, None, None, :])
+            out = self.attention(x, x, (bias[None],), key_mask(mask))
         else:
             out = self.attend(z, mask, self.bias(z, chunk_size), chunk_size)
         return out if self.starting else out.transpose(0, 1)

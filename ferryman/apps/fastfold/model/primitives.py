@@ -70,6 +70,21 @@ def lean(chunk_size: int | None, inplace: bool) -> bool:
     return chunk_size is not None and inplace and not torch.is_grad_enabled()
 
 
+def unmasked(mask: Tensor) -> Tensor | None:
+    """None when ``mask`` masks nothing (no padding: the usual case at inference), so the ops
+    skip masking altogether; multiplying by ones and adding nothing would give the same numbers."""
+    return None if bool(mask.all()) else mask
+
+
+def key_mask(mask: Tensor | None) -> Tensor | None:
+    """An attention key mask ``[*, K] -> [*, 1, 1, K]``; None (nothing masked) stays None."""
+    return None if mask is None else mask[..., None, None, :]
+
+
+def transposed(mask: Tensor | None) -> Tensor | None:
+    return None if mask is None else mask.transpose(0, 1)
+
+
 def row_slices(n: int, chunk_size: int | None) -> list[slice]:
     step = chunk_size or max(n, 1)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
@@ -146,7 +161,7 @@ class Attention(nn.Module):
                 o[..., rows, :] = fused_attention(q[..., rows, :], k, v, part, m_rows, backend=self.backend)
         o = o.transpose(-2, -3).flatten(-2)  # [*, Q, H * D]
         if g is not None:
-            o = o * torch.sigmoid(g)
+            o = o.mul_(g.sigmoid_()) if not torch.is_grad_enabled() else o * torch.sigmoid(g)
         return self.output(o)
 
     def _projections(self, q_x: Tensor, kv_x: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -168,7 +183,7 @@ class Attention(nn.Module):
 class GlobalAttention(nn.Module):
     """Global attention over the rows of each column, one averaged query (AF2 Suppl. Alg. 19).
 
-    m: ``[*, S, c]`` attended over S; mask ``[*, S]``.
+    m: ``[*, S, c]`` attended over S; mask ``[*, S]`` or None (nothing masked).
     """
 
     def __init__(self, c_in: int, c_hidden: int, num_heads: int, *, backend: str = "auto", eps: float = 1e-10):
@@ -180,16 +195,19 @@ class GlobalAttention(nn.Module):
         self.gating = Linear(c_in, num_heads * c_hidden, init="gating")
         self.output = Linear(num_heads * c_hidden, c_in, init="final")
 
-    def forward(self, m: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, m: Tensor, mask: Tensor | None) -> Tensor:
         # Sums over up to 5120 rows: fp32, since bf16 counts exactly only to 256.
-        mask32 = mask.float()
-        q_avg = ((m.float() * mask32[..., None]).sum(-2) / (mask32.sum(-1, keepdim=True) + self.eps)).to(m.dtype)
-        mask = mask.to(m.dtype)
+        if mask is None:
+            q_avg = (m.float().sum(-2) / (m.shape[-2] + self.eps)).to(m.dtype)
+        else:
+            mask32 = mask.float()
+            q_avg = ((m.float() * mask32[..., None]).sum(-2) / (mask32.sum(-1, keepdim=True) + self.eps)).to(m.dtype)
+            mask = mask.to(m.dtype)[..., None, :]
         q = self.query_w(q_avg).unflatten(-1, (self.num_heads, self.c_hidden))  # [*, H, D]
         q = q * self.c_hidden**-0.5
         k, v = self.key_w(m), self.value_w(m)  # [*, S, D]
         logits = torch.einsum("...hd,...sd->...hs", q, k)
-        weights = fused_softmax(logits, mask[..., None, :], backend=self.backend)  # [*, H, S]
+        weights = fused_softmax(logits, mask, backend=self.backend)  # [*, H, S]
         avg = torch.einsum("...hs,...sd->...hd", weights, v)  # [*, H, D]
         gate = torch.sigmoid(self.gating(m)).unflatten(-1, (self.num_heads, self.c_hidden))  # [*, S, H, D]
         return self.output((gate * avg[..., None, :, :]).flatten(-2))
@@ -206,7 +224,9 @@ class Transition(nn.Module):
         self.transition2 = Linear(c * factor, c, init="final")
 
     def _run(self, x: Tensor) -> Tensor:
-        return self.transition2(torch.relu(self.transition1(self.input_layer_norm(x))))
+        hidden = self.transition1(self.input_layer_norm(x))
+        # In place when nothing is recorded: a fresh tensor factor-times the size of x costs more than the op.
+        return self.transition2(hidden.relu_() if not torch.is_grad_enabled() else torch.relu(hidden))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
         # The mask is unused, as in AF2: padded positions never feed real ones through a transition.
