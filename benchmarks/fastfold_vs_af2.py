@@ -11,9 +11,12 @@ random sequence: single sequence (one MSA row, one masked extra-MSA row), no tem
 recycling. AlphaFold2 is ``alphafold-colabfold`` (the ``parity`` extra) in fp32 as the parity
 suite runs it (``AlphaFold_noE`` under ``jax.jit``, no subbatching); Ferryman is its default
 inference path (``RunOptions()``, ``pair_logits=False``), plus ``RunOptions(compile=True)`` with
-``--compile``. Each N_res: AF2's first call compiles (timed apart), Ferryman warms up once, then
-the two alternate ``--repeat`` times; the table gives median seconds, the median over rounds of
-Ferryman's time over AF2's, and the largest atom-position difference between the two outputs.
+``--compile``. Each N_res: AF2's first call compiles (timed apart, as is each Ferryman variant's
+first call), then AF2 and the Ferryman variants run in turn ``--repeat`` times. The table gives
+median CPU seconds of the process per call (``*_s``: on a shared machine the steadier measure,
+since waiting for a core is not counted) and median wall seconds (``*_wall_s``), the median over
+rounds of Ferryman's time over AF2's in the same round (``*_ratio``, CPU; ``*_wall_ratio``), its
+inverse (``*_speedup``) and the largest atom-position difference from AF2's output.
 
 Threads: ``--threads`` for both (torch.set_num_threads; XLA's Eigen pool off at 1, and the
 process pinned to that many CPUs). ``--memory`` runs every (implementation, N_res) in a fresh
@@ -34,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
+
+import ferryman  # noqa: E402,F401  (before torch allocates: it turns on PyTorch's huge-page CPU allocations)
 
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
 
@@ -188,7 +193,7 @@ def run_memory(args) -> dict:
 
     rows = []
     env = {**os.environ, **_MALLOC_ENV}
-    impls = ["af2", "ferryman"] + (["ferryman_compiled"] if args.compile else [])
+    impls = ([] if args.skip_af2 else ["af2"]) + ["ferryman"] + (["ferryman_compiled"] if args.compile else [])
     for n in args.n_res:
         row = {"N_res": n}
         for impl in impls:
@@ -229,6 +234,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeat", type=int, default=3, help="alternating rounds per N_res (median reported)")
     parser.add_argument("--compile", action="store_true", help="also time Ferryman with RunOptions(compile=True)")
     parser.add_argument("--memory", action="store_true", help="peak resident memory per point, fresh processes (CPU)")
+    parser.add_argument("--skip-af2", action="store_true", help="--memory: Ferryman only (e.g. against an older checkout)")
     parser.add_argument("--json", type=Path, help="default benchmarks/results/fastfold_vs_af2-<device>[-memory].json")
     parser.add_argument("--memory-point", nargs=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -251,7 +257,7 @@ def main(argv=None) -> dict:
     args.n_res = args.n_res or ([64, 128, 256, 512] if args.device == "cpu" else [128, 256, 512, 1024, 2048])
     result = run_memory(args) if args.memory else run_timing(args)
     result.update(env=common.environment(args.device), threads=args.threads, blocks=args.blocks,
-                  full_size=args.blocks == 48, preset="model_1_ptm", inputs="single sequence, no templates, "
+                  full_size=args.blocks == 48, thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"), preset="model_1_ptm", inputs="single sequence, no templates, "
                   "num_recycle=0", af2="alphafold-colabfold fp32, AlphaFold_noE under jax.jit, no subbatching")  # fmt: skip
     depth = "full size" if args.blocks == 48 else f"{args.blocks} Evoformer blocks on both sides (not full size)"
     print(f"\n{result['env']['device']}; model_1_ptm, {depth}; {args.threads} thread(s); single sequence, "

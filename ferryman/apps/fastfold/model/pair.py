@@ -105,7 +105,8 @@ class TriangleMultiplication(nn.Module):
             out = torch.bmm(a, b.transpose(1, 2))
         else:  # sum_k a[k, j] b[k, i]
             out = torch.bmm(b.transpose(1, 2), a)  # [c, i, j]
-        out = self.center_layer_norm(out.permute(1, 2, 0)).reshape(n_i * n_j, c)  # [N * N, c]
+        # Channels last for the LayerNorm: a 2-d transpose copies at twice the speed of the 3-d permute.
+        out = self.center_layer_norm(out.view(c, n_i * n_j).t().contiguous())  # [N * N, c]
         gate = self.gating_linear(x)
         gate = gate.sigmoid_() if inplace else gate.sigmoid()
         out = self.output_projection(out)
