@@ -98,14 +98,19 @@ class DAPRunner:
         n = t.shape[0]
         mask = self._pad(mask, (0, 1))
         t_loc = scatter(self._pad(t, (0, 1)), 0, self.group)
+        order = _TEMPLATE_ORDER if stack.attention_first else _EVOFORMER_ORDER
         for block in stack.blocks:
-            t_loc = self.pair_ops(block, t_loc, mask, chunk_size, inplace, _TEMPLATE_ORDER)
+            t_loc = self.pair_ops(block, t_loc, mask, chunk_size, inplace, order)
         return gather(t_loc, 0, self.group, size=n, reduce_grad=False)[:, :n]
 
     # --- blocks -----------------------------------------------------------------------------
     def block_forward(self, block: EvoformerBlock, m_loc, z_loc, msa_mask, pair_mask, chunk_size, inplace):
         """One Evoformer block on shards; msa_mask ``[S_p, N_p]`` and pair_mask are full (padded)."""
         rows_mask, cols_mask = self._mine(msa_mask, 0), self._mine(msa_mask, 1)
+        if block.outer_product_first:  # AlphaFold-Multimer: the pair sees the block's input MSA
+            m_col = all_to_all(m_loc, scatter_dim=1, gather_dim=0, group=self.group)  # [S_p, N_p / P, c_m]
+            z_loc = add_(z_loc, self._outer_product_mean(block, m_col, cols_mask, msa_mask, chunk_size), inplace)
+            del m_col
         row_att = block.msa_row_attention_with_pair_bias
         bias, handle = gather_async(row_att.pair_bias(z_loc, chunk_size), 1, self.group)  # [H, N_p, N_p]
         m_loc = add_(m_loc, row_att(m_loc, None, rows_mask, chunk_size, bias=wait(bias, handle)), inplace)
@@ -115,12 +120,17 @@ class DAPRunner:
         m_col = add_(m_col, block.msa_transition(m_col, cols_mask, chunk_size), inplace)
         # Start re-sharding the MSA by rows; the outer product mean works on the column shards meanwhile.
         m_next, m_handle = all_to_all_async(m_col, scatter_dim=0, gather_dim=1, group=self.group)
+        if not block.outer_product_first:
+            z_loc = add_(z_loc, self._outer_product_mean(block, m_col, cols_mask, msa_mask, chunk_size), inplace)
+        z_loc = self.pair_ops(block.pair_stack, z_loc, pair_mask, chunk_size, inplace, _EVOFORMER_ORDER)
+        return wait(m_next, m_handle), z_loc
+
+    def _outer_product_mean(self, block: EvoformerBlock, m_col, cols_mask, msa_mask, chunk_size) -> Tensor:
+        """The pair update of this rank's rows from the MSA sharded by columns."""
         opm = block.outer_product_mean
         a, b = opm.projections(m_col, cols_mask)
         b_full = gather(b, 1, self.group)  # [S_p, N_p, c]
-        z_loc = add_(z_loc, opm.combine(a, b_full, cols_mask, msa_mask, chunk_size), inplace)
-        z_loc = self.pair_ops(block.pair_stack, z_loc, pair_mask, chunk_size, inplace, _EVOFORMER_ORDER)
-        return wait(m_next, m_handle), z_loc
+        return opm.combine(a, b_full, cols_mask, msa_mask, chunk_size)
 
     def pair_ops(self, block: PairStackBlock, z_loc, pair_mask, chunk_size, inplace, order) -> Tensor:
         """The pair ops of ``block`` in ``order``, re-sharding rows <-> columns only when needed."""

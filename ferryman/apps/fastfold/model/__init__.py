@@ -18,7 +18,8 @@ __all__ = ["AlphaFold", "AlphaFoldConfig", "build_model", "random_weights_model"
 
 
 def build_model(preset_or_config: str | AlphaFoldConfig, **overrides) -> AlphaFold:
-    """AlphaFold with AF2's initialisation from a preset name ('model_1_ptm', 'tiny', ...) or config."""
+    """AlphaFold (AlphaFold-Multimer when ``multimer``) with AF2's initialisation from a preset
+    name ('model_1_ptm', 'model_1_multimer_v3', 'tiny', ...) or a config."""
     if isinstance(preset_or_config, AlphaFoldConfig):
         cfg = preset_or_config
         for key, value in overrides.items():
@@ -28,6 +29,10 @@ def build_model(preset_or_config: str | AlphaFoldConfig, **overrides) -> AlphaFo
         from ferryman.apps.fastfold.presets import get_preset
 
         cfg = get_preset(preset_or_config, **overrides)
+    if cfg.multimer:
+        from ferryman.apps.fastfold.model.multimer import AlphaFoldMultimer
+
+        return AlphaFoldMultimer(cfg)
     return AlphaFold(cfg)
 
 
