@@ -168,4 +168,6 @@ def make_multimer_inputs(raw: FeatureDict, cfg: MultimerInputConfig, seed: int) 
     feats = make_msa_feat(feats, cfg.max_extra_msa)
     feats = drop_empty_rows(feats)
     feats.update(make_atom14_masks(feats["aatype"]))
+    if "asym_chain_ids" in raw:  # which FASTA chain each asym_id is, for the outputs
+        feats["asym_chain_ids"] = raw["asym_chain_ids"]
     return feats

@@ -75,7 +75,9 @@ class MultimerInvariantPointAttention(nn.Module):
             d2 = ((q_pts[:, None] - k_pts[None]) ** 2).sum(-1)  # [i, j, H, Pq]
             logits = -0.5 * (point_w[:, None] * d2).sum(-1)  # [i, j, H]
             logits = logits + torch.einsum("ihc,jhc->ijh", q, k)
-            logits = logits + self.attention_2d(z).to(geo)
+            # The pair stays in the trunk's dtype (bf16 or fp32); the bias goes to fp32 after the linear.
+            w, b = self.attention_2d.weight, self.attention_2d.bias
+            logits = logits + F.linear(z, w.to(z.dtype), b.to(z.dtype)).to(geo)
             logits = logits - 1e5 * (1.0 - mask_q[:, None, None] * mask[None, :, None])
             attn = torch.softmax(logits * 3**-0.5, dim=1)  # [i, j, H]
             o_scalar = torch.einsum("ijh,jhc->ihc", attn, v).flatten(-2)  # [i, H * C]
