@@ -183,6 +183,7 @@ def run_multimer_pipeline(target: ComplexTarget, cfg: DataConfig, target_out: Pa
     for chain in target.chains:
         if chain.sequence in by_sequence:
             chains[chain.chain_id] = copy.deepcopy(by_sequence[chain.sequence])
+            chains[chain.chain_id]["auth_chain_id"] = np.asarray(chain.chain_id, dtype=object)
             reports[chain.chain_id] = {"same_as": next(k for k, c in chain_map.items() if c["sequence"] == chain.sequence)}
             continue
         features, reports[chain.chain_id] = chain_features(
