@@ -137,6 +137,8 @@ def predict(fasta, out_dir, gpus, config_file, overrides, **flags) -> None:
 @main.command()
 @click.argument("fasta", nargs=-1, required=True, type=_PATH)
 @click.option("--out", "out_dir", required=True, type=_PATH, help="Output folder; <out>/<target>/msas/ per target.")
+@click.option("--model-preset", "model_preset", default=None,
+              help="multimer: each FASTA file (or A:B record) is a complex, alignments per chain under msas/<chain>/.")
 @_data_options
 @click.option("--plots/--no-plots", default=None, help="Write the MSA-coverage PNG (default on).")
 @config_options
@@ -148,13 +150,15 @@ def msa(fasta, out_dir, config_file, overrides, **flags) -> None:
     Examples:
       fastfold msa targets.fasta --msa-mode mmseqs2 --mmseqs-db-dir colabfold_dbs/ --out out/
       fastfold msa targets.fasta --uniref90-db uniref90.fasta --mgnify-db mgy_clusters.fa --out out/
+      fastfold msa complex.fasta --model-preset multimer --uniref90-db uniref90.fasta --uniprot-db uniprot.fasta --out out/
     """
     from ferryman.apps.fastfold.predict import PredictOptions, run
 
     mapped = {**_options(flags), "msa_only": True, "relax": False}
     opts = resolve_config(PredictOptions(), config_file=config_file, flags=mapped, overrides=overrides)
     for name, report in run(list(fasta), out_dir, opts).items():
-        click.echo(f"{name}: {out_dir / name / 'msas'} ({report['msa_mode']}, {report['msa_depth_deduplicated']} sequences)")
+        depth = report.get("msa_depth_deduplicated", report.get("msa_depth_merged"))
+        click.echo(f"{name}: {out_dir / name / 'msas'} ({report['msa_mode']}, {depth} sequences)")
 
 
 @main.command("index-templates")
