@@ -319,7 +319,12 @@ def check(args) -> int:
 
 def unpack(bundle_path: Path, results: Path) -> int:
     """Write each step's JSON from a device run's bundle into the results folder."""
-    bundle = json.loads(bundle_path.read_text())
+    try:
+        bundle = json.loads(bundle_path.read_text())
+        if not isinstance(bundle.get("steps"), list) or not isinstance(bundle.get("results"), dict):
+            raise ValueError("no steps or results")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise SystemExit(f"Error: {bundle_path}: not a GPU check bundle ({exc!r})") from None
     for record in bundle["steps"]:
         payload = bundle["results"].get(record["step"])
         if payload is None:

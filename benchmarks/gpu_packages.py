@@ -137,7 +137,7 @@ def audit(modules: Iterable[str], needs: Iterable[str]) -> dict[str, list[str]]:
     a step must declare: neither in ``needs`` (or required by them), nor optional, nor pulled in by a
     package of the image (whose version there brings its own requirements)."""
     off = sorted(d for d in distributions_of(modules) if d not in DEVICE_IMAGE and d not in OWN)
-    covered = _closure(DEVICE_IMAGE) | _closure(needs) | {canonical(n) for n in OPTIONAL}
+    covered = _closure(DEVICE_IMAGE) | _closure(needs) | _closure(OPTIONAL)
     return {"off_device": off, "undeclared": [d for d in off if d not in covered]}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -54,11 +55,12 @@ def is_gpu(payload: dict) -> bool:
 
 
 def load_results(folder: Path) -> dict[str, list[tuple[Path, dict]]]:
-    import json
-
     out: dict[str, list[tuple[Path, dict]]] = {}
     for path in sorted(folder.glob("*.json")):
-        payload = json.loads(path.read_text())
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"Error: {path}: not a readable JSON result ({exc})") from None
         out.setdefault(bench_key(payload, path), []).append((path, payload))
     return out
 

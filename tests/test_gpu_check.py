@@ -288,3 +288,20 @@ def test_stream_and_pinned_memory_paths_resolve_in_this_torch():
     holders = {"record_stream": torch.Tensor, "wait_stream": torch.cuda.Stream, "wait_event": torch.cuda.Stream}
     assert all(hasattr(holders[m], m) for _, m in uses["methods"])
     assert hasattr(torch.cuda.Event, "record") and callable(torch.cuda.stream)
+
+
+def test_gpu_summary_names_the_device_and_the_targets(tmp_path):
+    _gpu_json(tmp_path, "fastfold_inference", {"rows": [{"N_res": 1024, "speedup": 1.7}], "max_n_res_bf16": 12288,
+                                               "find_max": {"start": 4096, "step": 2048, "limit": 12288, "at_limit": True}})
+    payload = json.loads((tmp_path / "fastfold_inference-cuda.json").read_text())
+    payload["gpu_check"] = {"step": "fastfold_inference", "mode": "gpu"}
+    bundle = {"mode": "gpu", "device": {"device": "cuda: NVIDIA H100 80GB HBM3", "date": "2026-12-06"}, "budget_s": 480,
+              "planned_s": 380, "wall_s": 301.5, "results": {"fastfold_inference": payload},
+              "steps": [{"step": "fastfold_inference", "status": "ok", "wall_s": 61.0, "cap_s": 70, "json": "x.json"},
+                        {"step": "kernels", "status": "timeout", "wall_s": 80.0, "cap_s": 80, "json": None,
+                         "reason": "killed at its 80 s cap"}]}  # fmt: skip
+    text = report.check_summary(bundle)
+    assert text.startswith("# GPU check: cuda: NVIDIA H100 80GB HBM3")
+    assert "| kernels | timeout | 80 | 80 | killed at its 80 s cap |" in text
+    assert "| FastFold inference | 10,000 residues in bf16 on one 80 GB GPU (FastFold's figure) | >= 12,288 residues | **hold** |" in text
+    assert "| FastFold inference | >= 2x faster than eager at N_res 1024 | 1.7x | **miss** |" in text
