@@ -101,7 +101,7 @@ def skip_reason(step: Step, dry: bool) -> str | None:
         return f"{step.script} is not in this tree yet"
     lacking = packages.missing(step.needs)
     if lacking:
-        return f"needs {', '.join(lacking)}, not installed here (carry wheels: make gpu-wheels)"
+        return f"needs {', '.join(lacking)}, not met here (carry wheels: make gpu-wheels)"
     import shutil
 
     tools = [t for t in step.tools if shutil.which(t) is None]

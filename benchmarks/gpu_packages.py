@@ -66,14 +66,27 @@ def on_device(name: str) -> bool:
     return canonical(name) in DEVICE_IMAGE
 
 
-def missing(names: Iterable[str]) -> list[str]:
-    """The distributions of ``names`` this interpreter cannot find."""
+def name_of(need: str) -> str:
+    """The distribution of a need written as a requirement ('diffusers', 'transformers>=5.23')."""
+    from packaging.requirements import Requirement
+
+    return Requirement(need).name
+
+
+def missing(needs: Iterable[str]) -> list[str]:
+    """The needs this interpreter does not meet: 'name' when absent, 'spec (found version)' when too old."""
+    from packaging.requirements import Requirement
+
     out = []
-    for name in names:
+    for need in needs:
+        req = Requirement(need)
         try:
-            metadata.version(name)
+            found = metadata.version(req.name)
         except metadata.PackageNotFoundError:
-            out.append(name)
+            out.append(need)
+            continue
+        if not req.specifier.contains(found, prereleases=True):
+            out.append(f"{need} (found {found})")
     return out
 
 
@@ -91,20 +104,24 @@ def _requirements(name: str) -> list[str]:
 
 
 def wheel_specs(needs: Iterable[str]) -> list[str]:
-    """``name==version`` for ``needs`` and everything they require that the device image lacks,
-    at the versions installed here. Raises LookupError naming a need that is not installed here."""
+    """``name==version`` for ``needs`` and everything they require that the device image lacks, at
+    the versions installed here (the lock's). A need with a version bound travels even when the
+    image has the package: the image's version is the one the bound is there to replace. Raises
+    LookupError naming a need that is not installed here."""
+    from packaging.requirements import Requirement
+
     seen: dict[str, str] = {}
-    todo = [n for n in needs if not on_device(n)]
+    todo = [(Requirement(n).name, True) for n in needs if not on_device(name_of(n)) or Requirement(n).specifier]
     while todo:
-        name = todo.pop()
+        name, forced = todo.pop()
         key = canonical(name)
-        if key in seen or key in DEVICE_IMAGE or key in OWN:
+        if key in seen or key in OWN or (key in DEVICE_IMAGE and not forced):
             continue
         try:
             seen[key] = f"{metadata.metadata(name)['Name']}=={metadata.version(name)}"
         except metadata.PackageNotFoundError:
             raise LookupError(f"{name} is needed on the device but not installed here, so its version is unknown") from None
-        todo.extend(_requirements(name))
+        todo.extend((r, False) for r in _requirements(name))
     return sorted(seen.values(), key=str.lower)
 
 
@@ -137,7 +154,7 @@ def audit(modules: Iterable[str], needs: Iterable[str]) -> dict[str, list[str]]:
     a step must declare: neither in ``needs`` (or required by them), nor optional, nor pulled in by a
     package of the image (whose version there brings its own requirements)."""
     off = sorted(d for d in distributions_of(modules) if d not in DEVICE_IMAGE and d not in OWN)
-    covered = _closure(DEVICE_IMAGE) | _closure(needs) | _closure(OPTIONAL)
+    covered = _closure(DEVICE_IMAGE) | _closure(map(name_of, needs)) | _closure(OPTIONAL)
     return {"off_device": off, "undeclared": [d for d in off if d not in covered]}
 
 

@@ -26,7 +26,9 @@ class Step:
     cap_s: int  # wall-clock cap on the GPU, start-up and model building included
     dry_cap_s: int = 300  # only a guard against hangs: the dry run's time is not a GPU estimate
     json_flag: str = "--json"  # how the script is told where to write its JSON
-    needs: tuple[str, ...] = ()  # distributions beyond the device image (carried as wheels)
+    # Requirements beyond the device image, carried as wheels: a package the image lacks, or one whose
+    # version there is too old ('transformers>=5.23'). Checked before the step runs.
+    needs: tuple[str, ...] = ()
     tools: tuple[str, ...] = ()  # programs the step runs, looked up on PATH
     skip_gpu: str = ""
     skip_dry: str = ""
@@ -48,7 +50,7 @@ STEPS: tuple[Step, ...] = (
          claim="plain vs Gemini vs FSDP2-offload on GPT-2 350M and 1.3B: step time, TFLOP/s, MFU, peak memory",
          gpu=("--device", "cuda", "--sizes", "350M,1.3B", "--steps", "3"),
          dry=("--device", "cpu", "--small", "--sizes", "0.2M", "--steps", "2", "--seq", "32", "--batch", "1"),
-         cap_s=70),
+         needs=("transformers>=5.23",), cap_s=70),  # the image's 5.17 lacks activation_checkpointing_enable
     Step(name="sd_finetune", script="benchmarks/sd_finetune.py", json_flag="--out",
          claim="SD-1.5 finetune at 512 px, batch 1: plain loop vs Gemini auto/offload; generation peak memory",
          gpu=("--device", "cuda", "--batches", "1", "--steps", "3"),

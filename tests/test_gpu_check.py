@@ -305,3 +305,13 @@ def test_gpu_summary_names_the_device_and_the_targets(tmp_path):
     assert "| kernels | timeout | 80 | 80 | killed at its 80 s cap |" in text
     assert "| FastFold inference | 10,000 residues in bf16 on one 80 GB GPU (FastFold's figure) | >= 12,288 residues | **hold** |" in text
     assert "| FastFold inference | >= 2x faster than eager at N_res 1024 | 1.7x | **miss** |" in text
+
+
+def test_a_version_bound_carries_the_package_the_image_has_too_old():
+    import gpu_packages
+
+    assert gpu_packages.missing(["torch>=999", "no-such-distribution-xyz"]) == [
+        f"torch>=999 (found {torch.__version__})", "no-such-distribution-xyz"]
+    specs = gpu_packages.wheel_specs(["transformers>=5.23"])
+    assert [s.split("==")[0].lower() for s in specs] == ["transformers"]  # its requirements are on the image
+    assert gpu_packages.wheel_specs(["transformers"]) == []  # on the image, and no bound asks for another
