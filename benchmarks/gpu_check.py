@@ -222,7 +222,8 @@ def finish_payload(step: Step, json_path: Path, xml_path: Path, record: dict, in
     if not report.env_of(payload).get("device"):
         payload["env"] = {**info, **report.env_of(payload)}
     report.env_of(payload).setdefault("date", info["date"])
-    payload["gpu_check"] = {k: record[k] for k in ("step", "mode", "command", "status", "wall_s", "cap_s")}
+    payload["gpu_check"] = {"benchmark": step.benchmark,
+                            **{k: record[k] for k in ("step", "mode", "command", "status", "wall_s", "cap_s")}}
     with atomic_open(json_path) as handle:
         json.dump(payload, handle, indent=2, default=str)
         handle.write("\n")

@@ -42,9 +42,10 @@ def env_of(payload: dict) -> dict:
 
 def bench_key(payload: dict, path: Path) -> str:
     """Which benchmark wrote a JSON: the GPU check's step, else the script in its command."""
-    step = payload.get("gpu_check", {}).get("step") or payload.get("benchmark")
-    if step:
-        return step
+    check = payload.get("gpu_check", {})
+    key = check.get("benchmark") or check.get("step") or payload.get("benchmark")
+    if key:
+        return key
     command = env_of(payload).get("command", "")
     return command.split()[0].removesuffix(".py") if command else path.stem.split("-")[0]
 
@@ -130,36 +131,36 @@ def run_md(bench: tables.Bench, path: Path, payload: dict) -> str:
 
 
 def target_rows(bench: tables.Bench, runs: list[tuple[Path, dict]]) -> list[dict]:
-    gpu = [(p, r) for p, r in runs if is_gpu(r)]
+    """One row per target: what the GPU runs measured (a benchmark's steps may split its targets
+    between runs), 'not measured yet' without a GPU run."""
+    gpu = [payload for _, payload in runs if is_gpu(payload)]
     rows = []
     for target in bench.targets:
-        if not gpu:
-            rows.append({"benchmark": bench.title, "target": target.text, "measured on GPU": "-",
-                         "status": "not measured yet", "device": "-"})  # fmt: skip
-        for _, payload in gpu:
+        found = []
+        for payload in gpu:
             measured, holds = target.measure(payload)
-            rows.append({"benchmark": bench.title, "target": target.text, "measured on GPU": measured,
-                         "status": STATUS[holds] if measured != "not in this run" else "not measured",
-                         "device": env_of(payload).get("device", "-").removeprefix("cuda: ")})  # fmt: skip
+            if measured != "not in this run":
+                device = env_of(payload).get("device", "-").removeprefix("cuda: ")
+                found.append({"measured on GPU": measured, "status": STATUS[holds], "device": device})
+        if not found:
+            found = [{"measured on GPU": "-", "status": "not measured" if gpu else "not measured yet", "device": "-"}]
+        rows += [{"benchmark": bench.title, "target": target.text, **row} for row in found]
     return rows
 
 
 def gpu_command(key: str) -> str:
-    step = next((s for s in STEPS if s.name == key and s.gpu is not None), None)
-    if step is None:
-        why = _step(key).skip_gpu if _step(key) else "no step for it in benchmarks/gpu_steps.py"
+    steps = [s for s in STEPS if s.benchmark == key and s.gpu is not None]
+    if not steps:
+        why = "; ".join(s.skip_gpu for s in STEPS if s.benchmark == key) or "no step for it in benchmarks/gpu_steps.py"
         return f"The GPU check does not run it ({why})."
-    return f"Not measured yet. `make gpu-check` measures it (step `{key}`: `{step_command(step)}`)."
+    runs = "; ".join(f"step `{s.name}`: `{step_command(s)}`" for s in steps)
+    return f"Not measured yet. `make gpu-check` measures it ({runs})."
 
 
 def step_command(step) -> str:
     if step.script == "pytest":
         return "python3 -m pytest -m gpu <test files with gpu tests>"
     return " ".join(["python3", step.script, *step.gpu])
-
-
-def _step(key: str):
-    return next((s for s in STEPS if s.name == key), None)
 
 
 def section(bench: tables.Bench, runs: list[tuple[Path, dict]]) -> str:
@@ -213,8 +214,10 @@ def check_summary(bundle: dict) -> str:
     lines += [f"- {r['step']}: {r['reason']}" for r in failed]
     if bundle["mode"] == "gpu":
         by_key = {b.key: b for b in tables.BENCHES}
-        rows = [row for key, payload in bundle["results"].items() if key in by_key
-                for row in target_rows(by_key[key], [(Path(key), payload)])]  # fmt: skip
+        runs: dict[str, list] = {}
+        for key, payload in bundle["results"].items():
+            runs.setdefault(bench_key(payload, Path(key)), []).append((Path(key), payload))
+        rows = [row for key, found in runs.items() if key in by_key for row in target_rows(by_key[key], found)]
         lines += ["", "## Targets", "", table(rows, ["benchmark", "target", "measured on GPU", "status"])]
     else:
         audit = [{"step": r["step"], "imported, not on the device image": ", ".join(r["imports_off_device"]) or "-",
