@@ -40,6 +40,7 @@ def run_check(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dry")
     proc = run_check("--dry-run", "--out", str(out), "--results", str(out))
+    assert (out / "gpu_check.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, out, json.loads((out / "gpu_check.json").read_text())
 
 
