@@ -47,6 +47,7 @@ from ferryman.core.io import atomic_open
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_TAIL = 40  # lines of a step's output kept in its record
+LOG_MAX = 12 << 20  # a device call returns files of at most 16 MiB: a chattier step is cut off in the log
 
 
 def now() -> str:
@@ -159,7 +160,8 @@ def run_process(cmd: list[str], env: dict, timeout: float, log, prefix: str) -> 
                 imports.append(line)
                 continue
             lines.append(line.rstrip("\n"))
-            log.write(line)
+            if log.tell() < LOG_MAX:
+                log.write(line)
             print(f"{prefix}{line}", end="", flush=True)
 
     reader = threading.Thread(target=pump, daemon=True)
