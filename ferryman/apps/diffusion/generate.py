@@ -19,9 +19,10 @@ from ferryman.apps.diffusion.attention import set_attention
 from ferryman.apps.diffusion.config import GenerateConfig
 from ferryman.apps.diffusion.lora import WEIGHT_NAME
 from ferryman.apps.diffusion.report import save_png
-from ferryman.apps.diffusion.train import check_model_dir, resolve_device
+from ferryman.apps.diffusion.train import check_model_dir
 from ferryman.core.errors import UserError
 from ferryman.core.io import write_text
+from ferryman.core.runtime import DTYPES, pick_device
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
               "dpm++": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler"}
@@ -30,7 +31,7 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp16" and device.type == "cpu":
         return torch.float32  # CPU half-precision convolutions are slow or missing
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return DTYPES[precision]
 
 
 def dtype_kw(dtype: torch.dtype) -> dict:
@@ -123,7 +124,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> list[Path]:
     """Render every prompt ``num_images`` times; returns the PNG paths written."""
     if not cfg.model or not cfg.out or not cfg.prompts:
         raise UserError("--model, --prompt and --out are required")
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device, flag="--device")
     dtype = compute_dtype(cfg.precision, device)
     pipe = load_pipeline(cfg.model, dtype=dtype, lora=cfg.lora)
     set_scheduler(pipe, cfg.scheduler)

@@ -22,10 +22,10 @@ from ferryman.apps.diffusion.loss import NoisePredictionLoss, TrainModule
 from ferryman.apps.diffusion.report import plot_loss_curve, write_loss_csv
 from ferryman.core.config import save_config
 from ferryman.core.errors import UserError
-from ferryman.core.gemini.config import GeminiConfig, OptimConfig
+from ferryman.core.gemini.config import GeminiConfig
+from ferryman.core.optim import OptimConfig
+from ferryman.core.runtime import DTYPES, pick_device
 from ferryman.core.training import TrainConfig
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(kw_only=True)
@@ -46,14 +46,6 @@ class FinetuneResult:
     start_step: int = 0
     data_summary: str = ""
     model: torch.nn.Module | None = None  # the trained module, final (EMA) weights
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible; use --device cpu")
-    return torch.device(name)
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -174,7 +166,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
 
     if not cfg.model or not cfg.out or not cfg.data.path:
         raise UserError("--model, --data and --out are required")
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device, flag="--device")
     parts = load_parts(cfg.model)
     cfg = resolved(cfg, parts)
     out = Path(cfg.out)

@@ -158,7 +158,7 @@ def sample(ckpt, prompts, num_frames, resolution, steps, cfg_scale, fps, seed, t
       opensora sample --ckpt run --prompt "a red circle moving right on a blue background" \\
           --num-frames 8 --resolution 48x64 --steps 20 --cfg-scale 4 --out circle.mp4
     """
-    import torch
+    from ferryman.core.runtime import pick_device
 
     from .data import write_mp4
     from .sample import load_for_sampling, parse_resolution, sample_latents, to_uint8, write_sidecar
@@ -169,7 +169,7 @@ def sample(ckpt, prompts, num_frames, resolution, steps, cfg_scale, fps, seed, t
     height, width = parse_resolution(resolution)
     if num_frames < 1 or steps < 1:
         raise UserError("--num-frames and --steps must be at least 1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     model, cfg = load_for_sampling(ckpt, device, use_ema=not no_ema)
     text_dir, vae_dir = text_encoder or cfg.text_encoder, vae or cfg.vae
     if text_dir is None or vae_dir is None:

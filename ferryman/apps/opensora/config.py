@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ferryman.core.errors import ConfigError
-from ferryman.core.gemini.config import OptimConfig
+from ferryman.core.optim import OptimConfig
 from ferryman.core.training.config import TrainConfig as CoreTrainConfig
-
-BACKENDS = ("auto", "triton", "torch")
+from ferryman.kernels.backend import BACKENDS
 
 
 @dataclass(kw_only=True)

@@ -17,6 +17,7 @@ from torch import Tensor
 from ferryman.core.config import save_config
 from ferryman.core.errors import ConfigError, UserError
 from ferryman.core.parallel import ParallelDims
+from ferryman.core.runtime import pick_device
 
 from .config import OpenSoraConfig
 from .data import build_loader as build_clip_loader
@@ -147,9 +148,7 @@ def run_train(cfg: OpenSoraConfig, *, resume: bool = False, quiet: bool = False)
     if resume:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="latest"))
     dims = init_parallel(sp=cfg.sp)
-    device = dims.device if dims.world_size > 1 else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    if cfg.train.device == "cpu":
-        device = torch.device("cpu")
+    device = pick_device(cfg.train.device, dims)  # where the loop puts the engine too
     encoders = build_encoders(cfg, device)
     loader = build_loader(cfg, dims)  # indexing errors surface before the model is built
     out = Path(cfg.train.out_dir)

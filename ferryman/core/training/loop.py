@@ -34,8 +34,8 @@ from torch.utils._pytree import tree_map
 from ferryman.core.config import save_config
 from ferryman.core.errors import UserError
 from ferryman.core.gemini import gemini
-from ferryman.core.gemini.config import parse_dtype
 from ferryman.core.parallel import ParallelDims
+from ferryman.core.runtime import parse_dtype, pick_device
 from ferryman.core.training.checkpoint import CheckpointStore
 from ferryman.core.training.config import TrainConfig
 from ferryman.core.training.metrics import MetricsLog, plot_losses
@@ -80,18 +80,6 @@ def _ema_named(engine, ema: EMA | None) -> dict[str, torch.Tensor] | None:
     # Gemini's named_from also returns its frozen chunks: an average of frozen weights is moot
     keep = {n for n, p in engine.module.named_parameters(remove_duplicate=False) if p.requires_grad}
     return {k: v for k, v in engine.named_from(ema.shadow).items() if k in keep}
-
-
-def pick_device(name: str, dims: ParallelDims | None) -> torch.device:
-    if dims is not None and dims.world_size > 1:
-        return dims.device
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
-    if name.startswith("cuda:"):
-        return torch.device(name)
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, dims: ParallelDims | None = None):

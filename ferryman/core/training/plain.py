@@ -11,8 +11,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from ferryman.core.errors import UserError
-from ferryman.core.gemini.config import OptimConfig
 from ferryman.core.io import atomic_path, write_text
+from ferryman.core.optim import OptimConfig
 from ferryman.core.parallel import ParallelDims
 
 
