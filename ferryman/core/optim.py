@@ -1,8 +1,11 @@
-"""Optimizer hyperparameters shared by every engine (plain PyTorch and Gemini)."""
+"""Optimizer hyperparameters shared by every engine (plain PyTorch and Gemini), and the engine-neutral
+form of the trainable parameters' AdamW state."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from ferryman.core.errors import ConfigError
 
@@ -31,3 +34,19 @@ class OptimConfig:
 
     def decays(self, shape: tuple[int, ...]) -> bool:
         return self.weight_decay > 0 and not (self.no_decay_1d and len(shape) < 2)
+
+
+@dataclass
+class TrainableState:
+    """The trainable parameters' weights and AdamW state, engine-neutral (what trainable-only
+    checkpoints hold, so one engine's checkpoint resumes on the other).
+
+    ``values``: fp32 weights by parameter name, on the host. ``moments``: per parameter that has
+    stepped, ``{"exp_avg": t, "exp_avg_sq": t, "step": float}``. ``scale``, ``calm_steps``: the
+    fp16 loss scaler's scale and its count of steps since the last overflow (1.0 and 0 without one).
+    """
+
+    values: dict[str, torch.Tensor]
+    moments: dict[str, dict]
+    scale: float = 1.0
+    calm_steps: int = 0
