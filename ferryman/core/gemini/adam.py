@@ -6,7 +6,11 @@ of this rank's shard is updated with its own bias correction only if it got a gr
 ``zero_grad`` on any rank. A chunk holds parameters of one weight-decay kind, so the pieces of a
 shard differ only in their step counts.
 
-One fused multi-tensor kernel per (device, decay) group updates per-parameter views.
+Device shards: one fused multi-tensor kernel per (device, decay) group over per-parameter views.
+Host shards (``host_adamw_``): the update is bounded by memory bandwidth, and torch's CPU kernel
+runs much faster over one long tensor than over many views, so it runs once per run of adjacent
+pieces sharing a step count: in the common case (every parameter stepped the same number of
+times) once over the whole shard. The numbers stay those of one call per parameter, bit for bit.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ferryman.core.gemini.chunk import Chunk
+from ferryman.core.gemini.host_adam import Piece, host_adamw_
 from ferryman.core.optim import OptimConfig
 
 
@@ -42,15 +47,6 @@ def local_slice(chunk: Chunk, offset: int, numel: int) -> slice | None:
     start, end = chunk.shard_range
     lo, hi = max(start, offset), min(end, offset + numel)
     return slice(lo - start, hi - start) if lo < hi else None
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One parameter's part of this rank's shard: elements [start, end), step count ``steps[slot]``."""
-
-    slot: int
-    start: int
-    end: int
 
 
 def shard_pieces(chunk: Chunk) -> list[Piece]:
@@ -106,6 +102,9 @@ class ShardAdamW:
                 continue
             # every slot's count, also of slots with no piece here: all ranks keep the same counts
             chunk.steps.add_(flags.to(chunk.steps.device, torch.float32))
+            if chunk.master.device.type == "cpu":
+                self._host_step(chunk, flags.tolist(), weight_decay)
+                continue
             views = self.views[chunk.index]
             listed = flags.tolist()
             keep = None if all(listed) else [k for k, slot in enumerate(views.slots) if listed[slot]]
@@ -118,3 +117,11 @@ class ShardAdamW:
                 lr=self.lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=self.ocfg.eps,
                 amsgrad=False, maximize=False,
             )  # fmt: skip
+
+    def _host_step(self, chunk: Chunk, flags: list[bool], weight_decay: float) -> None:
+        assert chunk.master is not None and chunk.master.grad is not None and chunk.steps is not None
+        host_adamw_(
+            chunk.master.data, chunk.master.grad, chunk.exp_avg, chunk.exp_avg_sq, chunk.steps,
+            [p for p in self.pieces[chunk.index] if flags[p.slot]],
+            lr=self.lr, betas=self.ocfg.betas, eps=self.ocfg.eps, weight_decay=weight_decay,
+        )  # fmt: skip
