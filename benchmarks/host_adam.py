@@ -13,7 +13,9 @@ write parameter and moments). For each shard size (a flat fp32 shard holding par
   on one flat fp32 parameter of the same size, as ZeRO-Offload flattens its partitions;
 - ``copy``: a tensor copy of the same size, the machine's bandwidth (read + write).
 
-Ratios are throughputs against DeepSpeed measured in the same run (``x_deepspeed`` > 1: faster).
+The methods are timed in turns, one call each per round, and the median of the rounds is reported,
+so that load from other processes falls on all of them alike. Ratios are throughputs against
+DeepSpeed measured in the same run (``x_deepspeed`` > 1: faster).
 DeepSpeed is a benchmark-only dependency (``pip install deepspeed``; it builds its CPU op with the
 system compiler and ninja on first use, a minute or two); without it its column is skipped.
 
@@ -42,14 +44,18 @@ BYTES_PER_ELEMENT = 28  # AdamW reads p, g, m, v (16 B) and writes p, m, v (12 B
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 
-def _median_ms(fn, repeat: int) -> float:
-    fn()  # warm-up: first touch of the pages, the DeepSpeed op's first call
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+def _round_robin(methods: dict, repeat: int) -> dict[str, float]:
+    """Median ms of each method, timed in turns (one call of each per round) so that load from
+    other processes falls on all of them alike; one untimed round first (page first touch, the
+    DeepSpeed op's first call)."""
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for round_ in range(repeat + 1):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {f"{name}_ms": statistics.median(times) for name, times in samples.items()}
 
 
 def _pieces(numel: int) -> list[Piece]:
@@ -61,38 +67,36 @@ def _pieces(numel: int) -> list[Piece]:
     return [Piece(i, s, s + n) for i, (s, n) in enumerate(zip(starts, lengths))]
 
 
-def _state(numel: int) -> tuple[torch.Tensor, ...]:
-    param, grad = torch.randn(numel), torch.randn(numel) * 1e-3
-    return param, grad, torch.zeros(numel), torch.zeros(numel)
-
-
-def _torch_rows(numel: int, repeat: int) -> dict[str, float]:
-    tensors = _state(numel)
+def _methods(numel: int, with_deepspeed: bool) -> tuple[dict, int]:
+    """The timed calls for a shard of ``numel`` elements, and its number of parameters."""
+    tensors = (torch.randn(numel), torch.randn(numel) * 1e-3, torch.zeros(numel), torch.zeros(numel))
     pieces = _pieces(numel)
     steps = torch.full((len(pieces),), 1.0)
     hyper = dict(lr=HYPER["lr"], beta1=HYPER["betas"][0], beta2=HYPER["betas"][1], weight_decay=HYPER["weight_decay"],
                  eps=HYPER["eps"], amsgrad=False, maximize=False)
     views = [[t[p.start : p.end] for p in pieces] for t in tensors]
+    view_steps = [steps[p.slot] for p in pieces]
     whole = [[t] for t in tensors]
-    out = {
-        "ferryman_ms": _median_ms(lambda: host_adamw_(*tensors, steps, pieces, **HYPER), repeat),
-        "views_ms": _median_ms(lambda: torch._fused_adamw_(*views, [], [steps[p.slot] for p in pieces], **hyper), repeat),
-        "whole_ms": _median_ms(lambda: torch._fused_adamw_(*whole, [], [steps[0]], **hyper), repeat),
-    }
     dst = torch.empty_like(tensors[0])
-    out["copy_ms"] = _median_ms(lambda: dst.copy_(tensors[0]), repeat)
-    out["num_params"] = len(pieces)
-    return out
+    methods = {
+        "ferryman": lambda: host_adamw_(*tensors, steps, pieces, **HYPER),
+        "views": lambda: torch._fused_adamw_(*views, [], view_steps, **hyper),
+        "whole": lambda: torch._fused_adamw_(*whole, [], [steps[0]], **hyper),
+        "copy": lambda: dst.copy_(tensors[0]),
+    }
+    if with_deepspeed:
+        methods["deepspeed"] = _deepspeed_step(numel)
+    return methods, len(pieces)
 
 
-def _deepspeed_ms(numel: int, repeat: int) -> float:
+def _deepspeed_step(numel: int):
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     param = torch.nn.Parameter(torch.randn(numel))
     param.grad = torch.randn(numel) * 1e-3
     opt = DeepSpeedCPUAdam([param], lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"],
                            weight_decay=HYPER["weight_decay"], adamw_mode=True)
-    return _median_ms(opt.step, repeat)
+    return opt.step
 
 
 def _deepspeed_version() -> str | None:
@@ -130,11 +134,10 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = []
     for numel in (int(s) * MI for s in args.sizes.split(",")):
-        timings = _torch_rows(numel, args.repeat)
+        methods, num_params = _methods(numel, ds_version is not None)
+        timings = _round_robin(methods, args.repeat) | {"num_params": num_params}
+        del methods
         gc.collect()
-        if ds_version is not None:
-            timings["deepspeed_ms"] = _deepspeed_ms(numel, args.repeat)
-            gc.collect()
         rows.append(_row(numel, timings))
         print(rows[-1], flush=True)
     columns = ["size_M", "params", "ferryman_ms", "views_ms", "whole_ms", "deepspeed_ms", "copy_ms",
