@@ -354,6 +354,22 @@ def load_models(opts: PredictOptions) -> list[LoadedModel]:
     return loaded
 
 
+def _device(opts: PredictOptions):
+    import torch
+
+    if opts.dims is not None and opts.dims.world_size > 1:
+        return opts.dims.device
+    if opts.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(opts.device)
+    except RuntimeError:
+        raise UserError(f"--device {opts.device!r} is not a device name (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {opts.device}: no CUDA device is available")
+    return device
+
+
 def _to_batch(feats: dict, use_templates: bool, device) -> dict:
     import torch
 
@@ -373,9 +389,7 @@ def run_model(loaded: LoadedModel, feats: dict, opts: PredictOptions) -> dict:
     """Features -> numpy outputs: final atoms, pLDDT, and PAE/pTM for _ptm models."""
     import torch
 
-    from ferryman.core.runtime import pick_device
-
-    device = pick_device(opts.device, opts.dims, flag="--device")
+    device = _device(opts)
     model = loaded.model.to(device)
     use_templates = getattr(model, "template_embedder", None) is not None
     batch = _to_batch(feats, use_templates, device)
