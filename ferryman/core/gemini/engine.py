@@ -81,10 +81,7 @@ class GeminiEngine:
         self.aliases = {n: names[id(p)] for n, p in module.named_parameters(remove_duplicate=False) if n not in self.params}
         self.hook_modules = [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
         self.module_params = [[names[id(p)] for p in m.parameters(recurse=False)] for m in self.hook_modules]
-        for buf_module in module.modules():  # buffers are small and always on the device
-            for key, buf in buf_module._buffers.items():
-                if buf is not None:
-                    buf_module._buffers[key] = buf.to(self.device)
+        _buffers_to(module, self.device)
         self.budget = self._budget()
         self.order: list[str] = []  # parameters in the order the first forward used them
         self._seen: set[str] = set()
@@ -95,9 +92,7 @@ class GeminiEngine:
         values = {n: p.detach() for n, p in self.params.items()}
         self._install(self._plan(list(self.params)), values, {}, _Carry(lr=ocfg.lr, tracer=MemTracer()))
         self._handles = hooks.install(self, self.hook_modules)
-        for name, param in self.params.items():
-            if param.requires_grad:
-                self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(name)))
+        self._handles += [p.register_post_accumulate_grad_hook(self._grad_hook(n)) for n, p in self.params.items() if p.requires_grad]
 
     # -- construction: plan, then build -------------------------------------------------------------
     def _budget(self) -> float:
@@ -381,6 +376,14 @@ class GeminiEngine:
                 full = chunk.flatten({s.name: named[s.name] for s in chunk.slots}, torch.float32)
                 shards.append(chunk.shard_of(full).clone().to(chunk.master.device))
         return shards
+
+
+def _buffers_to(module: nn.Module, device: torch.device) -> None:
+    """Buffers are small and always on the device."""
+    for owner in module.modules():
+        for key, buf in owner._buffers.items():
+            if buf is not None:
+                owner._buffers[key] = buf.to(device)
 
 
 def gemini(
