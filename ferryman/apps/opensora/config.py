@@ -13,9 +13,9 @@ from typing import Any
 
 from ferryman.core.config import layered, nest, override_layers, parse_override, read_mapping, to_dict
 from ferryman.core.errors import ConfigError
-from ferryman.core.gemini.config import OptimConfig
+from ferryman.core.optim import OptimConfig
 from ferryman.core.training.config import TrainConfig as CoreTrainConfig
-from ferryman.kernels import BACKENDS
+from ferryman.kernels.backend import BACKENDS
 
 from .model.config import STDiTConfig
 from .presets import model_preset

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from ferryman.core.errors import UserError
 from ferryman.core.io import atomic_path, write_text
+from ferryman.core.training.engine import Engine
 from ferryman.core.training.trainable import load_trainable, save_trainable
 
 
@@ -88,7 +89,7 @@ class CheckpointStore:
         return sorted(p for p in self.root.glob("step-*") if (p / self.trainer_file).is_file())
 
     # -- app hooks --------------------------------------------------------------------------------
-    def export(self, folder: Path, engine, ema_named: dict | None, *, rank: int) -> None:
+    def export(self, folder: Path, engine: Engine, ema_named: dict | None, *, rank: int) -> None:
         """Add app files to a checkpoint being written (every rank calls it; rank 0 should write)."""
 
     def extra_state(self) -> dict[str, Any]:
@@ -118,7 +119,7 @@ class CheckpointStore:
         found = self.complete()
         return found[-1] if found else None
 
-    def save(self, step: int, engine, ema_named: dict | None, trainer: dict, *, rank: int, group=None) -> Path:
+    def save(self, step: int, engine: Engine, ema_named: dict | None, trainer: dict, *, rank: int, group=None) -> Path:
         """Write the checkpoint of ``step`` (every rank calls this); returns its folder.
 
         ``rank`` is the global rank and ``group`` defaults to the whole world: every rank, whatever
@@ -155,14 +156,14 @@ class CheckpointStore:
         _barrier(group)
         return final
 
-    def _save_engine(self, engine, folder: Path) -> None:
+    def _save_engine(self, engine: Engine, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if self.trainable_only:
             save_trainable(engine, folder)
         else:
             engine.save(folder)
 
-    def load(self, folder: Path, engine, *, rank: int) -> tuple[dict, dict | None]:
+    def load(self, folder: Path, engine: Engine, *, rank: int) -> tuple[dict, dict | None]:
         """Load engine state and this rank's RNG; returns (the trainer file, EMA tensors or None)."""
         try:
             trainer = json.loads((folder / self.trainer_file).read_text())

@@ -16,7 +16,7 @@ from ferryman.apps.fastfold.data.transforms import InputConfig
 from ferryman.apps.fastfold.loss import LossWeights
 from ferryman.apps.fastfold.train.crop import CROP_MODES
 from ferryman.core.errors import ConfigError
-from ferryman.core.gemini.config import OptimConfig
+from ferryman.core.optim import OptimConfig
 from ferryman.core.training import TrainConfig
 
 TRAIN_PRESETS = ("debug", "initial", "finetune")
