@@ -63,7 +63,7 @@ def data_check(csv, buckets, frame_stride, backend, dp, config_file, overrides) 
     Examples:
       opensora data check data/opensora/clips.csv
       opensora data check clips.csv --bucket 256:16:2 --bucket 512:16:1 --frame-stride 2
-      opensora data check clips.csv --config run/config.yaml
+      opensora data check clips.csv --config run/opensora.yaml
     """
     from .config import resolve
     from .data import describe, index_clips

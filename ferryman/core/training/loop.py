@@ -179,13 +179,13 @@ def train(
     model = build_model()
     _seed_all(cfg.seed + 1000 * rank)  # but draws its own dropout noise
     engine = build_engine(model, cfg, dims)
-    if rank == 0 and cfg.config_file:
-        save_config(cfg, out / cfg.config_file)
     step, trainer, ema_named = 0, {}, None
     folder = store.resolve(cfg.resume) if cfg.resume else None
     if folder is not None:
         trainer, ema_named = store.load(folder, engine, rank=rank)
         step = trainer["step"]
+    if rank == 0 and cfg.config_file:  # after a resume that worked: a failed one changes no file
+        save_config(cfg, out / cfg.config_file)
     ema = EMA(engine.master_tensors(), cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and ema_named is not None:
         ema.shadow = engine.flat_from(ema_named)
