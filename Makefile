@@ -119,3 +119,34 @@ demo: install
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-uv $(DEMO_OUT) .pytest_cache .ruff_cache *.egg-info
+
+# The GPU check (benchmarks/gpu_check.py; docs/benchmarks.md, "The GPU check"). gpu-check runs on a
+# lent GPU machine, whose own python3 holds torch (no .venv there); gpu-wheels fetches, here, the
+# Python 3.12 wheels of what that machine lacks into .whl/ (carried with the call); gpu-check-dry is
+# the same steps on CPU at toy sizes (tests/test_gpu_check.py runs it in make test); bench-report
+# regenerates docs/benchmarks.md from benchmarks/results/*.json.
+GPU_CHECK_OUT ?= benchmarks/results/gpu-check
+WHEEL_PLATFORMS := $(foreach n,17 24 27 28 31 34 35,--platform manylinux_2_$(n)_x86_64) \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+WHEELS_MAX_MIB := 60
+
+.PHONY: gpu-check gpu-check-dry gpu-wheels bench-report
+
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
+
+gpu-check-dry: install
+	$(PY) benchmarks/gpu_check.py --dry-run
+
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(PY) benchmarks/gpu_check.py --wheel-specs > .whl/specs.txt
+	while read -r spec; do \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    $(WHEEL_PLATFORMS) -d .whl "$$spec" || exit 1; \
+	done < .whl/specs.txt
+	@mib=$$(du -sm .whl | cut -f1); echo ".whl: $$(ls .whl/*.whl | wc -l) wheels, $$mib MiB (carry it: see docs/benchmarks.md)"; \
+	  [ $$mib -le $(WHEELS_MAX_MIB) ] || { echo "Error: .whl is over $(WHEELS_MAX_MIB) MiB; the device call carries 64 MiB in all"; exit 1; }
+
+bench-report: install
+	$(PY) benchmarks/report.py

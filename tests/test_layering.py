@@ -134,3 +134,22 @@ def test_the_model_checker_catches_a_collective(tmp_path, monkeypatch):
     (fake / "apps" / "a" / "model" / "attn.py").write_text("def f():\n    from ferryman.core.parallel import gather\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
     assert len(_model_collectives(fake)) == 2
+def test_gemini_never_imports_the_training_loop():
+    """core/training builds Gemini engines, so core/gemini importing it back (even lazily) would make
+    a cycle: the Engine protocol is structural for exactly this reason."""
+    bad = [
+        f"{path}: {target}"
+        for path in sorted((ROOT / "core" / "gemini").rglob("*.py"))
+        for target, _ in _imports(path)
+        if target == "ferryman.core.training" or target.startswith("ferryman.core.training.")
+    ]
+    assert bad == []
+
+
+def test_core_packages_import_cleanly_in_either_order():
+    for first, second in (("ferryman.core.gemini", "ferryman.core.training"), ("ferryman.core.training", "ferryman.core.gemini")):
+        code = f"import {first}, {second}, sys; print('ferryman.core.training' in sys.modules)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+    alone = "import ferryman.core.gemini, sys; print('ferryman.core.training' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", alone], capture_output=True, text=True, check=True).stdout.strip() == "False"

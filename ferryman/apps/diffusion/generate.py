@@ -20,10 +20,10 @@ from ferryman.apps.diffusion.config import GenerateConfig
 from ferryman.apps.diffusion.lora import WEIGHT_NAME
 from ferryman.apps.diffusion.parts import check_model_dir, loading_bars
 from ferryman.apps.diffusion.report import save_png
-from ferryman.apps.diffusion.train import resolve_device
 from ferryman.core.errors import UserError
 from ferryman.core.files import check_model_folder, check_safetensors, check_writable, reading, refuse_pickled
 from ferryman.core.io import write_text
+from ferryman.core.runtime import DTYPES, pick_device
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
               "dpm++": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler"}
@@ -32,7 +32,7 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp16" and device.type == "cpu":
         return torch.float32  # CPU half-precision convolutions are slow or missing
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return DTYPES[precision]
 
 
 def dtype_kw(dtype: torch.dtype) -> dict:
@@ -151,7 +151,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> list[Path]:
     if not cfg.model or not cfg.out or not cfg.prompts:
         raise UserError("--model, --prompt and --out are required")
     check_writable(cfg.out, "output folder (--out)")  # before the sampling work, not after it
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device, flag="--device")
     dtype = compute_dtype(cfg.precision, device)
     with loading_bars(progress):
         pipe = load_pipeline(cfg.model, dtype=dtype, lora=cfg.lora)

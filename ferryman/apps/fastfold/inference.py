@@ -140,19 +140,9 @@ def load_models(sources: list[ModelSource], opts) -> list[LoadedModel]:
 
 
 def _device(opts):
-    import torch
+    from ferryman.core.runtime import pick_device
 
-    if opts.dims is not None and opts.dims.world_size > 1:
-        return opts.dims.device
-    if opts.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(opts.device)
-    except RuntimeError:
-        raise UserError(f"--device {opts.device!r} is not a device name (cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {opts.device}: no CUDA device is available")
-    return device
+    return pick_device(opts.device, opts.dims, flag="--device")
 
 
 def _to_batch(feats: dict, use_templates: bool, device) -> dict:

@@ -63,7 +63,7 @@ def data_check(csv, buckets, frame_stride, backend, dp, config_file, overrides) 
     Examples:
       opensora data check data/opensora/clips.csv
       opensora data check clips.csv --bucket 256:16:2 --bucket 512:16:1 --frame-stride 2
-      opensora data check clips.csv --config run/config.yaml
+      opensora data check clips.csv --config run/opensora.yaml
     """
     from .config import resolve
     from .data import describe, index_clips
@@ -160,7 +160,7 @@ def sample(ckpt, prompts, num_frames, resolution, steps, cfg_scale, fps, seed, t
       opensora sample --ckpt run --prompt "a red circle moving right on a blue background" \\
           --num-frames 8 --resolution 48x64 --steps 20 --cfg-scale 4 --out circle.mp4
     """
-    import torch
+    from ferryman.core.runtime import pick_device
 
     from .data import write_mp4
     from .sample import load_for_sampling, parse_resolution, sample_latents, to_uint8, write_sidecar
@@ -172,7 +172,7 @@ def sample(ckpt, prompts, num_frames, resolution, steps, cfg_scale, fps, seed, t
     if num_frames < 1 or steps < 1:
         raise UserError("--num-frames and --steps must be at least 1")
     paths = _sample_paths(out, len(prompts))  # an output that cannot be written fails before any work
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     model, cfg = load_for_sampling(ckpt, device, use_ema=not no_ema)
     text_dir, vae_dir = text_encoder or cfg.text_encoder, vae or cfg.vae
     check_encoder_folders(text_dir, vae_dir)

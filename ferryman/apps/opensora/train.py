@@ -19,6 +19,7 @@ from ferryman.core.config import save_config
 from ferryman.core.errors import ConfigError, UserError
 from ferryman.core.files import check_writable
 from ferryman.core.parallel import ParallelDims
+from ferryman.core.runtime import pick_device
 
 from .config import APP_CONFIG, OpenSoraConfig
 from .data import build_loader as build_clip_loader
@@ -174,9 +175,7 @@ def run_train(cfg: OpenSoraConfig, *, quiet: bool = False):
         check_writable(cfg.text_cache, "text cache folder (--text-cache)")
     check_encoder_folders(cfg.text_encoder, cfg.vae)
     dims = init_parallel(sp=cfg.sp)
-    device = dims.device if dims.world_size > 1 else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    if cfg.train.device == "cpu":
-        device = torch.device("cpu")
+    device = pick_device(cfg.train.device, dims)  # where the loop puts the engine too
     loader = build_loader(cfg, dims)  # a bad table or bucket config is found before any model is loaded
     encoders = build_encoders(cfg, device)
     if dims.is_main:  # the run's settings; whether to resume is each command's own choice

@@ -6,6 +6,11 @@ leave the least padding (the chunk-size search of ColossalAI Gemini). Small mode
 too: the size is capped so that there are at least ``min_num_chunks`` chunks whenever the model has
 that many parameters (ColossalAI's fixed 32M-element minimum folds models under ~33M parameters
 into one chunk, which makes offloading all-or-nothing).
+
+``plan_layout`` is the whole plan, a pure function of the parameter order: the chunks, where each
+parameter sits, and the orders the ranks gather and reduce in. The engine builds its chunks from a
+``Layout`` and nothing else, at construction and at every re-layout (after the warm-up step, on
+``load_state_dict`` and on a checkpoint load).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
+
+from ferryman.core.gemini.config import GeminiConfig
 
 
 @dataclass(kw_only=True)
@@ -116,3 +123,45 @@ def plan_chunks(
                 offset += numels[i]
             specs.append(ChunkSpec(slots=slots, numel=_round_up(offset, align), trainable=trainable, decay=decay))
     return specs
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    """Where every parameter goes, and the orders every rank agrees on."""
+
+    order: tuple[str, ...]  # the parameter order the chunks were packed in
+    specs: tuple[ChunkSpec, ...]
+    slot_of: dict[str, tuple[int, int]]  # parameter -> (chunk, slot)
+    gather_order: tuple[int, ...]  # chunks by first use in ``order``: the ranks gather in it
+    reduce_order: tuple[int, ...]  # trainable chunks, reverse gather order: the ranks reduce in it
+    module_chunks: dict[int, list[int]]  # hooked module -> the chunks holding its parameters
+    module_slots: tuple[tuple[tuple[int, int], ...], ...]  # hooked module -> its trainable (chunk, slot)s
+
+
+def plan_layout(
+    order: list[str],
+    params: dict[str, nn.Parameter],
+    module_params: list[list[str]],
+    *,
+    shapes: dict[str, tuple[int, ...]],
+    decays: Callable[[str], bool],
+    cfg: GeminiConfig,
+    world: int,
+) -> Layout:
+    """The layout of ``params`` packed in ``order`` (``module_params``: each hooked module's parameter names)."""
+    specs = plan_chunks(
+        [(n, params[n]) for n in order], shapes=shapes, decays=decays, chunk_numel=cfg.chunk_numel,
+        min_num_chunks=cfg.min_num_chunks, max_chunk_numel=cfg.max_chunk_numel, align=8 * world,
+    )
+    slot_of = {s.name: (c, i) for c, spec in enumerate(specs) for i, s in enumerate(spec.slots)}
+    position = {name: i for i, name in enumerate(order)}
+    first_use = sorted(range(len(specs)), key=lambda c: min(position[s.name] for s in specs[c].slots))
+    return Layout(
+        order=tuple(order),
+        specs=tuple(specs),
+        slot_of=slot_of,
+        gather_order=tuple(first_use),
+        reduce_order=tuple(c for c in reversed(first_use) if specs[c].trainable),
+        module_chunks={m: sorted({slot_of[n][0] for n in names}) for m, names in enumerate(module_params)},
+        module_slots=tuple(tuple(slot_of[n] for n in names if params[n].requires_grad) for names in module_params),
+    )

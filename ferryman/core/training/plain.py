@@ -1,4 +1,4 @@
-"""The plain engine: the whole model on one device, torch fused AdamW, autocast; the Gemini interface."""
+"""The plain engine: the whole model on one device, torch fused AdamW, autocast (the ``Engine`` protocol)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,19 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from ferryman.core.errors import UserError
-from ferryman.core.gemini.config import OptimConfig
 from ferryman.core.io import atomic_path, write_text
+from ferryman.core.optim import OptimConfig, TrainableState
 from ferryman.core.parallel import ParallelDims
 
 
 class PlainEngine:
     """Mixed-precision AdamW training of a model that fits on the device (the baseline Gemini beats).
 
-    Same calls as ``GeminiEngine``: call it like the module, ``backward``, ``step``, ``zero_grad``,
-    ``lr``, ``state_dict``, ``save``/``load``. Data parallel through DistributedDataParallel.
+    Implements ``training.engine.Engine`` like ``GeminiEngine``. Data parallel through
+    DistributedDataParallel; every rank holds the same state and rank 0 writes it.
     """
+
+    kind = "plain"
 
     def __init__(
         self, module: nn.Module, ocfg: OptimConfig, dtype: torch.dtype, device: torch.device, dims: ParallelDims | None = None
@@ -85,6 +87,34 @@ class PlainEngine:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
+
+    def param_values(self) -> dict[str, torch.Tensor]:
+        return dict(self.module.named_parameters())
+
+    def export_trainable(self) -> TrainableState:
+        values, moments = {}, {}
+        for name, param in self.named:
+            values[name] = param.detach().cpu().float()
+            state = self.optimizer.state.get(param, {})
+            if "step" in state:
+                moments[name] = {k: state[k].detach().cpu() for k in ("exp_avg", "exp_avg_sq")} | {"step": float(state["step"])}
+        scaler = self.scaler.state_dict()  # {} unless fp16
+        return TrainableState(values=values, moments=moments, scale=scaler.get("scale", 1.0),
+                              calm_steps=scaler.get("_growth_tracker", 0))
+
+    def import_trainable(self, state: TrainableState) -> None:
+        with torch.no_grad():
+            for name, param in self.named:
+                param.copy_(state.values[name])
+                if name in state.moments:
+                    moment = state.moments[name]
+                    self.optimizer.state[param] = {
+                        "step": torch.tensor(moment["step"], dtype=torch.float32, device=param.device),
+                        **{k: moment[k].to(param.device) for k in ("exp_avg", "exp_avg_sq")},
+                    }
+        if self.scaler.is_enabled():
+            scaler = self.scaler.state_dict() | {"scale": float(state.scale), "_growth_tracker": int(state.calm_steps)}
+            self.scaler.load_state_dict(scaler)
 
     # -- EMA views ------------------------------------------------------------------------------
     def master_tensors(self) -> list[torch.Tensor]:

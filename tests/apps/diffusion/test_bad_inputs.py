@@ -25,8 +25,6 @@ from ferryman.apps.diffusion.cli import finetune_main, generate_main
 
 from .conftest import SAMPLES, tiny_config
 
-CORE = pytest.mark.xfail(strict=True, reason="core checkpoint loading (lead)")
-
 
 @dataclass
 class Scene:
@@ -190,13 +188,13 @@ CASES = {
     "finetune/class data without class prompt": Case("finetune", lambda s: ["--class-data", str(s.data())],
                                                      ("data.class_path and data.class_prompt go together",)),
     "finetune/negative LoRA alpha": Case("finetune", lambda s: ["--lora-rank", "4", "--lora-alpha", "-1"], ("lora.alpha",)),
-    # core-loaded checkpoint files on --resume (xfail until core reads them through core.files)
+    # core-loaded checkpoint files on --resume
     "finetune/resume with damaged ema.safetensors": Case("finetune", resume_with(lambda c: truncate(c / "ema.safetensors")),
-                                                         ("ema.safetensors",), [CORE]),
+                                                         ("ema.safetensors",)),
     "finetune/resume with damaged engine weights": Case("finetune", resume_with(
-        lambda c: truncate(c / "engine" / "model.safetensors")), ("model.safetensors",), [CORE]),
+        lambda c: truncate(c / "engine" / "model.safetensors")), ("model.safetensors",)),
     "finetune/resume with damaged RNG state": Case("finetune", resume_with(lambda c: truncate(c / "rng-rank00000.safetensors")),
-                                                   ("rng-rank00000.safetensors",), [CORE]),
+                                                   ("rng-rank00000.safetensors",)),
 }
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from ferryman.core.errors import ConfigError
 
-KERNEL_BACKENDS = ("auto", "triton", "torch")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -116,8 +115,10 @@ class AlphaFoldConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.kernels not in KERNEL_BACKENDS:
-            raise ConfigError(f"kernels must be one of {', '.join(KERNEL_BACKENDS)}, got {self.kernels!r}")
+        from ferryman.kernels.backend import BACKENDS  # here: importing the kernels loads torch
+
+        if self.kernels not in BACKENDS:
+            raise ConfigError(f"kernels must be one of {', '.join(BACKENDS)}, got {self.kernels!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.chunk_size is not None and self.chunk_size < 1:

@@ -1,7 +1,7 @@
 """``fastfold train``: a folder of structures -> the core training loop with the AF2 loss.
 
 Writes under ``out_dir``: the run config (``fastfold_train.yaml``, loadable with ``--config``),
-``data.json`` (structures used, files skipped and why), the core loop's ``config.yaml``,
+``data.json`` (structures used, files skipped and why),
 ``metrics.jsonl``, ``loss.png`` and ``checkpoints/``, and ``lddt.png`` (lDDT-Cα per step).
 """
 
