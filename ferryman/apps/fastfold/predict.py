@@ -49,6 +49,8 @@ from ferryman.core.parallel import ParallelDims
 
 CASP14_NOTE = ("monomer_casp14 ran the monomer models without AF2's 8-fold ensembling (not implemented; "
                "AF2 reports it adds about 0.1 GDT at 8x the cost)")
+PAIRING_NOTE = ("no --uniprot-db: the chains of a heteromer are paired only where precomputed alignments hold "
+                "uniprot_hits (AF2 pairs UniProt hits by species)")  # fmt: skip
 __all__ = ["NO_WEIGHTS", "PredictOptions", "predict", "run", "validate"]
 
 
@@ -227,6 +229,8 @@ def _write_run_config(out_dir: Path, fasta_paths, opts: PredictOptions, models: 
         info["warning"] = confidence.RANDOM_WEIGHTS_NOTE
     if opts.model_preset == "monomer_casp14" and not opts.models:
         info["note"] = CASP14_NOTE
+    if opts.model_preset == "multimer" and opts.data.uniprot_db is None and opts.data.search_mode() != "mmseqs2":
+        info["note"] = PAIRING_NOTE
     write_text(out_dir / "run_info.json", json.dumps(info, indent=1) + "\n")
 
 

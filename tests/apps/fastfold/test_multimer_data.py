@@ -121,3 +121,21 @@ def test_sampling_keeps_queries_masks_within_chains_and_drops_padding(dimer):
     assert (feats["msa"][~masked] == feats["true_msa"][~masked]).all()
     profile = feats["cluster_profile"].sum(-1)
     assert np.allclose(profile[feats["msa_mask"] > 0], 1.0, atol=1e-4)
+
+
+def test_mmseqs2_mode_pairs_the_uniref_hits_by_species(tmp_path):
+    """ColabFold's search per chain; its uniref.a3m rows (named by the database's entry names,
+    here globins with species) pair across chains when no --uniprot-db is given."""
+    if shutil.which("mmseqs") is None:
+        pytest.skip("needs MMseqs2 (Debian package mmseqs2)")
+    from ferryman.apps.fastfold.data.mmseqs import build_database
+
+    build_database(GLOBINS, tmp_path / "dbs" / "uniref30_2302_db", index=False)
+    target = read_complexes([DATA / "dimer.fasta"])[0]
+    cfg = DataConfig(msa_mode="mmseqs2", mmseqs_db_dir=tmp_path / "dbs", mmseqs_env_db=None)
+    cfg.check()
+    raw, report = run_multimer_pipeline(target, cfg, tmp_path / "out")
+    assert {report["chains"][c]["pairing_alignment"] for c in "AB"} == {"uniref.a3m"}
+    residues = raw["msa_mask"] * (raw["msa"] != 21)
+    spans = np.stack([residues[:, raw["asym_id"] == a].any(-1) for a in (1, 2)]).all(0)
+    assert spans.sum() > 10

@@ -122,3 +122,22 @@ def test_bad_complexes_end_in_one_line(tmp_path, text, expected):
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert expected in lines[0] and str(fasta) in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_no_peptide_bond_across_a_chain_break():
+    """Two chains of two residues, numbered 1-4 on: the C-N gap of 20 A between them is a broken
+    peptide bond when read as one chain, and no bond at all as two."""
+    from ferryman.apps.fastfold.common import residue_constants as rc
+    from ferryman.apps.fastfold.relax.violations import find_violations
+
+    positions = np.zeros((4, 37, 3), np.float32)
+    mask = np.zeros((4, 37), np.float32)
+    for i in range(4):  # N, CA, C along x with C(i)-N(i+1) = 1.33 A within a chain; chain B 20 A away
+        for name, dx in (("N", 0.0), ("CA", 1.46), ("C", 2.98)):
+            positions[i, rc.atom_order[name]] = [4.31 * (i % 2) + dx, 0.0, 20.0 * (i // 2)]
+            mask[i, rc.atom_order[name]] = 1.0
+    aatype, residue_index = np.full(4, rc.restype_order["G"]), np.arange(1, 5)
+    one_chain = find_violations(positions, mask, aatype, residue_index)
+    two_chains = find_violations(positions, mask, aatype, residue_index, np.array([0, 0, 1, 1]))
+    assert one_chain["num_peptide_bond_violations"] == 2  # residues 2 and 3
+    assert two_chains["num_peptide_bond_violations"] == 0

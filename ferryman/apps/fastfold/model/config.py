@@ -128,3 +128,6 @@ class AlphaFoldConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_recycle < 0:
             raise ConfigError(f"num_recycle must be >= 0, got {self.num_recycle}")
+        if self.max_relative_chain < 0 or self.recycle_early_stop_tolerance < 0:
+            raise ConfigError("max_relative_chain and recycle_early_stop_tolerance must be >= 0, got "
+                              f"{self.max_relative_chain} and {self.recycle_early_stop_tolerance}")  # fmt: skip
