@@ -6,6 +6,7 @@ entity grouping inside, FASTA order in the files) and the in-model MSA sampling.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -54,12 +55,12 @@ def test_a_file_is_one_complex_and_a_colon_record_is_another(tmp_path):
     ids=["empty_chain", "empty_colon_chain", "63_chains", "dna_chain"],
 )
 def test_bad_complexes_fail_naming_the_chain(tmp_path, text, expected):
-    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match=re.escape(expected)):
         read_complexes([_fasta(tmp_path, "bad.fasta", text)])
 
 
 def test_colon_without_the_multimer_preset_says_how(tmp_path):
-    with pytest.raises(UserError, match="separates the chains of a complex.*--model-preset multimer"):
+    with pytest.raises(UserError, match=r"separates the chains of a complex.*--model-preset multimer"):
         read_fastas([_fasta(tmp_path, "ab.fasta", f">ab\n{X}:{Y}\n")])
     assert CHAIN_IDS[:3] == "ABC" and len(CHAIN_IDS) == 62
 
@@ -77,7 +78,7 @@ def dimer(tmp_path_factory):
 
 
 def test_per_chain_searches_pairing_and_af2_layout(dimer):
-    target, raw, report, out = dimer
+    _, raw, report, out = dimer
     for chain in ("A", "B"):
         assert sorted(p.name for p in (out / "msas" / chain).iterdir()) == ["uniprot_hits.sto", "uniref90_hits.sto"]
         assert report["chains"][chain]["pairing_depth"] > 40

@@ -25,7 +25,11 @@ from alphafold.model import modules_multimer
 from ferryman.apps.fastfold.data import multimer_transforms as mt
 from ferryman.apps.fastfold.data.features import make_features
 from ferryman.apps.fastfold.data.msa import Msa
-from ferryman.apps.fastfold.data.multimer_pipeline import add_assembly_features, all_seq_features, convert_chain_features
+from ferryman.apps.fastfold.data.multimer_pipeline import (
+    add_assembly_features,
+    all_seq_features,
+    convert_chain_features,
+)
 from ferryman.apps.fastfold.data.pairing import pad_msa, pair_and_merge, pair_sequences
 from tests.apps.fastfold._structures import VILLIN_SEQUENCE
 
@@ -121,7 +125,7 @@ def test_pairing_and_merged_features(name):
 
 @pytest.fixture(scope="module")
 def sampled():
-    theirs, ours = _chains("AB")
+    _, ours = _chains("AB")
     merged = pad_msa(pair_and_merge(list(ours.values())), 40)
     return merged, mt.make_multimer_inputs(merged, mt.MultimerInputConfig(max_msa_clusters=9, max_extra_msa=64), 0)
 
