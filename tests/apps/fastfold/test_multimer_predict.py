@@ -18,7 +18,9 @@ from ferryman.apps.fastfold.predict import predict
 
 DATA = Path(__file__).parents[3] / "data" / "fastfold"
 VILLIN = "LSDEDFKAVFGMTRSAFANLPLWKQQHLKKEKGLF"
-CHAIN_A, CHAIN_B = VILLIN[:18], VILLIN[18:]
+# The two halves of villin with two substitutions each: homologues of the template, not copies
+# (AF2 drops a hit identical to its query).
+CHAIN_A, CHAIN_B = VILLIN[:18].replace("FKAV", "FRAI"), VILLIN[18:].replace("KEKG", "KDKG")
 QUICK = dict(preset="tiny", max_msa_clusters=8, max_extra_msa=8, num_recycles=1, seed=0, kernels="torch",
              progress=False, num_multimer_predictions_per_model=2)  # fmt: skip
 
@@ -40,12 +42,16 @@ def params(tmp_path_factory):
 def run(params, tmp_path_factory):
     if shutil.which("jackhmmer") is None:
         pytest.skip("needs jackhmmer (apt-get install hmmer)")
+    from ferryman.apps.fastfold.output.protein import write_mmcif
+    from tests.apps.fastfold._structures import villin_protein
+
     tmp = tmp_path_factory.mktemp("run")
+    write_mmcif(villin_protein(), tmp / "mmcif" / "1vii.cif", name="1vii")
     fasta = tmp / "villin_halves.fasta"
     fasta.write_text(f">head villin residues 1-18\n{CHAIN_A}\n>tail villin residues 19-35\n{CHAIN_B}\n")
     summary = predict([fasta], tmp / "out", params=params, model_preset="multimer", uniprot_db=DATA / "seqdb" / "globins45.fa",
-                      msa_mode="single-sequence", relax=True, relax_platform="CPU", models_to_relax="best",
-                      relax_max_outer_iterations=1, relax_max_iterations=100, **QUICK)  # fmt: skip
+                      msa_mode="single-sequence", template_mmcif_dir=tmp / "mmcif", relax=True, relax_platform="CPU",
+                      models_to_relax="best", relax_max_outer_iterations=1, relax_max_iterations=100, **QUICK)  # fmt: skip
     return tmp / "out" / "villin_halves", summary
 
 
@@ -78,6 +84,17 @@ def test_ranking_by_iptm_and_ptm_with_pae_per_model(run):
     assert summary["villin_halves"]["order"] == ranking["order"]
     assert json.loads((folder / "msas" / "chain_id_map.json").read_text())["B"]["sequence"] == CHAIN_B
     assert (folder / "msas" / "A" / "uniprot_hits.sto").is_file()  # searched for pairing
+
+
+def test_templates_are_searched_per_chain(run):
+    """Each chain finds villin in the template folder; its slot covers that chain's residues only."""
+    folder, summary = run
+    assert [summary["villin_halves"]["chains"][c]["num_templates"] for c in "AB"] == [1, 1]
+    with np.load(folder / "features.npz") as feats:
+        ca = feats["template_all_atom_mask"][:, :, 1]  # [4 slots, N]
+        asym = feats["asym_id"]
+    assert ca.shape == (4, len(VILLIN)) and not ca[1:].any()  # one template per chain, padded to 4 slots
+    assert ca[0, asym == 1].sum() >= 14 and ca[0, asym == 2].sum() >= 14
 
 
 def test_the_best_complex_is_relaxed_as_one_system(run):
