@@ -65,3 +65,37 @@ def test_multimer_dap_two_ranks_match_one():
             torch.testing.assert_close(result["grads"][name], grad, rtol=1e-3, atol=1e-4, msg=name)
         for key in ("final_atom_positions", "plddt", "predicted_aligned_error", "ptm", "iptm"):
             torch.testing.assert_close(result["model"][key], single["model"][key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def _predict_on_rank(rank: int, world: int, fasta: str, out: str) -> dict:
+    from ferryman.apps.fastfold.predict import predict
+    from ferryman.core.parallel import init_parallel
+
+    return predict([fasta], out, dims=init_parallel(dap=world), **PREDICT)
+
+
+PREDICT = dict(model_preset="multimer", random_weights=True, msa_mode="single-sequence", relax=False, plots=False,
+               kernels="torch", num_recycles=1, max_extra_msa=4, progress=False, seed=3,
+               num_multimer_predictions_per_model=1)  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_multimer_prediction_under_dap_matches_one_process(tmp_path):
+    """predict() on 2 gloo ranks: rank 0 alone writes, the complex's atoms equal one process's."""
+    from Bio.PDB import PDBParser
+
+    from ferryman.apps.fastfold.predict import predict
+
+    fasta = tmp_path / "ab.fasta"
+    fasta.write_text(">ab\nLSDEDFKAVFGMTRSAFA:NLPLWKQQHLKKEKGLF\n")
+    predict([fasta], tmp_path / "single", **PREDICT)
+    results = run_distributed(_predict_on_rank, 2, str(fasta), str(tmp_path / "dap"))
+    assert "order" in results[0]["ab"] and "order" not in results[1]["ab"]
+
+    def atoms(folder):
+        structure = PDBParser(QUIET=True).get_structure("x", folder / "ab" / "ranked_0.pdb")
+        return [(c.id, len(c), a.coord) for c in structure[0] for r in c for a in r]
+
+    single, dap = atoms(tmp_path / "single"), atoms(tmp_path / "dap")
+    assert [(c, n) for c, n, _ in single] == [(c, n) for c, n, _ in dap]
+    assert max(abs(x - y).max() for (_, _, x), (_, _, y) in zip(single, dap)) < 1e-2  # PDB's 3 decimals
