@@ -114,7 +114,7 @@ def predict(fasta_paths: list[str | Path], out_dir: str | Path, **options) -> di
     """Predict every record of every FASTA with every model; returns a summary per target.
 
     Keyword options are the fields of `PredictOptions`, plus DataConfig fields (msa_dir,
-    uniref90_db, mgnify_db, bfd_db, uniref30_db, template_mmcif_dir, *_binary) and InputConfig
+    uniref90_db, mgnify_db, bfd_db, uniref30_db, uniprot_db, template_mmcif_dir, *_binary) and InputConfig
     fields (max_msa_clusters, max_extra_msa, max_templates) given flat.
     """
     data_keys = {f.name for f in dataclasses.fields(DataConfig)}

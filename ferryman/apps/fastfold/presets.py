@@ -1,6 +1,7 @@
 """Model presets: the five AlphaFold2 monomer models and their pTM variants at published sizes
-(Jumper et al. 2021, Suppl. Table 5; AF2 ``model/config.py`` CONFIG_DIFFS), plus ``tiny()`` and
-``debug()`` for tests.
+(Jumper et al. 2021, Suppl. Table 5; AF2 ``model/config.py`` CONFIG_DIFFS), the five
+AlphaFold-Multimer v3 models (``model_{1..5}_multimer_v3``, AF2 CONFIG_MULTIMER; ``as_multimer``
+turns any network size into its multimer form), plus ``tiny()`` and ``debug()`` for tests.
 
 All ten real presets share the network sizes; models 1-2 embed templates (pair stack and torsion
 angles), 3-5 do not, and ``_ptm`` adds the predicted-aligned-error head. The data settings that

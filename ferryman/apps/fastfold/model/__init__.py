@@ -1,4 +1,5 @@
-"""AlphaFold2 monomer network (AF2 Suppl. algorithms), one file per paper module.
+"""AlphaFold2 network (AF2 Suppl. algorithms), one file per paper module; AlphaFold-Multimer in the
+same tree (``multimer.py`` and the ``multimer_*`` modules it swaps in).
 
 ``build_model`` makes a model from a preset name or a config; ``random_weights_model`` fills
 every parameter with seeded random values, which tests and benchmarks use in place of trained
