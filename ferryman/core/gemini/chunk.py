@@ -107,6 +107,7 @@ class Chunk:
         self.numel = spec.numel
         self.trainable = spec.trainable
         self.decay = spec.decay
+        self.partial_group = spec.partial_group  # gradients summed over it first (core.parallel.grads)
         self.dtype = dtype
         self.world, self.rank = world, rank
         self.device = device

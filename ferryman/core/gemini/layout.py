@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ferryman.core.gemini.config import GeminiConfig
+from ferryman.core.parallel.grads import partial_grad_group
 
 
 @dataclass(kw_only=True)
@@ -37,12 +38,15 @@ class Slot:
 
 @dataclass(kw_only=True)
 class ChunkSpec:
-    """Parameters of one chunk; all share ``trainable`` and ``decay`` so one flat update fits all."""
+    """Parameters of one chunk; all share ``trainable`` and ``decay`` so one flat update fits all,
+    and ``partial_group``, so one all-reduce of the chunk's gradient sums their model-parallel
+    shares (``core.parallel.grads``)."""
 
     slots: list[Slot]
     numel: int  # padded to a multiple of the alignment (the data-parallel world size at least)
     trainable: bool
     decay: bool
+    partial_group: object = None  # a DAP / sequence-parallel process group, or None
 
     @property
     def used(self) -> int:
@@ -99,15 +103,18 @@ def plan_chunks(
     max_chunk_numel: int,
     align: int,
 ) -> list[ChunkSpec]:
-    """Split parameters by (trainable, decay) and pack each group in the given order."""
-    groups: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
+    """Split parameters by (trainable, decay, partial-gradient group) and pack each in the given order."""
+    groups: dict[tuple[bool, bool, int], list[tuple[str, nn.Parameter]]] = {}
+    partial: dict[int, object] = {0: None}
     for name, param in named:
         trainable = param.requires_grad
-        key = (trainable, trainable and decays(name))
+        group = partial_grad_group(param) if trainable else None
+        partial.setdefault(id(group) if group is not None else 0, group)
+        key = (trainable, trainable and decays(name), id(group) if group is not None else 0)
         groups.setdefault(key, []).append((name, param))
     total = sum(math.prod(shapes[n]) for n, _ in named)
     specs: list[ChunkSpec] = []
-    for (trainable, decay), members in groups.items():
+    for (trainable, decay, group_key), members in groups.items():
         numels = [math.prod(shapes[n]) for n, _ in members]
         # each group gets its share of the minimum chunk count
         share = max(1, round(min_num_chunks * sum(numels) / max(total, 1)))
@@ -121,7 +128,8 @@ def plan_chunks(
                 name, param = members[i]
                 slots.append(Slot(name=name, param=param, offset=offset, numel=numels[i], shape=shapes[name]))
                 offset += numels[i]
-            specs.append(ChunkSpec(slots=slots, numel=_round_up(offset, align), trainable=trainable, decay=decay))
+            specs.append(ChunkSpec(slots=slots, numel=_round_up(offset, align), trainable=trainable, decay=decay,
+                                   partial_group=partial[group_key]))
     return specs
 
 

@@ -148,6 +148,8 @@ class GradReducer:
         g.buffer = None
         g.move(Reduction.REDUCED)
         chunk = g.chunk
+        if chunk.partial_group is not None:  # model-parallel shares first: one collective per chunk
+            dist.all_reduce(full, group=chunk.partial_group)
         if self.world == 1:
             self._pending.append((chunk, full, full, None))
         else:

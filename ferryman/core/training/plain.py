@@ -14,6 +14,7 @@ from ferryman.core.errors import UserError
 from ferryman.core.io import atomic_path, write_text
 from ferryman.core.optim import OptimConfig, TrainableState
 from ferryman.core.parallel import ParallelDims
+from ferryman.core.parallel.grads import reduce_partial_grads
 
 
 class PlainEngine:
@@ -50,6 +51,7 @@ class PlainEngine:
         self.scaler.scale(loss).backward()
 
     def step(self) -> dict[str, float]:
+        reduce_partial_grads(p for _, p in self.named)  # DAP / sequence-parallel shares, summed once per update
         self.scaler.unscale_(self.optimizer)
         params = [p for _, p in self.named if p.grad is not None]
         max_norm = self.ocfg.max_grad_norm if self.ocfg.max_grad_norm > 0 else float("inf")
