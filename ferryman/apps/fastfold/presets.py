@@ -10,6 +10,7 @@ differ between them (extra MSA depth, template use) are in ``data_settings``.
 from __future__ import annotations
 
 from ferryman.apps.fastfold.model.config import AlphaFoldConfig, HeadsConfig, StructureConfig, TemplateConfig
+from ferryman.apps.fastfold.model.options import RunOptions
 from ferryman.core.errors import ConfigError
 
 MODEL_NAMES = tuple(f"model_{i}{s}" for s in ("", "_ptm") for i in range(1, 6))
@@ -60,7 +61,6 @@ def tiny(**overrides) -> AlphaFoldConfig:
             num_layers=2, num_heads=2, c_hidden_scalar=4, num_qk_points=2, num_v_points=3, c_resnet=8,
         ),
         heads=HeadsConfig(plddt_channels=8, ptm=True),
-        kernels="torch",
     )  # fmt: skip
     base.update(overrides)
     return AlphaFoldConfig(**base)
@@ -81,6 +81,13 @@ def debug(**overrides) -> AlphaFoldConfig:
     )  # fmt: skip
     base.update(overrides)
     return AlphaFoldConfig(**base)
+
+
+def run_options(name: str) -> RunOptions:
+    """How a preset's model runs unless told otherwise: ``tiny`` (a test network) on the PyTorch
+    reference ops, since the Triton interpreter that CPU test runs switch on would take minutes;
+    every other preset as ``RunOptions()`` says."""
+    return RunOptions(kernels="torch") if name == "tiny" else RunOptions()
 
 
 def get_preset(name: str, **overrides) -> AlphaFoldConfig:
