@@ -145,14 +145,15 @@ def load_official_params(model: nn.Module, path: str | os.PathLike) -> None:
         _from_official(entry, arrays[key])
 
 
-def model_from_official_params(cfg, path: str | os.PathLike) -> nn.Module:
-    """A multimer model for ``cfg`` built on the meta device, then filled from the official npz."""
+def model_from_official_params(cfg, path: str | os.PathLike, *, run=None) -> nn.Module:
+    """A multimer model for ``cfg`` built on the meta device, filled from the official npz (in
+    fp32; a bf16 trunk is rounded once, after) and set up to run as ``run`` (``RunOptions``) says."""
     import torch
 
-    from ferryman.apps.fastfold.model import build_model
+    from ferryman.apps.fastfold.model import apply_run_options, build_model
 
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.to_empty(device="cpu")
     load_official_params(model, path)
-    return model.apply_precision().eval()
+    return apply_run_options(model, run or model.run_options).eval()

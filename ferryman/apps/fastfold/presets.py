@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ferryman.apps.fastfold.model.config import AlphaFoldConfig, HeadsConfig, StructureConfig, TemplateConfig
+from ferryman.apps.fastfold.model.options import RunOptions
 from ferryman.core.errors import ConfigError
 
 MODEL_NAMES = tuple(f"model_{i}{s}" for s in ("", "_ptm") for i in range(1, 6))
@@ -44,7 +45,6 @@ def as_multimer(cfg: AlphaFoldConfig, **overrides) -> AlphaFoldConfig:
         heads=replace(cfg.heads, ptm=True, masked_msa_classes=22),
         **overrides,
     )
-    cfg.__post_init__()
     return cfg
 
 
@@ -94,7 +94,6 @@ def tiny(**overrides) -> AlphaFoldConfig:
             num_layers=2, num_heads=2, c_hidden_scalar=4, num_qk_points=2, num_v_points=3, c_resnet=8,
         ),
         heads=HeadsConfig(plddt_channels=8, ptm=True),
-        kernels="torch",
     )  # fmt: skip
     base.update(overrides)
     return AlphaFoldConfig(**base)
@@ -115,6 +114,13 @@ def debug(**overrides) -> AlphaFoldConfig:
     )  # fmt: skip
     base.update(overrides)
     return AlphaFoldConfig(**base)
+
+
+def run_options(name: str) -> RunOptions:
+    """How a preset's model runs unless told otherwise: ``tiny`` (a test network) on the PyTorch
+    reference ops, since the Triton interpreter that CPU test runs switch on would take minutes;
+    every other preset as ``RunOptions()`` says."""
+    return RunOptions(kernels="torch") if name == "tiny" else RunOptions()
 
 
 def get_preset(name: str, **overrides) -> AlphaFoldConfig:

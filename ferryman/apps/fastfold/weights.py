@@ -170,19 +170,20 @@ def load_official_params(model: nn.Module, path: str | os.PathLike) -> None:
         _from_official(entry, arrays[key])
 
 
-def model_from_official_params(preset_or_config, path: str | os.PathLike, **overrides) -> nn.Module:
-    """Build the model for a preset without initialising it, then load the official ``.npz``.
+def model_from_official_params(preset_or_config, path: str | os.PathLike, *, run=None, **overrides) -> nn.Module:
+    """Build the model for a preset without initialising it, then load the official ``.npz`` and
+    set it up to run as ``run`` (a ``RunOptions``; default: as ``build_model`` chooses) says.
 
     The strict load writes every parameter, so the random initialisation (seconds for the 93M
     parameters) is skipped.
     """
-    from ferryman.apps.fastfold.model import build_model
+    from ferryman.apps.fastfold.model import apply_run_options, build_model
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = build_model(preset_or_config, **overrides)
     model = model.to_empty(device="cpu")
-    load_official_params(model, path)
-    return model.apply_precision().eval()
+    load_official_params(model, path)  # into fp32 parameters: a bf16 trunk is rounded once, after
+    return apply_run_options(model, run or model.run_options).eval()
 
 
 def official_params(model: nn.Module) -> dict[str, np.ndarray]:

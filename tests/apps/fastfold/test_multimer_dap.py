@@ -1,6 +1,7 @@
 """DAP on 2 gloo ranks equals one process for AlphaFold-Multimer: its Evoformer and extra-MSA
 blocks (outer product mean first) and its template pair stack (products before attention),
-forward and backward, and the whole model forward with ipTM."""
+forward and backward (the tagged gradient shares summed as the engines sum them), and the whole
+model forward with ipTM; and predict() under DAP."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import pytest
 import torch
 
 from ferryman.apps.fastfold.model import random_weights_model
-from ferryman.apps.fastfold.parallelize import allreduce_dap_grads, parallelize
+from ferryman.apps.fastfold.parallelize import parallelize
 from ferryman.apps.fastfold.presets import as_multimer, tiny
-from ferryman.core.parallel import run_distributed
+from ferryman.core.parallel import reduce_partial_grads, run_distributed
 
+from ._model_inputs import ref_run
 from .test_multimer_model import complex_batch
 
 N_RES, N_SEQ = 11, 5  # odd: each rank's shard is padded
@@ -41,11 +43,11 @@ def _stacks(model) -> dict:
 
 
 def _run(rank: int, world: int) -> dict:
-    model = random_weights_model(as_multimer(tiny()), seed=3)
+    model = random_weights_model(as_multimer(tiny()), seed=3, run=ref_run())
     group = torch.distributed.group.WORLD if world > 1 else None
-    parallelize(model, group)
+    parallelize(model, group)  # tags the sharded blocks' gradients as partial sums over the group
     results = _stacks(model)
-    allreduce_dap_grads(model, group)
+    reduce_partial_grads(model.parameters())  # what an engine does before it steps
     results["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     with torch.no_grad():
         results["model"] = model(complex_batch(lengths=(6, 5), n_seq=N_SEQ, n_extra=3, seed=2), num_recycle=1)

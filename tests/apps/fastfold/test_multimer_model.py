@@ -4,6 +4,8 @@ official v3 npz layout round-trips (AF2 parity itself: tests/apps/fastfold/parit
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,12 +13,14 @@ import torch.nn.functional as F
 
 from ferryman.apps.fastfold import multimer_weights
 from ferryman.apps.fastfold.common import residue_constants as rc
-from ferryman.apps.fastfold.model import random_weights_model
+from ferryman.apps.fastfold.model import apply_run_options, random_weights_model
 from ferryman.apps.fastfold.model.evoformer import EvoformerBlock
 from ferryman.apps.fastfold.model.multimer import AlphaFoldMultimer
 from ferryman.apps.fastfold.model.multimer_heads import interface_tm
 from ferryman.apps.fastfold.presets import alphafold, as_multimer, tiny
 from ferryman.core.errors import UserError
+
+from ._model_inputs import ref_run
 
 
 def complex_batch(lengths=(7, 6), n_seq: int = 5, n_extra: int = 4, seed: int = 0) -> dict:
@@ -43,14 +47,14 @@ def complex_batch(lengths=(7, 6), n_seq: int = 5, n_extra: int = 4, seed: int = 
 
 @pytest.fixture(scope="module")
 def model():
-    return random_weights_model(as_multimer(tiny(num_recycle=1)), seed=2)
+    return random_weights_model(as_multimer(tiny(num_recycle=1)), seed=2, run=ref_run())
 
 
 def test_the_multimer_shares_the_monomer_tree(model):
     assert isinstance(model, AlphaFoldMultimer)
     blocks = [*model.evoformer.blocks, *model.extra_msa_stack.blocks]
     assert all(type(b) is EvoformerBlock and b.outer_product_first for b in blocks)
-    assert not random_weights_model(tiny()).evoformer.blocks[0].outer_product_first
+    assert not random_weights_model(tiny(), run=ref_run()).evoformer.blocks[0].outer_product_first
     assert model.masked_msa_head.logits.out_features == 22
 
 
@@ -58,23 +62,21 @@ def test_chunked_in_place_path_equals_plain(model):
     batch = complex_batch()
     with torch.no_grad():
         plain = model(batch, num_recycle=1)
-        model.cfg.chunk_size = 3
+        apply_run_options(model, ref_run(chunk_size=3))
         try:
             lean = model(batch, num_recycle=1, pair_logits=False)
         finally:
-            model.cfg.chunk_size = None
+            apply_run_options(model, ref_run())
     for key in ("final_atom_positions", "plddt", "predicted_aligned_error", "ptm", "iptm"):
         torch.testing.assert_close(lean[key], plain[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
 def test_bf16_trunk_runs_and_tracks_fp32():
-    model = random_weights_model(as_multimer(tiny(num_recycle=0)), seed=4)
+    model = random_weights_model(as_multimer(tiny(num_recycle=0)), seed=4, run=ref_run())
     batch = complex_batch(seed=5)
     with torch.no_grad():
         ref = model(batch)
-        model.cfg.precision = "bf16"
-        model.apply_precision()
-        low = model(batch)
+        low = apply_run_options(model, ref_run(precision="bf16"))(batch)
     assert model.template_embedder.template_pair_embedding_0.weight.dtype == torch.bfloat16
     assert model.structure_module.fold_iteration.quat_rigid.rigid.weight.dtype == torch.float32
     assert torch.isfinite(low["final_atom_positions"]).all() and torch.isfinite(low["iptm"])
@@ -83,12 +85,13 @@ def test_bf16_trunk_runs_and_tracks_fp32():
 
 def test_recycling_stops_early_below_the_tolerance(model):
     batch = complex_batch(seed=3)
+    cfg = model.cfg
     with torch.no_grad():
-        model.cfg.recycle_early_stop_tolerance = 1e9  # any change is small enough: stop after one
+        model.cfg = dataclasses.replace(cfg, recycle_early_stop_tolerance=1e9)  # any change stops it after one
         try:
             early = model(batch, num_recycle=5)
         finally:
-            model.cfg.recycle_early_stop_tolerance = 0.0
+            model.cfg = cfg
         full = model(batch, num_recycle=2)
     assert int(early["num_recycles"]) == 1 and int(full["num_recycles"]) == 2
     assert alphafold("model_1_multimer_v3").recycle_early_stop_tolerance == 0.5  # AF2 v2.3's

@@ -1,9 +1,8 @@
 """Evoformer blocks and stacks (AF2 Suppl. Alg. 6), the extra-MSA stack (Alg. 18) and the
 template pair stack (Alg. 16).
 
-Blocks and stacks carry a ``dap`` attribute, ``None`` by default. ``parallelize`` (outside the
-model) sets it to a runner that executes the same block on shards across ranks; the math lives
-here, the placement there.
+Plain math on whole tensors; ``ferryman.apps.fastfold.parallelize`` runs the same modules on
+shards across ranks from outside.
 """
 
 from __future__ import annotations
@@ -83,7 +82,6 @@ class EvoformerBlock(nn.Module):
             transition_factor=transition_factor,
             backend=backend,
         )
-        self.dap = None  # set by ferryman.apps.fastfold.parallelize
 
     @property
     def column_attention(self) -> nn.Module:
@@ -91,8 +89,6 @@ class EvoformerBlock(nn.Module):
 
     def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
                 chunk_size: int | None = None, inplace: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
-        if self.dap is not None:
-            return self.dap.block_forward(self, m, z, msa_mask, pair_mask, chunk_size, inplace)
         if lean(chunk_size, inplace):
             return self._lean_forward(m, z, msa_mask, pair_mask, chunk_size)
         if self.outer_product_first:
@@ -132,7 +128,6 @@ def _block_kwargs(cfg: AlphaFoldConfig, extra: bool) -> dict:
         transition_factor=cfg.transition_factor,
         extra=extra,
         outer_product_first=cfg.multimer,
-        backend=cfg.kernels,
     )
 
 
@@ -147,7 +142,6 @@ class EvoformerStack(nn.Module):
         self.blocks = nn.ModuleList(EvoformerBlock(**_block_kwargs(cfg, extra)) for _ in range(count))
         self.single_activations = None if extra else Linear(cfg.c_m, cfg.c_s)
         self.activation_checkpointing = False
-        self.dap = None  # set by ferryman.apps.fastfold.parallelize
 
     def run_blocks(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
                    chunk_size: int | None, inplace: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
@@ -161,8 +155,6 @@ class EvoformerStack(nn.Module):
     def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
                 chunk_size: int | None = None, inplace: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
         """m ``[S, N, c]``, z ``[N, N, c_z]`` -> updated (m, z)."""
-        if self.dap is not None:
-            return self.dap.stack_forward(self, m, z, msa_mask, pair_mask, chunk_size, inplace)
         return self.run_blocks(m, z, msa_mask, pair_mask, chunk_size, inplace)
 
 
@@ -187,13 +179,12 @@ class TemplatePairStack(nn.Module):
             for _ in range(cfg.num_blocks)
         )
         self.output_layer_norm = layer_norm(cfg.c_t, backend)
-        self.dap = None  # set by ferryman.apps.fastfold.parallelize
+
+    def run_blocks(self, t: Tensor, mask: Tensor, chunk_size: int | None, inplace: bool) -> Tensor:
+        for block in self.blocks:
+            t = block(t, mask, chunk_size, inplace, template_order=self.attention_first)
+        return t
 
     def forward(self, t: Tensor, mask: Tensor, chunk_size: int | None = None, inplace: bool = False) -> Tensor:
         """t ``[N, N, c_t]`` for one template, mask ``[N, N]``."""
-        if self.dap is not None:
-            t = self.dap.template_forward(self, t, mask, chunk_size, inplace)
-        else:
-            for block in self.blocks:
-                t = block(t, mask, chunk_size, inplace, template_order=self.attention_first)
-        return self.output_layer_norm(t)
+        return self.output_layer_norm(self.run_blocks(t, mask, chunk_size, inplace))

@@ -40,6 +40,7 @@ from ferryman.apps.fastfold.model.multimer_embedders import MultimerInputEmbedde
 from ferryman.apps.fastfold.model.multimer_heads import interface_tm, ranking_confidence
 from ferryman.apps.fastfold.model.multimer_structure import MultimerStructureModule
 from ferryman.apps.fastfold.model.multimer_template import MultimerTemplateEmbedder
+from ferryman.apps.fastfold.model.options import RunOptions
 from ferryman.core.errors import UserError
 
 MULTIMER_FEATURES = (*REQUIRED_FEATURES, "asym_id", "entity_id", "sym_id")
@@ -70,7 +71,7 @@ class AlphaFoldMultimer(AlphaFold):
             raise ValueError("AlphaFoldMultimer needs a config with multimer=True")
         self.cfg = cfg
         self.input_embedder = MultimerInputEmbedder(cfg)
-        self.recycling_embedder = RecyclingEmbedder(cfg, cfg.kernels)
+        self.recycling_embedder = RecyclingEmbedder(cfg)
         self.template_embedder = MultimerTemplateEmbedder(cfg) if cfg.template.enabled else None
         self.extra_msa_embedder = ExtraMSAEmbedder(cfg)
         self.extra_msa_stack = EvoformerStack(cfg, extra=True)
@@ -81,11 +82,11 @@ class AlphaFoldMultimer(AlphaFold):
         self.masked_msa_head = MaskedMsaHead(cfg)
         self.experimentally_resolved_head = ExperimentallyResolvedHead(cfg)
         self.predicted_aligned_error_head = PredictedAlignedErrorHead(cfg)
-        self.apply_precision()
+        self.run_options = RunOptions()  # replaced by options.apply_run_options
 
     def iteration(self, batch: dict[str, Tensor], prev: dict[str, Tensor], chunk_size: int | None) -> dict:
         """One recycling iteration (AF2 ``modules_multimer.EmbeddingsAndEvoformer`` + structure module)."""
-        dt, inplace = self.trunk_dtype, self.cfg.inplace
+        dt, inplace = self.trunk_dtype, self.run_options.inplace
         seq_mask = batch["seq_mask"].to(dt)
         pair_mask = seq_mask[:, None] * seq_mask[None, :]
         m, z = self.input_embedder(batch["target_feat"].to(dt), batch["msa_feat"].to(dt), batch, chunk_size)

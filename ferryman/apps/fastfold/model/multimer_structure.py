@@ -117,15 +117,15 @@ class QuatRigid(nn.Module):
 class MultimerFoldIteration(nn.Module):
     """One shared-weight layer (AF2-Multimer ``FoldIteration``); AF2's module names."""
 
-    def __init__(self, c_s: int, c_z: int, cfg: StructureConfig, backend: str = "auto"):
+    def __init__(self, c_s: int, c_z: int, cfg: StructureConfig):
         super().__init__()
         self.invariant_point_attention = MultimerInvariantPointAttention(c_s, c_z, cfg)
-        self.attention_layer_norm = layer_norm(c_s, backend)
+        self.attention_layer_norm = layer_norm(c_s)
         for i in range(cfg.num_transition_layers):
             last = i == cfg.num_transition_layers - 1
             self.add_module("transition" + (f"_{i}" if i else ""), Linear(c_s, c_s, init="final" if last else "relu"))
         self.num_transition_layers = cfg.num_transition_layers
-        self.transition_layer_norm = layer_norm(c_s, backend)
+        self.transition_layer_norm = layer_norm(c_s)
         self.quat_rigid = QuatRigid(c_s)
         self.rigid_sidechain = AngleResnet(c_s, cfg)
 
@@ -145,10 +145,10 @@ class MultimerStructureModule(nn.Module):
     def __init__(self, cfg: AlphaFoldConfig):
         super().__init__()
         self.cfg = cfg.structure
-        self.single_layer_norm = layer_norm(cfg.c_s, cfg.kernels)
+        self.single_layer_norm = layer_norm(cfg.c_s)
         self.initial_projection = Linear(cfg.c_s, cfg.c_s)
-        self.pair_layer_norm = layer_norm(cfg.c_z, cfg.kernels)
-        self.fold_iteration = MultimerFoldIteration(cfg.c_s, cfg.c_z, cfg.structure, cfg.kernels)
+        self.pair_layer_norm = layer_norm(cfg.c_z)
+        self.fold_iteration = MultimerFoldIteration(cfg.c_s, cfg.c_z, cfg.structure)
 
     def forward(self, single: Tensor, pair: Tensor, aatype: Tensor, seq_mask: Tensor,
                 chunk_size: int | None = None) -> dict[str, Tensor]:  # fmt: skip

@@ -79,8 +79,8 @@ class MultimerTemplateEmbedder(nn.Module):
         dims = {"dgram": t.dgram_num_bins, "c_z": cfg.c_z}
         for i, dim in enumerate(self.PAIR_FEATURE_DIMS):
             self.add_module(f"template_pair_embedding_{i}", Linear(dims.get(dim, dim), t.c_t, init="relu"))
-        self.query_embedding_norm = layer_norm(cfg.c_z, cfg.kernels)
-        self.template_pair_stack = TemplatePairStack(t, cfg.kernels, attention_first=False)
+        self.query_embedding_norm = layer_norm(cfg.c_z)
+        self.template_pair_stack = TemplatePairStack(t, attention_first=False)
         self.output_linear = Linear(t.c_t, cfg.c_z, init="relu")
         self.template_single_embedding = Linear(TEMPLATE_SINGLE_FEAT_DIM, cfg.c_m, init="relu")
         self.template_projection = Linear(cfg.c_m, cfg.c_m, init="relu")

@@ -25,6 +25,7 @@ from alphafold.model.geometry import Rigid3Array
 from ferryman.apps.fastfold import multimer_weights
 from ferryman.apps.fastfold.model import build_model
 from ferryman.apps.fastfold.model.config import AlphaFoldConfig
+from ferryman.apps.fastfold.model.options import RunOptions
 
 from ._af2 import _resize_heads, _resize_templates, _resize_trunk, random_official_params
 
@@ -61,12 +62,13 @@ def random_multimer_params(cfg: AlphaFoldConfig, *, scale: float, seed: int = 0,
     return multimer_weights.fuse(renamed)
 
 
-def ferryman_multimer(cfg: AlphaFoldConfig, params: dict[str, np.ndarray]):
-    """Ferryman's multimer model with ``params`` loaded through its official-npz importer."""
+def ferryman_multimer(cfg: AlphaFoldConfig, params: dict[str, np.ndarray], run: RunOptions):
+    """Ferryman's multimer model with ``params`` loaded through its official-npz importer, run as
+    ``run`` says."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "params_model_1_multimer_v3.npz"
         np.savez(path, **params)
-        return multimer_weights.model_from_official_params(cfg, path)
+        return multimer_weights.model_from_official_params(cfg, path, run=run)
 
 
 def whole_multimer(c):

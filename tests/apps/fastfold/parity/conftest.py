@@ -52,8 +52,9 @@ def hparams(module_params):
 @pytest.fixture(scope="session")
 def model(cfg, module_params):
     from ._af2 import ferryman_model
+    from ._inputs import PARITY_RUN
 
-    return ferryman_model(cfg, module_params)
+    return ferryman_model(cfg, module_params, PARITY_RUN)
 
 
 @pytest.fixture(scope="session")

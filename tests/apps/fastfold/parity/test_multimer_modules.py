@@ -33,7 +33,7 @@ from ._af2_multimer import (
     random_multimer_params,
     to_af2_multimer,
 )
-from ._inputs import MODULE_SCALE, to_torch
+from ._inputs import MODULE_SCALE, PARITY_RUN, to_torch
 from ._multimer_inputs import complex_features, multimer_parity_config
 
 pytestmark = pytest.mark.parity
@@ -51,7 +51,7 @@ def mcfg():
 def oracle(mcfg):
     """(AF2's config, random v3-layout arrays, the oracle's params, Ferryman's model)."""
     params = random_multimer_params(mcfg, scale=MODULE_SCALE, seed=0)
-    return af2_multimer_config(mcfg), params, haiku_params(params), ferryman_multimer(mcfg, params)
+    return af2_multimer_config(mcfg), params, haiku_params(params), ferryman_multimer(mcfg, params, PARITY_RUN)
 
 
 @pytest.fixture(scope="module")

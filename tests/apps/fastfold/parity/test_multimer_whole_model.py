@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("alphafold.model.modules_multimer", reason="needs the parity extra (AlphaFold2's JAX code)")
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -26,7 +28,7 @@ from ._af2_multimer import (
     to_af2_multimer,
     whole_multimer,
 )
-from ._inputs import OUTPUT_SCALES, WHOLE_MODEL_SCALE, to_torch
+from ._inputs import OUTPUT_SCALES, PARITY_RUN, WHOLE_MODEL_SCALE, to_torch
 from ._multimer_inputs import complex_features, multimer_parity_config
 
 pytestmark = pytest.mark.parity
@@ -80,9 +82,8 @@ def test_reference_is_not_chaotic(whole, feats):
 @pytest.mark.parametrize("path", ["plain", "lean"])
 def test_whole_multimer(mcfg, whole, feats, path):
     params, ref, _ = whole
-    model = ferryman_multimer(mcfg, params)
-    if path == "lean":  # fastfold predict --chunk-size: row blocks, in-place updates, no pair logits
-        model.cfg.chunk_size = 8
+    # lean: fastfold predict --chunk-size: row blocks, in-place updates, no pair logits
+    model = ferryman_multimer(mcfg, params, replace(PARITY_RUN, chunk_size=8) if path == "lean" else PARITY_RUN)
     with torch.no_grad():
         out = model(to_torch(feats), num_recycle=NUM_RECYCLE, pair_logits=path == "plain")
     assert_matches(_atoms(out["final_atom_positions"].numpy(), feats),
