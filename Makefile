@@ -73,7 +73,7 @@ test: install lint
 
 # Only the AlphaFold2 parity suite (a part of `make test`).
 parity: install
-	$(PY) -m pytest -q -m parity tests/apps/fastfold/parity
+	$(PY) -m pytest -v -m parity tests/apps/fastfold/parity
 
 demo: install
 	rm -rf $(DEMO_OUT)
