@@ -25,9 +25,8 @@ import re
 import numpy as np
 from torch import nn
 
-from ferryman.apps.fastfold.weights import PREFIX, Entry, _describe, _from_official, _to_official
+from ferryman.apps.fastfold.weights import PREFIX, Entry, load_table, to_official
 from ferryman.apps.fastfold.weights import official_table as monomer_table
-from ferryman.core.errors import UserError
 from ferryman.core.io import atomic_path
 
 _SINGLE = "evoformer/template_embedding/single_template_embedding/"
@@ -113,7 +112,7 @@ def fuse(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def official_params(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's parameters as the official multimer v3 key -> array dict (fused)."""
-    return fuse({key: _to_official(entry) for key, entry in official_table(model).items()})
+    return fuse({key: to_official(entry) for key, entry in official_table(model).items()})
 
 
 def save_official_params(model: nn.Module, path: str | os.PathLike) -> None:
@@ -127,22 +126,7 @@ def load_official_params(model: nn.Module, path: str | os.PathLike) -> None:
     from ferryman.core.files import load_npz
 
     arrays = unfuse(load_npz(path, "AlphaFold-Multimer parameter file"))
-    table = official_table(model)
-    missing = sorted(set(table) - set(arrays))
-    unexpected = sorted(set(arrays) - set(table))
-    bad_shape = [k for k in sorted(set(table) & set(arrays)) if tuple(arrays[k].shape) != table[k].full_shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_describe(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_describe(unexpected)}")
-    if bad_shape:
-        detail = [f"{k.removeprefix(PREFIX)} {tuple(arrays[k].shape)} != {table[k].full_shape}" for k in bad_shape]
-        problems.append(f"{len(bad_shape)} shape mismatch(es): {_describe(detail)}")
-    if problems:
-        raise UserError(f"{path}: parameters do not fit this multimer model preset; " + "; ".join(problems))
-    for key, entry in table.items():
-        _from_official(entry, arrays[key])
+    load_table(official_table(model), arrays, f"{path}: parameters do not fit this multimer model preset")
 
 
 def model_from_official_params(cfg, path: str | os.PathLike, *, run=None) -> nn.Module:
