@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ferryman.core.io import write_text
+from ferryman.core.io import atomic_path, write_text
 
 # transformers writes shards of up to 50 GB; the writer holds one shard in host memory, so less.
 DEFAULT_SHARD_BYTES = 2 * 10**9
@@ -92,7 +92,8 @@ class _Shards:
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
-        save_file(self.open, str(self._part(len(self.written))), metadata={"format": "pt"})
+        with atomic_path(self._part(len(self.written))) as path:  # also gives the file the umask's mode
+            save_file(self.open, str(path), metadata={"format": "pt"})
         self.written.append(list(self.open))
         self.open, self.open_bytes = {}, 0
 
