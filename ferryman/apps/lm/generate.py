@@ -20,7 +20,9 @@ ADAPTER = "adapter_config.json"
 def load(cfg: GenerateConfig, device: torch.device):
     """(model, tokenizer) from ``cfg.model``: a model folder, or an adapter folder on its base."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # the printed continuations are the command's whole output
     folder = Path(cfg.model)
     dtype = parse_dtype(cfg.precision)
     if (folder / ADAPTER).is_file():

@@ -58,6 +58,9 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     held_out = read_examples(cfg.data.eval_path, cfg.data, "--eval-data") if cfg.data.eval_path else None
     folder = open_model_folder(cfg.model)
     train, evaluation = build_blocks(cfg.data, train_text, held_out, folder.tokenizer, seed=cfg.train.seed)
+    build_model(cfg, folder)  # on the meta device: weight names and shapes, LoRA targets (nothing is read)
+    if cfg.train.resume:
+        checkpoints(cfg).resolve(cfg.train.resume)
     absolute = lambda p: str(Path(p).resolve()) if p else p  # noqa: E731
     data = dataclasses.replace(cfg.data, path=absolute(cfg.data.path), eval_path=absolute(cfg.data.eval_path))
     loop = dataclasses.replace(cfg.train, out_dir=absolute(cfg.out))
@@ -65,12 +68,19 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     return Prepared(cfg, folder, train, evaluation)
 
 
+def checkpoints(cfg: FinetuneConfig):
+    """The run's checkpoint store: out/checkpoints/step-N/ (LoRA runs keep only the adapters' state)."""
+    from ferryman.core.training import CheckpointStore
+
+    return CheckpointStore(Path(cfg.out) / "checkpoints", keep_last=cfg.train.keep_last, trainable_only=cfg.use_lora)
+
+
 def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
     """Run `ferryman finetune` as configured; see the command's --help for the outputs."""
     from ferryman.apps.lm.export import save_output
     from ferryman.core.config import save_config
     from ferryman.core.parallel import init_parallel
-    from ferryman.core.training import CheckpointStore, train
+    from ferryman.core.training import train
 
     run = prepare(cfg)
     cfg = run.cfg
@@ -85,10 +95,9 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
             tqdm.write(f"data: {run.summary()}")
     evaluator = Evaluator(blocks=run.held_out, out=out, every=cfg.eval_every, batch_size=cfg.batch_size,
                           rank=dims.dp_rank, world=dims.dp, group=dims.dp_group, main=dims.is_main, progress=progress)
-    store = CheckpointStore(out / "checkpoints", keep_last=cfg.train.keep_last, trainable_only=cfg.use_lora)
     result = train(dataclasses.replace(cfg.train, progress=progress), lambda: build_model(cfg, run.folder), lambda: loader,
                    causal_lm_loss, dims=dims if dims.world_size > 1 else None, on_step=evaluator.on_step,
-                   checkpoints=store)
+                   checkpoints=checkpoints(cfg))
     save_output(cfg, run.folder, result.engine, rank=dims.rank)
     return FinetuneResult(out=out, losses=result.losses, evals=evaluator.results, summary=run.summary(),
                           engine=result.engine, is_main=dims.is_main)

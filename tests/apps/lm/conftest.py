@@ -28,7 +28,7 @@ def sample_data(tmp_path_factory) -> Path:
 
 TRAIN_KEYS = {"max_steps", "precision", "seed", "grad_accum", "resume", "ckpt_every", "warmup_steps", "schedule",
               "keep_last", "stop_after", "device"}
-OPTIM_KEYS = {"lr", "weight_decay", "max_grad_norm"}
+OPTIM_KEYS = {"lr", "weight_decay", "max_grad_norm", "eps"}
 DATA_KEYS = {"seq_len", "eval_fraction", "eval_path", "text_field", "train_on_prompt"}
 
 
@@ -36,7 +36,7 @@ def lm_config(model: Path, out: Path, data: Path, **changes):
     """A FinetuneConfig for a tiny model: 3 fp32 updates of 2 blocks of 32 tokens, lr 3e-3.
 
     ``changes``: FinetuneConfig fields; fields of the core TrainConfig (max_steps, ckpt_every ...),
-    of its optimizer (lr, weight_decay, max_grad_norm) or of DataConfig (seq_len ...); ``memory``
+    of its optimizer (lr, weight_decay, max_grad_norm, eps) or of DataConfig (seq_len ...); ``memory``
     as --memory means it; ``budget`` for gemini.device_budget_bytes; ``lora_rank``.
     """
     from ferryman.apps.lm.config import DataConfig, FinetuneConfig, LoraConfig, finetune_train
