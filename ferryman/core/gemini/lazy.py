@@ -23,6 +23,7 @@ import contextlib
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -31,6 +32,19 @@ from ferryman.core.errors import UserError
 from ferryman.core.files import check_safetensors, reading
 
 _DEFERRED = "_ferryman_deferred"  # attribute of a placeholder parameter: where its value waits
+
+
+class WeightSource(Protocol):
+    """Where deferred weights come from: safetensors files (``WeightFiles``), or any object that
+    answers these (e.g. random values made on demand for a benchmark)."""
+
+    source: object  # named in error messages
+
+    def __contains__(self, key: str) -> bool: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def read(self, key: str) -> torch.Tensor: ...
 
 
 class WeightFiles:
@@ -80,7 +94,7 @@ class WeightFiles:
 
 
 class _Deferred:
-    def __init__(self, files: WeightFiles, key: str) -> None:
+    def __init__(self, files: WeightSource, key: str) -> None:
         self.files, self.key = files, key
 
 
@@ -120,14 +134,15 @@ def _candidates(name: str, prefix: str) -> list[str]:
     return names
 
 
-def load_later(model: nn.Module, source: str | Path) -> None:
-    """Name, for each meta parameter of ``model``, the tensor of ``source`` that will fill it.
+def load_later(model: nn.Module, source: str | Path | WeightSource) -> None:
+    """Name, for each meta parameter of ``model``, the tensor of ``source`` (a safetensors file or
+    folder, or a ``WeightSource``) that will fill it.
 
     Meta parameters become placeholders on the host; tied parameters stay tied. Persistent buffers
     found in the files are copied now (they are small). A parameter with no tensor, or one of
     another shape, is a ``UserError`` naming both.
     """
-    files = WeightFiles(source)
+    files = WeightFiles(source) if isinstance(source, str | Path) else source
     prefix = getattr(model, "base_model_prefix", "") or ""
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -140,7 +155,7 @@ def load_later(model: nn.Module, source: str | Path) -> None:
             if id(param) not in replaced:
                 key = _find(files, names[id(param)], prefix)
                 if files.shape(key) != tuple(param.shape):
-                    raise UserError(f"{files.where[key]}: {key} has shape {list(files.shape(key))}, "
+                    raise UserError(f"{files.source}: {key} has shape {list(files.shape(key))}, "
                                     f"the model's {names[id(param)][0]} {list(param.shape)}")
                 new = _placeholder(param)
                 setattr(new, _DEFERRED, _Deferred(files, key))
@@ -149,7 +164,7 @@ def load_later(model: nn.Module, source: str | Path) -> None:
     _load_buffers(model, files, prefix)
 
 
-def _find(files: WeightFiles, names: list[str], prefix: str) -> str:
+def _find(files: WeightSource, names: list[str], prefix: str) -> str:
     for name in names:
         for key in _candidates(name, prefix):
             if key in files:
@@ -158,7 +173,7 @@ def _find(files: WeightFiles, names: list[str], prefix: str) -> str:
                     "are these the weights of this model?")
 
 
-def _load_buffers(model: nn.Module, files: WeightFiles, prefix: str) -> None:
+def _load_buffers(model: nn.Module, files: WeightSource, prefix: str) -> None:
     persistent = set(model.state_dict(keep_vars=True)) - {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for name, buf in model.named_buffers():
         key = next((k for k in _candidates(name, prefix) if k in files), None) if name in persistent else None
