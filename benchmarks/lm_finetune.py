@@ -279,7 +279,7 @@ def versus(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="tiny ladder, sequence 64 (the CPU run)")
@@ -293,19 +293,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="result file (default: benchmarks/results/lm_finetune-<device>.json)")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    small = args.small or device.type == "cpu"
+    small = args.small or args.device == "cpu"
     args.seq = args.seq or (64 if small else 1024)
     args.batch = args.batch or (2 if small else 4)
     args.vocab = args.vocab or (512 if small else 32000)
     args.steps = args.steps or 3
     args.budget_gib = args.budget_gib or (0.03 if small else 16.0)
-    args.json = args.json or f"benchmarks/results/lm_finetune-{device.type}.json"
-    sizes = CPU_SIZES if small else GPU_SIZES
-    if args.sizes:
-        sizes = [s for s in sizes if s[0] in args.sizes.split(",")]
+    args.json = args.json or f"benchmarks/results/lm_finetune-{torch.device(args.device).type}.json"
+    args.ladder = [s for s in (CPU_SIZES if small else GPU_SIZES) if not args.sizes or s[0] in args.sizes.split(",")]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    device, sizes = torch.device(args.device), args.ladder
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":  # every method lives within the budget
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gib * 2**30 / total), device)

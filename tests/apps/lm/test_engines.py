@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ferryman.apps.lm.train import finetune
+from tests.tolerance import approx
 
 from .conftest import lm_config
 
@@ -84,3 +85,17 @@ def test_lora_output_loads_with_peft_and_gives_the_engines_logits(models, sample
         assert torch.equal(loaded(input_ids=blocks).logits, _held_out_logits(run.engine, blocks))
     checkpoint = sorted((run.out / "checkpoints").glob("step-*"))[-1]
     assert (checkpoint / "trainable.safetensors").is_file() and not list(checkpoint.glob("shard-*"))
+
+
+def test_gradient_checkpointing_and_accumulation_change_no_number(models, sample_data, tmp_path):
+    """Recomputing activations in backward (under Gemini, whose hooks gather chunks again for the
+    recomputation) gives the same losses as keeping them; 2 micro-batches of 1 give the updates of
+    one batch of 2 (each micro-batch's mean loss, halved, summed: equal token counts per block)."""
+    data = sample_data / "sums.txt"
+    plain = finetune(lm_config(models["llama"], tmp_path / "plain", data, max_grad_norm=0.0), progress=False)
+    recompute = finetune(lm_config(models["llama"], tmp_path / "recompute", data, memory="gemini-auto",
+                                   gradient_checkpointing=True, max_grad_norm=0.0), progress=False)
+    assert recompute.losses == plain.losses
+    accumulated = finetune(lm_config(models["llama"], tmp_path / "accum", data, batch_size=1, grad_accum=2,
+                                     max_grad_norm=0.0), progress=False)
+    assert accumulated.losses == approx(plain.losses, ulps=8)
