@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ferryman.apps.lm.config import DataConfig
@@ -134,31 +135,43 @@ class Blocks:
         return self.input_ids.numel()
 
 
-def tokenize(examples: list[Example], tokenizer, *, train_on_prompt: bool) -> tuple[list[int], list[bool]]:
-    """One token stream of every example, each closed by end-of-sequence, and which tokens the loss covers."""
+def tokenize(examples: list[Example], tokenizer, *, train_on_prompt: bool,
+             batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """One token stream of every example, each closed by end-of-sequence, and which tokens the loss
+    covers (int64 ids, bool mask: compact arrays, not Python lists, so large corpora fit)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    plain = [e.completion for e in examples if not e.prompt]
-    texts = iter(tokenizer(plain, verbose=False)["input_ids"]) if plain else iter(())
-    ids: list[int] = []
-    keep: list[bool] = []
-    for example in examples:
-        if not example.prompt:
-            tokens = list(next(texts)) + eos
-            ids += tokens
-            keep += [True] * len(tokens)
-            continue
-        prompt = tokenizer(example.prompt, verbose=False)["input_ids"]
-        completion = tokenizer(example.completion, add_special_tokens=False, verbose=False)["input_ids"] + eos
-        ids += prompt + completion
-        keep += [train_on_prompt] * len(prompt) + [True] * len(completion)
-    return ids, keep
+    pieces: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    for start in range(0, len(examples), batch):
+        group = examples[start : start + batch]
+        texts = _encode(tokenizer, [e.completion for e in group if not e.prompt], special=True)
+        prompts = _encode(tokenizer, [e.prompt for e in group if e.prompt], special=True)
+        completions = _encode(tokenizer, [e.completion for e in group if e.prompt], special=False)
+        for example in group:
+            if example.prompt:
+                prompt = next(prompts)
+                ids = [*prompt, *next(completions), *eos]
+                keep = np.ones(len(ids), dtype=bool)
+                keep[: len(prompt)] = train_on_prompt
+            else:
+                ids = [*next(texts), *eos]
+                keep = np.ones(len(ids), dtype=bool)
+            pieces.append(np.asarray(ids, dtype=np.int64))
+            masks.append(keep)
+    if not pieces:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+    return np.concatenate(pieces), np.concatenate(masks)
 
 
-def pack(ids: list[int], keep: list[bool], seq_len: int) -> Blocks:
+def _encode(tokenizer, texts: list[str], *, special: bool) -> Iterator[list[int]]:
+    return iter(tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"] if texts else [])
+
+
+def pack(ids: np.ndarray, keep: np.ndarray, seq_len: int) -> Blocks:
     """Cut the stream into blocks of ``seq_len`` tokens; the remainder is dropped."""
     count = len(ids) // seq_len
-    tokens = torch.tensor(ids[: count * seq_len], dtype=torch.int64).view(count, seq_len)  # [N, L]
-    mask = torch.tensor(keep[: count * seq_len], dtype=torch.bool).view(count, seq_len)  # [N, L]
+    tokens = torch.from_numpy(np.asarray(ids[: count * seq_len], dtype=np.int64)).view(count, seq_len)  # [N, L]
+    mask = torch.from_numpy(np.asarray(keep[: count * seq_len], dtype=bool)).view(count, seq_len)  # [N, L]
     return Blocks(tokens, tokens.masked_fill(~mask, IGNORE))
 
 

@@ -56,11 +56,11 @@ def test_packing_keeps_the_stream_and_masks_prompts(tokenizer):
     ids, keep = tokenize(examples, tokenizer, train_on_prompt=False)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     a, b, q, colon, answer = (tokenizer.convert_tokens_to_ids(t) for t in ("a", "b", "Q", ":", "A"))
-    assert ids == [bos, a, b, eos, bos, q, colon, answer, eos]
-    assert keep == [True] * 4 + [False] * 3 + [True] * 2
+    assert ids.tolist() == [bos, a, b, eos, bos, q, colon, answer, eos]
+    assert keep.tolist() == [True] * 4 + [False] * 3 + [True] * 2
     blocks = pack(ids, keep, 4)  # 9 tokens: two blocks of 4, the last token dropped
-    assert blocks.input_ids.tolist() == [ids[:4], ids[4:8]]
-    assert blocks.labels.tolist() == [ids[:4], [IGNORE, IGNORE, IGNORE, answer]]
+    assert blocks.input_ids.tolist() == [ids[:4].tolist(), ids[4:8].tolist()]
+    assert blocks.labels.tolist() == [ids[:4].tolist(), [IGNORE, IGNORE, IGNORE, answer]]
     _, keep_all = tokenize(examples, tokenizer, train_on_prompt=True)
     assert all(keep_all)
 
