@@ -17,7 +17,7 @@ import torch
 from ferryman.apps.lm.train import finetune
 from tests.tolerance import approx
 
-from .conftest import lm_config
+from .conftest import TOKENIZER, lm_config
 
 
 def _num_params(folder) -> int:
@@ -99,3 +99,21 @@ def test_gradient_checkpointing_and_accumulation_change_no_number(models, sample
     accumulated = finetune(lm_config(models["llama"], tmp_path / "accum", data, batch_size=1, grad_accum=2,
                                      max_grad_norm=0.0), progress=False)
     assert accumulated.losses == approx(plain.losses, ulps=8)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "mistral"])
+def test_the_other_families_finetune_and_load(family, sample_data, tmp_path):
+    """GPT-2 (Conv1D weights, learned positions), Qwen2 (attention biases) and Mistral (sliding
+    window) through the lazy Gemini path; the output loads and gives the engine's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from ferryman.apps.lm.tiny import write_tiny_model
+
+    model = write_tiny_model(tmp_path / family, family, tokenizer_dir=TOKENIZER)
+    run = finetune(lm_config(model, tmp_path / "run", sample_data / "sums.txt", memory="gemini-auto", max_steps=2),
+                   progress=False)
+    assert run.losses[1] < run.losses[0]
+    blocks = torch.randint(4, 260, (1, 16), generator=torch.Generator().manual_seed(1))
+    loaded = AutoModelForCausalLM.from_pretrained(str(run.out)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=blocks).logits, _held_out_logits(run.engine, blocks))
