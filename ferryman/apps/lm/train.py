@@ -63,7 +63,8 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         checkpoints(cfg).resolve(cfg.train.resume)
     absolute = lambda p: str(Path(p).resolve()) if p else p  # noqa: E731
     data = dataclasses.replace(cfg.data, path=absolute(cfg.data.path), eval_path=absolute(cfg.data.eval_path))
-    loop = dataclasses.replace(cfg.train, out_dir=absolute(cfg.out))
+    resume = cfg.train.resume if cfg.train.resume in (None, "", "latest") else absolute(cfg.train.resume)
+    loop = dataclasses.replace(cfg.train, out_dir=absolute(cfg.out), resume=resume)
     cfg = dataclasses.replace(cfg, model=absolute(cfg.model), data=data, train=loop)
     return Prepared(cfg, folder, train, evaluation)
 
