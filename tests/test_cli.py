@@ -34,7 +34,7 @@ def test_env_report_names_versions_and_tools():
     info = json.loads(result.output)
     assert info["torch"].startswith("2.")
     assert set(info["tools"]) == {"jackhmmer", "hmmsearch", "hhblits", "hhsearch", "kalign"}
-    assert set(info["apps"]) == {"kernels", "fastfold", "opensora", "diffusion"}
+    assert set(info["apps"]) == {"kernels", "fastfold", "opensora", "diffusion", "lm"}
     text = CliRunner().invoke(ferryman_main, ["env"]).output
     assert "torch" in text and "external tools:" in text and "jackhmmer" in text
 
