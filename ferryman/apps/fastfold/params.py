@@ -96,17 +96,13 @@ def _from_folder(folder: Path, models: list[str] | None, preset: str) -> list[Mo
 
 
 def _checkpoint_in_run(run: Path) -> Path:
-    """The newest complete checkpoint of a training run folder (its `latest` pointer first)."""
-    root = run / "checkpoints"
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text(errors="replace").strip()
-        if (named / "trainer.json").is_file():
-            return named
-    complete = sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file())
-    if not complete:
-        raise UserError(f"--params {run}: a fastfold train run with no complete checkpoint under {root}")
-    return complete[-1]
+    """The newest complete checkpoint of a training run folder (as the training loop resumes)."""
+    from ferryman.core.training.checkpoint import CheckpointStore
+
+    newest = CheckpointStore(run / "checkpoints").newest()
+    if newest is None:
+        raise UserError(f"--params {run}: a fastfold train run with no complete checkpoint under {run / 'checkpoints'}")
+    return newest
 
 
 def _run_config_for(checkpoint: Path) -> Path | None:

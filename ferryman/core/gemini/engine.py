@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from ferryman.core import pretrained
 from ferryman.core.gemini import hooks
@@ -145,15 +144,14 @@ class GeminiEngine:
 
     # -- forward ----------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.dtype != torch.float32:
-            cast = lambda x: x.to(self.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
-            args, kwargs = tree_map(cast, (args, kwargs))
         warmup = self.manager.tracer.recording and self.device.type == "cpu"
         probe = self.manager.tracer.saved_tensor_hooks(self._is_model_data) if warmup else contextlib.nullcontext()
         # A forward without grad (evaluation between steps) must not move the clock that indexes
         # the warm-up trace: the next training forward would read another step's memory plan.
         clock = self.manager.clock
-        with probe:
+        # autocast as the plain engine does, not a cast of the inputs: inputs such as timesteps or
+        # coordinates keep their fp32 values, and each op runs in the precision autocast gives it
+        with probe, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self.module(*args, **kwargs)
         # Every collective after the forward comes after complete_gathers: a rank that used a
         # chunk others skipped must not be inside a gather while the others broadcast the layout.
