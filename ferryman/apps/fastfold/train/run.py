@@ -12,23 +12,41 @@ import json
 import logging
 from pathlib import Path
 
-from ferryman.apps.fastfold.train.config import FastfoldTrainConfig
+from ferryman.apps.fastfold.train.config import FastfoldTrainConfig, TrainPresetConfig
 from ferryman.apps.fastfold.train.dataset import StructureDataset
 from ferryman.apps.fastfold.train.step import make_loss_fn
 from ferryman.core.config import save_config
 from ferryman.core.errors import ConfigError, UserError
 from ferryman.core.files import check_writable
 from ferryman.core.io import write_text
-from ferryman.core.parallel import ParallelDims
+from ferryman.core.parallel import ParallelDims, init_parallel
 from ferryman.core.training import TrainResult, train
 from ferryman.core.training.metrics import plot_metric
 
 log = logging.getLogger(__name__)
 
 
+def freeze_unused(model, preset: TrainPresetConfig) -> list[str]:
+    """Freeze the modules this training never gives a gradient; returns their names.
+
+    Training examples carry no templates, and a head whose loss weight is 0 is not in the loss
+    (experimentally resolved, PAE). AdamW leaves a parameter without a gradient as it is, so
+    freezing changes no number; it keeps them out of the data-parallel gradient reduction, which
+    (DDP) would wait for them forever.
+    """
+    unused = ["template_embedder"] if preset.input_config().max_templates == 0 else []
+    unused += [head for head, weight in (("experimentally_resolved_head", preset.weights.experimentally_resolved),
+                                         ("predicted_aligned_error_head", preset.weights.tm)) if weight == 0]  # fmt: skip
+    frozen = [name for name in unused if getattr(model, name, None) is not None]
+    for name in frozen:
+        getattr(model, name).requires_grad_(False)
+    return frozen
+
+
 def build_training_model(cfg: FastfoldTrainConfig, dims: ParallelDims | None = None):
-    """The preset's model with AF2 initialisation, on ``cfg.kernels`` (None: the preset's), DAP
-    applied over ``dims`` (which also has the sharded parameters' gradients summed over it)."""
+    """The preset's model with AF2 initialisation, on ``cfg.kernels`` (None: the preset's), the
+    modules training cannot reach frozen, DAP applied over ``dims`` (which also has the sharded
+    parameters' gradients summed over it)."""
     from ferryman.apps.fastfold import presets
     from ferryman.apps.fastfold.model import build_model
     from ferryman.apps.fastfold.model.evoformer import EvoformerStack
@@ -38,6 +56,7 @@ def build_training_model(cfg: FastfoldTrainConfig, dims: ParallelDims | None = N
     if cfg.kernels is not None:
         run = dataclasses.replace(run, kernels=cfg.kernels)
     model = build_model(cfg.preset.model, run=run)
+    freeze_unused(model, cfg.preset)
     if cfg.activation_checkpointing:  # recompute each Evoformer block in the backward pass
         for module in model.modules():
             if isinstance(module, EvoformerStack):
@@ -65,19 +84,22 @@ def _check_resume(resume: str | None) -> None:
 def run(cfg: FastfoldTrainConfig, dims: ParallelDims | None = None) -> tuple[TrainResult, StructureDataset]:
     """Train as ``cfg`` says; returns the loop's result and the dataset (with its skip count).
 
-    With ``dims`` (DAP over several processes), every rank reads the same examples and splits each
-    one's Evoformer work; rank 0 writes the files.
+    ``dims``: the processes torchrun started (None: joined here, ``init_parallel(dap=cfg.dap)``;
+    one process without torchrun). They form data-parallel groups of ``cfg.dap`` DAP ranks: the
+    ranks of a DAP group read the same examples and split each one's Evoformer work, the
+    data-parallel groups split each epoch's examples and average their gradients. Rank 0 writes
+    the files.
     """
     if not cfg.data:
         raise ConfigError("data: give a folder of PDB/mmCIF structures (--data DIR)")
-    dap = dims.dap if dims is not None else 1
-    if cfg.dap != dap:
-        raise UserError(f"dap={cfg.dap} but {dap} DAP process(es) are running; start with --gpus {cfg.dap} (torchrun)")
-    main = dims is None or dims.is_main
+    dims = dims if dims is not None else init_parallel(dap=cfg.dap)
+    if cfg.dap != dims.dap:
+        raise UserError(f"dap={cfg.dap} but the processes were grouped for dap={dims.dap}")
+    main = dims.is_main
     out = Path(cfg.train.out_dir)
     check_writable(out, "--out run folder")
     _check_resume(cfg.train.resume)
-    dataset = StructureDataset.from_folder(cfg.data, cfg.preset, msa_dir=cfg.msa_dir)
+    dataset = StructureDataset.from_folder(cfg.data, cfg.preset, msa_dir=cfg.msa_dir, dp_rank=dims.dp_rank, dp=dims.dp)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "fastfold_train.yaml")
