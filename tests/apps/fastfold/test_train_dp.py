@@ -118,26 +118,3 @@ def test_dap_groups_split_the_global_batch_like_data_parallel_ranks(tmp_path):
     (losses, norms, weights, _), (dp_losses, dp_norms, dp_weights, _) = _run(tmp_path / "one"), _run(tmp_path / "four")
     assert dp_losses == approx(losses, ulps=16) and dp_norms == approx(norms, ulps=16)
     assert_close(dp_weights, weights, ulps=16)
-
-
-@pytest.mark.parametrize("name", ["debug", "finetune"])
-def test_frozen_modules_are_exactly_those_training_gives_no_gradient(tmp_path, name):
-    """DDP waits for a gradient of every trainable parameter; the ones frozen are those that get
-    none (no templates in training examples; heads whose loss weight is 0), and no other."""
-    from ferryman.apps.fastfold.train.config import train_preset
-    from ferryman.apps.fastfold.train.dataset import StructureDataset
-    from ferryman.apps.fastfold.train.run import build_training_model
-    from ferryman.apps.fastfold.train.step import make_loss_fn
-
-    cfg = train_preset(name)
-    cfg.preset.model, cfg.preset.crop_size, cfg.preset.max_msa_clusters, cfg.preset.max_extra_msa = "tiny", 13, 3, 3
-    torch.manual_seed(0)
-    model = build_training_model(cfg)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    model.requires_grad_(True)
-    batch = next(iter(StructureDataset.from_folder(_structures(tmp_path / "s"), cfg.preset)))
-    loss, _ = make_loss_fn(cfg.preset.weights)(model, batch)
-    loss.backward()
-    assert frozen == {n for n, p in model.named_parameters() if p.grad is None}
-    assert any(n.startswith("template_embedder.") for n in frozen)
-    assert any(n.startswith("predicted_aligned_error_head.") for n in frozen) == (name == "debug")

@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from ferryman.apps.fastfold.train.config import FastfoldTrainConfig, TrainPresetConfig
+from ferryman.apps.fastfold.train.config import FastfoldTrainConfig
 from ferryman.apps.fastfold.train.dataset import StructureDataset
 from ferryman.apps.fastfold.train.step import make_loss_fn
 from ferryman.core.config import save_config
@@ -26,27 +26,9 @@ from ferryman.core.training.metrics import plot_metric
 log = logging.getLogger(__name__)
 
 
-def freeze_unused(model, preset: TrainPresetConfig) -> list[str]:
-    """Freeze the modules this training never gives a gradient; returns their names.
-
-    Training examples carry no templates, and a head whose loss weight is 0 is not in the loss
-    (experimentally resolved, PAE). AdamW leaves a parameter without a gradient as it is, so
-    freezing changes no number; it keeps them out of the data-parallel gradient reduction, which
-    (DDP) would wait for them forever.
-    """
-    unused = ["template_embedder"] if preset.input_config().max_templates == 0 else []
-    unused += [head for head, weight in (("experimentally_resolved_head", preset.weights.experimentally_resolved),
-                                         ("predicted_aligned_error_head", preset.weights.tm)) if weight == 0]  # fmt: skip
-    frozen = [name for name in unused if getattr(model, name, None) is not None]
-    for name in frozen:
-        getattr(model, name).requires_grad_(False)
-    return frozen
-
-
 def build_training_model(cfg: FastfoldTrainConfig, dims: ParallelDims | None = None):
-    """The preset's model with AF2 initialisation, on ``cfg.kernels`` (None: the preset's), the
-    modules training cannot reach frozen, DAP applied over ``dims`` (which also has the sharded
-    parameters' gradients summed over it)."""
+    """The preset's model with AF2 initialisation, on ``cfg.kernels`` (None: the preset's), DAP
+    applied over ``dims`` (which also has the sharded parameters' gradients summed over it)."""
     from ferryman.apps.fastfold import presets
     from ferryman.apps.fastfold.model import build_model
     from ferryman.apps.fastfold.model.evoformer import EvoformerStack
@@ -56,7 +38,6 @@ def build_training_model(cfg: FastfoldTrainConfig, dims: ParallelDims | None = N
     if cfg.kernels is not None:
         run = dataclasses.replace(run, kernels=cfg.kernels)
     model = build_model(cfg.preset.model, run=run)
-    freeze_unused(model, cfg.preset)
     if cfg.activation_checkpointing:  # recompute each Evoformer block in the backward pass
         for module in model.modules():
             if isinstance(module, EvoformerStack):
