@@ -73,7 +73,7 @@ test: install lint
 
 # Only the AlphaFold2 parity suite (a part of `make test`).
 parity: install
-	$(PY) -m pytest -q -m parity tests/apps/fastfold/parity
+	$(PY) -m pytest -v -m parity tests/apps/fastfold/parity
 
 demo: install
 	rm -rf $(DEMO_OUT)
@@ -115,7 +115,43 @@ demo: install
 	  --precision fp32 --lr 1e-3 --out $(DEMO_OUT)/opensora/run
 	$(VENV)/bin/opensora sample --ckpt $(DEMO_OUT)/opensora/run --prompt "a red circle moving right on a blue background" \
 	  --num-frames 8 --resolution 24x40 --steps 10 --out $(DEMO_OUT)/opensora/sample.mp4
+	@echo "== ferryman finetune: a tiny random Llama finetuned on sums, then asked one"
+	$(PY) -m ferryman.apps.lm.tiny --family llama --out $(DEMO_OUT)/lm-tiny --data $(DEMO_OUT)/lm-data
+	$(VENV)/bin/ferryman finetune --model $(DEMO_OUT)/lm-tiny --data $(DEMO_OUT)/lm-data/sums.txt --out $(DEMO_OUT)/lm-run \
+	  --seq-len 64 --batch-size 4 --max-steps 20 --lr 3e-3 --eval-every 10 --memory gemini-auto
+	$(VENV)/bin/ferryman generate --model $(DEMO_OUT)/lm-run --prompt "3 plus 4 is" --max-new-tokens 8
 	@echo "demo outputs are in $(DEMO_OUT)/"
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-uv $(DEMO_OUT) .pytest_cache .ruff_cache *.egg-info
+
+# The GPU check (benchmarks/gpu_check.py; docs/benchmarks.md, "The GPU check"). gpu-check runs on a
+# lent GPU machine, whose own python3 holds torch (no .venv there); gpu-wheels fetches, here, the
+# Python 3.12 wheels of what that machine lacks into .whl/ (carried with the call); gpu-check-dry is
+# the same steps on CPU at toy sizes (tests/test_gpu_check.py runs it in make test); bench-report
+# regenerates docs/benchmarks.md from benchmarks/results/*.json.
+GPU_CHECK_OUT ?= benchmarks/results/gpu-check
+WHEEL_PLATFORMS := $(foreach n,17 24 27 28 31 34 35,--platform manylinux_2_$(n)_x86_64) \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+WHEELS_MAX_MIB := 60
+
+.PHONY: gpu-check gpu-check-dry gpu-wheels bench-report
+
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
+
+gpu-check-dry: install
+	$(PY) benchmarks/gpu_check.py --dry-run
+
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(PY) benchmarks/gpu_check.py --wheel-specs > .whl/specs.txt
+	while read -r spec; do \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    $(WHEEL_PLATFORMS) -d .whl "$$spec" || exit 1; \
+	done < .whl/specs.txt
+	@mib=$$(du -sm .whl | cut -f1); echo ".whl: $$(ls .whl/*.whl | wc -l) wheels, $$mib MiB (carry it: see docs/benchmarks.md)"; \
+	  [ $$mib -le $(WHEELS_MAX_MIB) ] || { echo "Error: .whl is over $(WHEELS_MAX_MIB) MiB; the device call carries 64 MiB in all"; exit 1; }
+
+bench-report: install
+	$(PY) benchmarks/report.py

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -112,23 +113,41 @@ def copy_gbps(device, num_bytes: int, *, repeat: int = 5) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def environment(device) -> dict:
+    """Where and when a run happened, for the JSON (docs/benchmarks.md shows it beside the tables).
+    The load average says how much else the machine was running: CPU timings need it."""
     device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {
+    env = {
         "device": f"{device.type}: {name}",
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "triton": triton_version,
         "python": sys.version.split()[0],
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg": list(os.getloadavg()),
     }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    return env
 
 
 def fmt(value, digits: int = 3) -> str:

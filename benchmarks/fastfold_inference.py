@@ -144,8 +144,9 @@ def run_path(model: AlphaFold, path: str, n_res: int, device: torch.device, repe
     return result
 
 
-def find_max_n_res(model: AlphaFold, device: torch.device, start: int, step: int) -> int | None:
-    """Largest multiple of ``step`` the default path runs without OOM (doubling, then bisection)."""
+def find_max_n_res(model: AlphaFold, device: torch.device, start: int, step: int, limit: int | None = None) -> int | None:
+    """Largest multiple of ``step`` the default path runs without OOM (doubling, then bisection);
+    the doubling stops at ``limit`` (a time bound: each try is one forward), which is returned if it fits."""
     configure(model, "default", device)
 
     def fits(n: int) -> bool:
@@ -163,7 +164,9 @@ def find_max_n_res(model: AlphaFold, device: torch.device, start: int, step: int
     lo, hi = None, start
     while fits(hi):
         print(f"  N_res={hi} fits", file=sys.stderr)
-        lo, hi = hi, hi * 2
+        if limit and hi >= limit:
+            return hi
+        lo, hi = hi, min(hi * 2, limit) if limit else hi * 2
     if lo is None:
         return None
     while hi - lo > step:
@@ -245,10 +248,14 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default="model_3_ptm")
     parser.add_argument("--n-res", type=int, nargs="*", help="default 256 512 1024 2048 3072 4096 (16 32 64 small)")
     parser.add_argument("--find-max", action="store_true", help="search the longest N_res the default path fits")
+    parser.add_argument("--max-n-res", type=int, help="--find-max: stop doubling here (a bound on the search's time)")
+    parser.add_argument("--step", type=int, default=256, help="--find-max: resolution of the bisection")
+    parser.add_argument("--repeat", type=int, help="CUDA: timed forwards per point (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: a shared machine)")
     parser.add_argument("--json", type=Path, help="default benchmarks/results/fastfold_inference-<device>.json")
     parser.add_argument("--memory", action="store_true", help="CPU peak memory against N_res (default 128 256 384 512)")
-    parser.add_argument("--blocks", type=int, default=1, help="--memory: Evoformer blocks (full width)")
+    parser.add_argument("--blocks", type=int, help="Evoformer blocks at full width, with one extra-MSA block "
+                        "(default: the preset's 48 and 4; --memory: 1)")
     parser.add_argument("--chunk-size", type=int, default=32, help="--memory: chunk size of the default path")
     parser.add_argument("--eager-max-n", type=int, default=384, help="--memory: largest N_res for the eager path "
                         "(its triangle-attention logits grow as N_res^3: 21 GB at 768)")  # fmt: skip
@@ -263,6 +270,7 @@ def main(argv=None) -> dict:
         print(json.dumps(memory_point(path, int(n), int(blocks), int(chunk), args.preset)))
         return {}
     if args.memory:
+        args.blocks = args.blocks or 1
         return run_memory_mode(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -270,10 +278,12 @@ def main(argv=None) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     sizes = args.n_res or ([16, 32, 48] if args.small else [256, 512, 1024, 2048, 3072, 4096])
-    repeat, warmup = (1, 0) if args.small or device.type == "cpu" else (3, 1)
-    model = build(args.preset, device, seed=0)
+    repeat, warmup = (1, 0) if args.small or device.type == "cpu" else (args.repeat or 3, 1)
+    depth = {"num_evoformer_blocks": args.blocks, "num_extra_msa_blocks": 1} if args.blocks else {}
+    model = build(args.preset, device, seed=0, **depth)
     params = sum(p.numel() for p in model.parameters())
-    result = {"env": common.environment(device), "preset": args.preset, "parameters": params, "rows": []}
+    result = {"env": common.environment(device), "preset": args.preset, "parameters": params,
+              "blocks": args.blocks, "repeat": repeat, "rows": []}  # fmt: skip
     eager_fits = True
     for n in sizes:
         row = {"N_res": n}
@@ -295,7 +305,9 @@ def main(argv=None) -> dict:
     if args.find_max:
         if device.type != "cuda":
             raise SystemExit("error: --find-max needs a CUDA device")
-        result["max_n_res_bf16"] = find_max_n_res(model, device, start=max(sizes), step=256)
+        result["max_n_res_bf16"] = find_max_n_res(model, device, start=max(sizes), step=args.step, limit=args.max_n_res)
+        result["find_max"] = {"start": max(sizes), "step": args.step, "limit": args.max_n_res,
+                              "at_limit": bool(args.max_n_res) and result["max_n_res_bf16"] == args.max_n_res}
     columns = ["N_res", "eager_ms", "default_ms", "speedup", "eager_peak_mib", "default_peak_mib", "memory_ratio"]
     print(f"\ndevice: {result['env']['device']}; {args.preset}, {params / 1e6:.1f}M parameters, "
           f"single-sequence MSA, one pass (num_recycle=0)\n")

@@ -4,6 +4,9 @@ A kernel sees every operand as a batch of matrices. Instead of coalescing batch 
 (and being limited to a fixed number of them), the host builds a small table with one row
 per batch index and one column per operand: the element offset of that operand's matrix.
 Broadcast dims get stride 0, so a pair bias [B, 1, H, Q, K] is read, never expanded.
+
+The columns are named once per table (``table_columns``): the host places each operand under its
+column's name and the kernel loads the same name, so the two cannot disagree on the order.
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ import contextlib
 import math
 
 import torch
+
+try:
+    from triton.language import constexpr as _column
+except ImportError:  # without Triton only the host reads the columns
+    _column = int
 
 
 def next_pow2(n: int) -> int:
@@ -61,18 +69,34 @@ def batch_strides(t: torch.Tensor | None, batch_shape: tuple[int, ...]) -> list[
     return out
 
 
-def offset_table(batch_shape, tensors, device) -> torch.Tensor:
-    """[prod(batch_shape), len(tensors)] int64 matrix offsets; None columns are 0."""
+def table_columns(count: int) -> tuple[tuple, object]:
+    """(column numbers 0..count-1, the row width) as compile-time constants a Triton kernel can read.
+
+    Kernels may read module globals only when they are ``tl.constexpr``; unpack the result into
+    named globals, e.g. ``(FWD_Q, FWD_K), FWD_WIDTH = table_columns(2)``.
+    """
+    return tuple(_column(i) for i in range(count)), _column(count)
+
+
+def offset_table(batch_shape, operands: dict, width, device) -> torch.Tensor:
+    """[prod(batch_shape), width] int64 matrix offsets, each operand in the column that is its key.
+
+    ``operands`` maps every column of the table (from ``table_columns``) to its tensor, or None
+    (offsets 0: the kernel does not read it).
+    """
+    columns = sorted(int(c) for c in operands)
+    if columns != list(range(int(width))):
+        raise ValueError(f"offset table of width {int(width)} given columns {columns}: name each column once")
     num = math.prod(batch_shape)
-    table = torch.zeros((*batch_shape, len(tensors)), dtype=torch.int64)
-    for col, t in enumerate(tensors):
+    table = torch.zeros((*batch_shape, int(width)), dtype=torch.int64)
+    for col, t in ((int(c), t) for c, t in operands.items()):
         for dim, stride in enumerate(batch_strides(t, tuple(batch_shape))):
             if stride:
                 view = [1] * len(batch_shape)
                 view[dim] = batch_shape[dim]
                 idx = torch.arange(batch_shape[dim], dtype=torch.int64).view(view)
                 table[..., col] += idx * stride
-    return table.reshape(num, len(tensors)).to(device)
+    return table.reshape(num, int(width)).to(device)
 
 
 def reduce_to(grad: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._layout import device_guard, lift, matrix_strides, next_pow2, offset_table, reduce_to
+from ._layout import device_guard, lift, matrix_strides, next_pow2, offset_table, reduce_to, table_columns
 from .backend import interpreter_enabled, resolve_backend
 from .softmax import mask_to_bool, softmax_ref
 
@@ -68,6 +68,11 @@ def attention(q, k, v, biases=(), mask=None, *, scale: float | None = None, back
 MAX_BIASES = 2  # the kernels take two bias pointers; further biases are summed beforehand
 MAX_HEAD_DIM = 256  # SD UNet heads reach 160; wider heads take the reference
 
+# Columns of the offset tables (one row per batch index): the forward kernel's, and the one both
+# backward kernels share. delta has lse's shape, so it is read at the LSE column's offset.
+(FWD_Q, FWD_K, FWD_V, FWD_OUT, FWD_LSE, FWD_B0, FWD_B1, FWD_MASK), FWD_WIDTH = table_columns(8)
+(BWD_Q, BWD_K, BWD_V, BWD_DO, BWD_LSE, BWD_B0, BWD_B1, BWD_MASK, BWD_DQ, BWD_DK, BWD_DV), BWD_WIDTH = table_columns(11)
+
 
 def _check_shapes(q, k, v):
     if q.shape[-1] != k.shape[-1] or v.shape[-1] != q.shape[-1]:
@@ -111,7 +116,8 @@ def _attn_forward(q, k, v, biases, mask, scale, batch):
     o = torch.empty((*batch, n_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((*batch, n_q, 1), dtype=torch.float32, device=q.device)
     b0, b1, mask = _bias_args(biases, mask)
-    table = offset_table(batch, [q, k, v, o, lse, b0, b1, mask], q.device)
+    operands = {FWD_Q: q, FWD_K: k, FWD_V: v, FWD_OUT: o, FWD_LSE: lse, FWD_B0: b0, FWD_B1: b1, FWD_MASK: mask}
+    table = offset_table(batch, operands, FWD_WIDTH, q.device)
     block_d = max(16, next_pow2(head_dim))
     cfg = kernel_config("fwd", n_q, block_d, q.dtype)
     grid = (table.shape[0], triton.cdiv(n_q, cfg["BLOCK_M"]))
@@ -150,7 +156,9 @@ def _attn_backward(ctx, do):
     dv = torch.empty_like(dk)
     mask = mask if ctx.has_mask else None
     b0, b1, mask = _bias_args(biases, mask)
-    table = offset_table(batch, [q, k, v, do, lse, b0, b1, mask, dq, dk, dv], q.device)
+    operands = {BWD_Q: q, BWD_K: k, BWD_V: v, BWD_DO: do, BWD_LSE: lse, BWD_B0: b0, BWD_B1: b1, BWD_MASK: mask,
+                BWD_DQ: dq, BWD_DK: dk, BWD_DV: dv}
+    table = offset_table(batch, operands, BWD_WIDTH, q.device)
     block_d = max(16, next_pow2(head_dim))
     cfg = kernel_config("bwd", n_q, block_d, q.dtype)
     common = dict(NUM_BIAS=len(biases), HAS_MASK=mask is not None, BLOCK_D=block_d, **cfg)
@@ -263,15 +271,15 @@ if triton is not None:
         NUM_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        row = TABLE + tl.program_id(0).to(tl.int64) * 8
-        Q += tl.load(row)
-        K += tl.load(row + 1)
-        V += tl.load(row + 2)
-        OUT += tl.load(row + 3)
-        LSE += tl.load(row + 4)
-        B0 += tl.load(row + 5)
-        B1 += tl.load(row + 6)
-        MASK += tl.load(row + 7)
+        row = TABLE + tl.program_id(0).to(tl.int64) * FWD_WIDTH
+        Q += tl.load(row + FWD_Q)
+        K += tl.load(row + FWD_K)
+        V += tl.load(row + FWD_V)
+        OUT += tl.load(row + FWD_OUT)
+        LSE += tl.load(row + FWD_LSE)
+        B0 += tl.load(row + FWD_B0)
+        B1 += tl.load(row + FWD_B1)
+        MASK += tl.load(row + FWD_MASK)
         offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < head_dim
@@ -310,18 +318,18 @@ if triton is not None:
         NUM_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        row = TABLE + tl.program_id(0).to(tl.int64) * 11
-        Q += tl.load(row)
-        K += tl.load(row + 1)
-        V += tl.load(row + 2)
-        DO += tl.load(row + 3)
-        LSE += tl.load(row + 4)
-        DELTA += tl.load(row + 4)
-        B0 += tl.load(row + 5)
-        B1 += tl.load(row + 6)
-        MASK += tl.load(row + 7)
-        DK += tl.load(row + 9)
-        DV += tl.load(row + 10)
+        row = TABLE + tl.program_id(0).to(tl.int64) * BWD_WIDTH
+        Q += tl.load(row + BWD_Q)
+        K += tl.load(row + BWD_K)
+        V += tl.load(row + BWD_V)
+        DO += tl.load(row + BWD_DO)
+        LSE += tl.load(row + BWD_LSE)
+        DELTA += tl.load(row + BWD_LSE)
+        B0 += tl.load(row + BWD_B0)
+        B1 += tl.load(row + BWD_B1)
+        MASK += tl.load(row + BWD_MASK)
+        DK += tl.load(row + BWD_DK)
+        DV += tl.load(row + BWD_DV)
         offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < head_dim
@@ -369,12 +377,12 @@ if triton is not None:
             kv_ok = (offs_n[:, None] < n_k) & d_ok[None, :]
             db = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for r in range(0, num_r):
-                row = TABLE + (group * num_r + r) * 11
-                q_off = tl.load(row)
-                k_off = tl.load(row + 1)
-                v_off = tl.load(row + 2)
-                do_off = tl.load(row + 3)
-                lse_off = tl.load(row + 4)
+                row = TABLE + (group * num_r + r) * BWD_WIDTH
+                q_off = tl.load(row + BWD_Q)
+                k_off = tl.load(row + BWD_K)
+                v_off = tl.load(row + BWD_V)
+                do_off = tl.load(row + BWD_DO)
+                lse_off = tl.load(row + BWD_LSE)
                 q = tl.load(Q + q_off + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_ok, other=0.0)
                 do = tl.load(DO + do_off + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=q_ok, other=0.0)
                 lse = tl.load(LSE + lse_off + offs_m, mask=offs_m < n_q, other=float("inf"))
@@ -382,8 +390,8 @@ if triton is not None:
                 k = tl.load(K + k_off + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
                 v = tl.load(V + v_off + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-                s = _scores(qk, offs_m, offs_n, n_q, n_k, B0 + tl.load(row + 5), B1 + tl.load(row + 6),
-                            MASK + tl.load(row + 7), sb0m, sb0n, sb1m, sb1n, smm, smn,
+                s = _scores(qk, offs_m, offs_n, n_q, n_k, B0 + tl.load(row + BWD_B0), B1 + tl.load(row + BWD_B1),
+                            MASK + tl.load(row + BWD_MASK), sb0m, sb0n, sb1m, sb1n, smm, smn,
                             scale_log2, NUM_BIAS, HAS_MASK)
                 p = tl.exp2(s - lse[:, None])
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -396,6 +404,6 @@ if triton is not None:
                 tile = group * n_q * n_k + offs_m[:, None] * n_k + offs_n[None, :]
                 tl.store(DB + tile, db, mask=(offs_m[:, None] < n_q) & (offs_n[None, :] < n_k))
         if COMPUTE_DQ:
-            dq_off = tl.load(TABLE + group * num_r * 11 + 8)
+            dq_off = tl.load(TABLE + group * num_r * BWD_WIDTH + BWD_DQ)
             dq_ptr = DQ + dq_off + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd
             tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)

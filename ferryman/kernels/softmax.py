@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._layout import device_guard, lift, matrix_strides, offset_table, reduce_to, row_launch_config
+from ._layout import (
+    device_guard,
+    lift,
+    matrix_strides,
+    offset_table,
+    reduce_to,
+    row_launch_config,
+    table_columns,
+)
 from .backend import interpreter_enabled, resolve_backend
 
 try:
@@ -59,6 +67,11 @@ def softmax(x: torch.Tensor, mask=None, bias=None, *, backend: str = "auto") -> 
 MAX_COLS = 65536  # one row lives in registers; longer rows take the reference
 
 
+# Columns of the offset tables (one row per batch index) of the forward and the backward kernel.
+(FWD_X, FWD_Y, FWD_BIAS, FWD_MASK), FWD_WIDTH = table_columns(4)
+(BWD_Y, BWD_DY, BWD_DX), BWD_WIDTH = table_columns(3)
+
+
 def _launch_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     return row_launch_config(n_rows, n_cols, interpreter_enabled())
 
@@ -74,7 +87,7 @@ def _softmax_forward(x, mask, bias):
     bias = lift(bias, rank)
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     batch, (n_rows, n_cols) = tuple(x2.shape[:-2]), x2.shape[-2:]
-    table = offset_table(batch, [x2, y, bias, mask], x.device)
+    table = offset_table(batch, {FWD_X: x2, FWD_Y: y, FWD_BIAS: bias, FWD_MASK: mask}, FWD_WIDTH, x.device)
     block_r, block_c, warps = _launch_config(n_rows, n_cols)
     grid = (table.shape[0], triton.cdiv(n_rows, block_r))
     _softmax_fwd_kernel[grid](
@@ -90,7 +103,7 @@ def _softmax_backward(y, dy):
     y2, dy2 = _as_matrix_batch(y), _as_matrix_batch(dy)
     dx = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
     batch, (n_rows, n_cols) = tuple(y2.shape[:-2]), y2.shape[-2:]
-    table = offset_table(batch, [y2, dy2, dx], y.device)
+    table = offset_table(batch, {BWD_Y: y2, BWD_DY: dy2, BWD_DX: dx}, BWD_WIDTH, y.device)
     block_r, block_c, warps = _launch_config(n_rows, n_cols)
     grid = (table.shape[0], triton.cdiv(n_rows, block_r))
     _softmax_bwd_kernel[grid](
@@ -142,14 +155,15 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_C)
         inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         r, c = rows[:, None], cols[None, :]
-        x = tl.load(X + tl.load(TABLE + pid_b * 4) + r * sxr + c * sxc, mask=inside, other=0.0)
+        row = TABLE + pid_b * FWD_WIDTH
+        x = tl.load(X + tl.load(row + FWD_X) + r * sxr + c * sxc, mask=inside, other=0.0)
         x = x.to(tl.float32)
         if HAS_BIAS:
-            b = tl.load(BIAS + tl.load(TABLE + pid_b * 4 + 2) + r * sbr + c * sbc, mask=inside, other=0.0)
+            b = tl.load(BIAS + tl.load(row + FWD_BIAS) + r * sbr + c * sbc, mask=inside, other=0.0)
             x += b.to(tl.float32)
         keep = inside
         if HAS_MASK:
-            m = tl.load(MASK + tl.load(TABLE + pid_b * 4 + 3) + r * smr + c * smc, mask=inside, other=0)
+            m = tl.load(MASK + tl.load(row + FWD_MASK) + r * smr + c * smc, mask=inside, other=0)
             keep = keep & (m != 0)
         x = tl.where(keep, x, float("-inf"))
         row_max = tl.max(x, axis=1)
@@ -159,7 +173,7 @@ if triton is not None:
         denom = tl.sum(e, axis=1)
         denom = tl.where(denom == 0.0, 1.0, denom)
         y = e / denom[:, None]
-        y_ptr = Y + tl.load(TABLE + pid_b * 4 + 1) + r * syr + c * syc
+        y_ptr = Y + tl.load(row + FWD_Y) + r * syr + c * syc
         tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=inside)
 
     @triton.jit
@@ -172,10 +186,11 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_C)
         inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         r, c = rows[:, None], cols[None, :]
-        y = tl.load(Y + tl.load(TABLE + pid_b * 3) + r * syr + c * syc, mask=inside, other=0.0)
-        dy = tl.load(DY + tl.load(TABLE + pid_b * 3 + 1) + r * sdyr + c * sdyc, mask=inside, other=0.0)
+        row = TABLE + pid_b * BWD_WIDTH
+        y = tl.load(Y + tl.load(row + BWD_Y) + r * syr + c * syc, mask=inside, other=0.0)
+        dy = tl.load(DY + tl.load(row + BWD_DY) + r * sdyr + c * sdyc, mask=inside, other=0.0)
         y, dy = y.to(tl.float32), dy.to(tl.float32)
         dot = tl.sum(y * dy, axis=1)
         dx = y * (dy - dot[:, None])
-        dx_ptr = DX + tl.load(TABLE + pid_b * 3 + 2) + r * sdxr + c * sdxc
+        dx_ptr = DX + tl.load(row + BWD_DX) + r * sdxr + c * sdxc
         tl.store(dx_ptr, dx.to(DX.dtype.element_ty), mask=inside)

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from ferryman.apps.diffusion.loss import LossConfig
 from ferryman.core.errors import ConfigError
-from ferryman.core.gemini.config import GeminiConfig, OptimConfig
+from ferryman.core.gemini.config import GeminiConfig
+from ferryman.core.optim import OptimConfig
 from ferryman.core.training import TrainConfig
 
 PRECISIONS = ("fp32", "fp16", "bf16")

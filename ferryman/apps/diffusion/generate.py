@@ -18,12 +18,13 @@ import torch
 from ferryman.apps.diffusion.attention import set_attention
 from ferryman.apps.diffusion.config import GenerateConfig
 from ferryman.apps.diffusion.lora import WEIGHT_NAME
+from ferryman.apps.diffusion.loss import PREDICTION_TYPES
 from ferryman.apps.diffusion.parts import check_model_dir, loading_bars
 from ferryman.apps.diffusion.report import save_png
-from ferryman.apps.diffusion.train import resolve_device
 from ferryman.core.errors import UserError
 from ferryman.core.files import check_model_folder, check_safetensors, check_writable, reading, refuse_pickled
 from ferryman.core.io import write_text
+from ferryman.core.runtime import DTYPES, pick_device
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
               "dpm++": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler"}
@@ -32,7 +33,7 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp16" and device.type == "cpu":
         return torch.float32  # CPU half-precision convolutions are slow or missing
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return DTYPES[precision]
 
 
 def dtype_kw(dtype: torch.dtype) -> dict:
@@ -70,6 +71,9 @@ def _checkpoint_state(state_file: Path) -> dict:
         state = json.loads(state_file.read_text(encoding="utf-8"))
     if not isinstance(state, dict) or not isinstance(state.get("base_model"), str):
         raise UserError(f"{state_file}: no base_model recorded; not a checkpoint sd-finetune wrote")
+    kind = state.get("prediction_type", "")
+    if kind and kind not in PREDICTION_TYPES:
+        raise UserError(f"{state_file}: prediction_type {kind!r} is not one of {', '.join(PREDICTION_TYPES)}")
     return state
 
 
@@ -87,6 +91,9 @@ def _from_checkpoint(path: Path, state: dict, dtype: torch.dtype, lora_file: Pat
     if (path / "text_encoder").is_dir():
         parts["text_encoder"] = CLIPTextModel.from_pretrained(str(path / "text_encoder"), **dtype_kw(dtype))
     pipe = StableDiffusionPipeline.from_pretrained(str(base), **dtype_kw(dtype), **parts)
+    trained = state.get("prediction_type")  # absent in checkpoints written before it was recorded
+    if trained and pipe.scheduler.config.get("prediction_type") != trained:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=trained)
     if (path / WEIGHT_NAME).is_file():
         _load_lora(pipe, path / WEIGHT_NAME, f"--model {path}")
     if lora_file:
@@ -151,7 +158,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> list[Path]:
     if not cfg.model or not cfg.out or not cfg.prompts:
         raise UserError("--model, --prompt and --out are required")
     check_writable(cfg.out, "output folder (--out)")  # before the sampling work, not after it
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device, flag="--device")
     dtype = compute_dtype(cfg.precision, device)
     with loading_bars(progress):
         pipe = load_pipeline(cfg.model, dtype=dtype, lora=cfg.lora)

@@ -17,8 +17,7 @@ from ferryman.apps.diffusion.lora import TEXT_TARGETS, UNET_TARGETS, add_lora
 from ferryman.apps.diffusion.loss import TrainModule
 from ferryman.core.errors import UserError
 from ferryman.core.files import check_model_folder
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ferryman.core.runtime import DTYPES
 
 
 @dataclass(kw_only=True)

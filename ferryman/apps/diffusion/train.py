@@ -43,14 +43,6 @@ class FinetuneResult:
     is_main: bool = True  # the process that wrote the outputs (rank 0 of a data-parallel run)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible; use --device cpu")
-    return torch.device(name)
-
-
 def scan_data(cfg: FinetuneConfig) -> tuple[data_mod.Scan, data_mod.Scan | None]:
     """The training images with their captions, and DreamBooth's class images (or None)."""
     d = cfg.data
@@ -99,8 +91,8 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> FinetuneResult:
     anything is written, so bad input leaves no new files behind.
     """
     from ferryman.core.parallel import init_parallel
+    from ferryman.core.runtime import pick_device
     from ferryman.core.training import train
-    from ferryman.core.training.loop import pick_device
 
     if not cfg.model or not cfg.out or not cfg.data.path:
         raise UserError("--model, --data and --out are required")

@@ -21,7 +21,7 @@ from ferryman.core.errors import UserError
 class LoadedModel:
     name: str
     model: object  # ferryman.apps.fastfold.model.AlphaFold (imported lazily)
-    inputs: InputConfig
+    inputs: InputConfig  # a MultimerInputConfig for multimer models
     num_recycle: int | None = None  # None: the model config's (AF2: 3); a trained run: its max_recycle
     weights: str = ""  # what was loaded, for run_info.json
 
@@ -44,18 +44,28 @@ def _model_config(name: str, opts):
     from ferryman.apps.fastfold import presets
 
     if opts.random_weights:  # the smallest network with every module; the outputs say it is random
-        return presets.tiny(heads=presets.HeadsConfig(plddt_channels=8, ptm=name.endswith("_ptm")))
-    if opts.preset is not None:  # small networks in the official layout (tests, demos)
+        cfg = presets.tiny(heads=presets.HeadsConfig(plddt_channels=8, ptm=name.endswith("_ptm")))
+    elif opts.preset is not None:  # small networks in the official layout (tests, demos)
         cfg = presets.get_preset(opts.preset)
         if name in presets.MODEL_NAMES:
             cfg = dataclasses.replace(cfg, heads=dataclasses.replace(cfg.heads, ptm=name.endswith("_ptm")))
-        return cfg
-    return presets.alphafold(name)
+    else:
+        return presets.alphafold(name)
+    if presets.is_multimer(name):  # a small network as the multimer (AF2's early stop included)
+        cfg = presets.as_multimer(cfg, recycle_early_stop_tolerance=0.5)
+    return cfg
 
 
 def _input_config(name: str, cfg, opts) -> InputConfig:
     from ferryman.apps.fastfold import presets
 
+    if cfg.multimer:
+        from ferryman.apps.fastfold.data.multimer_transforms import MultimerInputConfig
+
+        settings = presets.data_settings(name) if name in presets.MULTIMER_NAMES else {}
+        base = MultimerInputConfig(**{k: settings[k] for k in ("max_msa_clusters", "max_extra_msa") if k in settings})
+        names = {f.name for f in dataclasses.fields(MultimerInputConfig)}
+        return dataclasses.replace(base, **{k: v for k, v in opts.inputs.items() if k in names})
     base = InputConfig()
     if name in presets.MODEL_NAMES:
         settings = presets.data_settings(name)
@@ -105,6 +115,7 @@ def _safetensors_model(source: ModelSource, opts) -> LoadedModel:
 
 def load_models(sources: list[ModelSource], opts) -> list[LoadedModel]:
     """Build and load every model up front, so corrupt params fail before any output is written."""
+    from ferryman.apps.fastfold import multimer_weights
     from ferryman.apps.fastfold.model import random_weights_model
     from ferryman.apps.fastfold.weights import model_from_official_params
 
@@ -118,6 +129,8 @@ def load_models(sources: list[ModelSource], opts) -> list[LoadedModel]:
             cfg, run = _model_config(source.name, opts), run_options(opts)
             if source.path is None:
                 model = random_weights_model(cfg, seed=opts.seed + index, run=run)
+            elif cfg.multimer:
+                model = multimer_weights.model_from_official_params(cfg, source.path, run=run)
             else:
                 model = model_from_official_params(cfg, source.path, run=run)
             item = LoadedModel(name=source.name, model=model, inputs=_input_config(source.name, cfg, opts),
@@ -132,19 +145,9 @@ def load_models(sources: list[ModelSource], opts) -> list[LoadedModel]:
 
 
 def _device(opts):
-    import torch
+    from ferryman.core.runtime import pick_device
 
-    if opts.dims is not None and opts.dims.world_size > 1:
-        return opts.dims.device
-    if opts.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(opts.device)
-    except RuntimeError:
-        raise UserError(f"--device {opts.device!r} is not a device name (cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {opts.device}: no CUDA device is available")
-    return device
+    return pick_device(opts.device, opts.dims, flag="--device")
 
 
 def _to_batch(feats: dict, use_templates: bool, device) -> dict:
@@ -152,8 +155,10 @@ def _to_batch(feats: dict, use_templates: bool, device) -> dict:
 
     batch = {}
     for key, value in feats.items():
+        # No templates: the monomer skips the embedder instead of attending over nothing. (The
+        # multimer always has its template slots: empty ones count in its mean.)
         if key.startswith("template_") and (not use_templates or feats["template_aatype"].shape[0] == 0):
-            continue  # no templates: the model skips the embedder instead of attending over nothing
+            continue
         if isinstance(value, np.ndarray) and value.dtype != object:
             batch[key] = torch.from_numpy(np.ascontiguousarray(value)).to(device)
     if batch["extra_msa"].shape[0] == 0:  # AF2 pads to a fixed size; one masked row is enough
@@ -175,8 +180,10 @@ def run_model(loaded: LoadedModel, feats: dict, opts) -> dict:
         out = model(batch, num_recycle=num_recycle, pair_logits=False)  # no [N, N, 64] logits
     keys = ("final_atom_positions", "final_atom_mask", "plddt", "predicted_aligned_error")
     result = {k: out[k].float().cpu().numpy() for k in keys if k in out}
-    for key in ("max_predicted_aligned_error", "ptm"):
+    for key in ("max_predicted_aligned_error", "ptm", "iptm", "ranking_confidence"):
         if key in out:
             result[key] = float(out[key])
+    if "num_recycles" in out:
+        result["num_recycles"] = int(out["num_recycles"])
     loaded.model.to("cpu")
     return result

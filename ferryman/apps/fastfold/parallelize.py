@@ -143,6 +143,10 @@ class DAPEvoformerBlock(EvoformerBlock):
                 chunk_size: int | None = None, inplace: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
         shards = self.shards
         rows_mask, cols_mask = shards.mine(msa_mask, 0), shards.mine(msa_mask, 1)
+        if self.outer_product_first:  # AlphaFold-Multimer: the pair sees the block's input MSA
+            m_col = all_to_all(m_loc, scatter_dim=1, gather_dim=0, group=shards.group)  # [S_p, N_p / P, c_m]
+            z_loc = add_(z_loc, self._outer_product_mean(m_col, cols_mask, msa_mask, chunk_size), inplace)
+            del m_col
         row_att = self.msa_row_attention_with_pair_bias
         bias, handle = gather_async(row_att.pair_bias(z_loc, chunk_size), 1, shards.group)  # [H, N_p, N_p]
         m_loc = add_(m_loc, row_att(m_loc, None, rows_mask, chunk_size, bias=wait(bias, handle)), inplace)
@@ -152,12 +156,17 @@ class DAPEvoformerBlock(EvoformerBlock):
         m_col = add_(m_col, self.msa_transition(m_col, cols_mask, chunk_size), inplace)
         # Start re-sharding the MSA by rows; the outer product mean works on the column shards meanwhile.
         m_next, m_handle = all_to_all_async(m_col, scatter_dim=0, gather_dim=1, group=shards.group)
-        opm = self.outer_product_mean
-        a, b = opm.projections(m_col, cols_mask)
-        b_full = gather(b, 1, shards.group)  # [S_p, N_p, c]
-        z_loc = add_(z_loc, opm.combine(a, b_full, cols_mask, msa_mask, chunk_size), inplace)
+        if not self.outer_product_first:
+            z_loc = add_(z_loc, self._outer_product_mean(m_col, cols_mask, msa_mask, chunk_size), inplace)
         z_loc = self.pair_stack(z_loc, pair_mask, chunk_size, inplace)
         return wait(m_next, m_handle), z_loc
+
+    def _outer_product_mean(self, m_col: Tensor, cols_mask: Tensor, msa_mask: Tensor, chunk_size) -> Tensor:
+        """The pair update of this rank's rows from the MSA sharded by columns."""
+        opm = self.outer_product_mean
+        a, b = opm.projections(m_col, cols_mask)
+        b_full = gather(b, 1, self.shards.group)  # [S_p, N_p, c]
+        return opm.combine(a, b_full, cols_mask, msa_mask, chunk_size)
 
 
 class DAPEvoformerStack(EvoformerStack):

@@ -63,7 +63,7 @@ def data_check(csv, buckets, frame_stride, backend, dp, config_file, overrides) 
     Examples:
       opensora data check data/opensora/clips.csv
       opensora data check clips.csv --bucket 256:16:2 --bucket 512:16:1 --frame-stride 2
-      opensora data check clips.csv --config run/config.yaml
+      opensora data check clips.csv --config run/opensora.yaml
     """
     from .config import resolve
     from .data import describe, index_clips
@@ -117,8 +117,8 @@ def train(csv, text_encoder, vae, preset, buckets, frame_stride, backend, grad_c
           --preset debug --bucket 32:8:2 --set data.size_multiple=8 --max-steps 20 --out run
       opensora train --out run --resume latest --max-steps 40
       opensora train --config run/opensora.yaml --set preset=tiny --memory gemini-offload --out run-tiny
-      torchrun --nproc-per-node 2 -m ferryman.apps.opensora.cli train --sp 2 --config run/opensora.yaml
-      torchrun --nproc-per-node 4 -m ferryman.apps.opensora.cli train --sp 2 --config run/opensora.yaml
+      torchrun --nproc-per-node 2 -m ferryman.apps.opensora.cli train --sp 2 --config run/opensora.yaml --out run-sp
+      torchrun --nproc-per-node 4 -m ferryman.apps.opensora.cli train --sp 2 --config run/opensora.yaml --out run-dp-sp
         (2 data-parallel groups of 2 sequence-parallel ranks; the global batch is 2 x the bucket batch)
     \b
     --resume latest (or a checkpoint folder) continues a run; its saved opensora.yaml supplies every
@@ -160,7 +160,7 @@ def sample(ckpt, prompts, num_frames, resolution, steps, cfg_scale, fps, seed, t
       opensora sample --ckpt run --prompt "a red circle moving right on a blue background" \\
           --num-frames 8 --resolution 48x64 --steps 20 --cfg-scale 4 --out circle.mp4
     """
-    import torch
+    from ferryman.core.runtime import pick_device
 
     from .data import write_mp4
     from .sample import load_for_sampling, parse_resolution, sample_latents, to_uint8, write_sidecar
@@ -172,7 +172,7 @@ def sample(ckpt, prompts, num_frames, resolution, steps, cfg_scale, fps, seed, t
     if num_frames < 1 or steps < 1:
         raise UserError("--num-frames and --steps must be at least 1")
     paths = _sample_paths(out, len(prompts))  # an output that cannot be written fails before any work
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     model, cfg = load_for_sampling(ckpt, device, use_ema=not no_ema)
     text_dir, vae_dir = text_encoder or cfg.text_encoder, vae or cfg.vae
     check_encoder_folders(text_dir, vae_dir)

@@ -13,9 +13,9 @@ from typing import Any
 
 from ferryman.core.config import layered, nest, override_layers, parse_override, read_mapping, to_dict
 from ferryman.core.errors import ConfigError
-from ferryman.core.gemini.config import OptimConfig
+from ferryman.core.optim import OptimConfig
 from ferryman.core.training.config import TrainConfig as CoreTrainConfig
-from ferryman.kernels import BACKENDS
+from ferryman.kernels.backend import BACKENDS
 
 from .model.config import STDiTConfig
 from .presets import model_preset
@@ -122,7 +122,8 @@ class DataConfig:
 def _default_train() -> CoreTrainConfig:
     # EMA 0.999 rather than Open-Sora's 0.9999: runs of a few thousand steps should sample from
     # averaged weights, not from weights still close to the initialisation.
-    return CoreTrainConfig(out_dir="opensora-run", max_steps=100, precision="bf16", ema_decay=0.999,
+    # config_file="": the run folder holds one config, opensora.yaml (APP_CONFIG), that --config reads back
+    return CoreTrainConfig(out_dir="opensora-run", max_steps=100, precision="bf16", ema_decay=0.999, config_file="",
                            optim=OptimConfig(lr=1e-4), schedule="constant", ckpt_every=50)
 
 

@@ -23,10 +23,6 @@ _SIZES: dict[str, dict] = {
 }
 
 
-def preset_names() -> list[str]:
-    return list(_SIZES)
-
-
 def model_preset(name: str, **overrides) -> STDiTConfig:
     """The STDiTConfig of a preset, with size fields overridden by keyword."""
     if name not in _SIZES:

@@ -13,6 +13,7 @@ from torch import Tensor
 from ferryman.core.config import from_dict, read_mapping
 from ferryman.core.errors import UserError
 from ferryman.core.files import check_safetensors, load_safetensors, reading
+from ferryman.core.training.checkpoint import CheckpointStore
 
 from .config import APP_CONFIG, DiffusionConfig, OpenSoraConfig, RuntimeConfig, migrate
 from .diffusion import build_scheduler, guided
@@ -38,23 +39,17 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint, from checkpoints/latest)."""
+    """A checkpoint folder, or a run folder (its newest complete checkpoint under checkpoints/)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"--ckpt {path}: no such run or checkpoint folder")
     markers = ("trainer.json", "ema.safetensors", "model.safetensors", "gemini.json")
     if any((path / m).is_file() for m in markers):
         return path
-    pointer = path / "checkpoints" / "latest"
-    if pointer.is_file():
-        with reading(pointer, "checkpoint pointer"):
-            name = pointer.read_text(encoding="utf-8").strip()
-        folder = path / "checkpoints" / name
-        if not name or Path(name).name != name or not folder.is_dir():
-            raise UserError(f"{pointer}: names no checkpoint folder beside it ({name[:40]!r}); "
-                            "pass a checkpoint folder (checkpoints/step-*) as --ckpt")
-        return folder
-    raise UserError(f"{path}: no checkpoint here (expected a run folder with checkpoints/latest, "
+    newest = CheckpointStore(path / "checkpoints").newest()
+    if newest is not None:
+        return newest
+    raise UserError(f"{path}: no checkpoint here (expected a run folder with checkpoints/step-*, "
                     "or a checkpoint folder with ema.safetensors or model.safetensors)")
 
 

@@ -19,6 +19,7 @@ from ferryman.core.config import save_config
 from ferryman.core.errors import ConfigError, UserError
 from ferryman.core.files import check_writable
 from ferryman.core.parallel import ParallelDims
+from ferryman.core.runtime import pick_device
 
 from .config import APP_CONFIG, OpenSoraConfig
 from .data import build_loader as build_clip_loader
@@ -109,7 +110,9 @@ def diffusion_loss(cfg: OpenSoraConfig, model, inputs: dict, generator: torch.Ge
     """The scheduler's loss of ``model`` (an STDiT or an engine wrapping one) on encoded inputs."""
     scheduler = build_scheduler(cfg.diffusion)
     latents = inputs["latents"]
-    drop = None
+    # Never None: without dropout, an all-False mask still puts the null caption in the graph (with a
+    # zero gradient), which data-parallel reductions that wait for every parameter need.
+    drop = torch.zeros(latents.shape[0], dtype=torch.bool, device=latents.device)
     if cfg.diffusion.caption_dropout > 0:
         drop = torch.rand(latents.shape[0], generator=generator, device=latents.device) < cfg.diffusion.caption_dropout
 
@@ -141,11 +144,19 @@ class LossFn:
         return loss, {"skipped_clips": float(batch["num_skipped"])}
 
     def _zero(self, engine) -> Tensor:
+        """A loss of 0 through the graph of a real step: the STDiT gets the conditioning a batch
+        gives (fps, frame size, caption dropout), so every trainable parameter receives a (zero)
+        gradient and the data-parallel reduction (DDP's buckets, Gemini's chunks), which waits for
+        every one, completes beside ranks that train on real clips."""
         m = self.cfg.model
-        device = self.encoders.vae.device
-        x = torch.zeros(1, m.in_channels, m.patch_size[0], 2 * m.patch_size[1], 2 * m.patch_size[2], device=device)
-        y = torch.zeros(1, 1, m.caption_channels, device=device)
-        return engine(x, torch.zeros(1, device=device), y).float().sum() * 0.0
+        device = engine.device
+        latents = torch.zeros(1, m.in_channels, m.patch_size[0], 2 * m.patch_size[1], 2 * m.patch_size[2], device=device)
+        side = torch.tensor([8.0 * m.patch_size[1]], device=device)  # any size: its embedding is multiplied by 0
+        inputs = {"latents": latents, "y": torch.zeros(1, 1, m.caption_channels, device=device),
+                  "mask": torch.ones(1, 1, dtype=torch.bool, device=device), "fps": torch.ones(1, device=device),
+                  "height": side, "width": side}  # fmt: skip
+        generator = torch.Generator(device=device).manual_seed(0)
+        return diffusion_loss(self.cfg, engine, inputs, generator) * 0.0
 
 
 def absolute_paths(cfg: OpenSoraConfig) -> OpenSoraConfig:
@@ -174,9 +185,7 @@ def run_train(cfg: OpenSoraConfig, *, quiet: bool = False):
         check_writable(cfg.text_cache, "text cache folder (--text-cache)")
     check_encoder_folders(cfg.text_encoder, cfg.vae)
     dims = init_parallel(sp=cfg.sp)
-    device = dims.device if dims.world_size > 1 else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    if cfg.train.device == "cpu":
-        device = torch.device("cpu")
+    device = pick_device(cfg.train.device, dims)  # where the loop puts the engine too
     loader = build_loader(cfg, dims)  # a bad table or bucket config is found before any model is loaded
     encoders = build_encoders(cfg, device)
     if dims.is_main:  # the run's settings; whether to resume is each command's own choice

@@ -12,8 +12,9 @@ Folder layout::
 Format ``ferryman-gemini-2``. Format 1 kept one step count per chunk (``c{i}.step``); it still
 loads, every parameter of a chunk taking that chunk's count, as it had in the run that wrote it.
 
-Loading reassembles per-parameter tensors from every shard file and repacks them in the current
-layout, so a run may resume on a different number of ranks or with different chunk sizes.
+``read_full`` reassembles per-parameter tensors from every shard file and the engine repacks them
+in its current layout (``GeminiEngine.load``), so a run may resume on a different number of ranks
+or with different chunk sizes.
 Everything is safetensors and JSON: no pickled code is run.
 """
 
@@ -27,7 +28,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ferryman.core.errors import UserError
-from ferryman.core.gemini.state import MOMENTS, optim_state
+from ferryman.core.gemini.chunk import Chunk
+from ferryman.core.gemini.state import MOMENTS, Ranks, optim_state
 from ferryman.core.io import atomic_path, write_text
 
 LAYOUT = "gemini.json"
@@ -39,11 +41,15 @@ def _shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}.safetensors"
 
 
-def save_sharded(engine, folder: str | Path) -> None:
-    """Write this rank's shards (every rank calls it) and, on rank 0, the layout file."""
+def save_sharded(folder: str | Path, chunks: list[Chunk], ranks: Ranks, *, buffers: dict[str, torch.Tensor], header: dict) -> None:
+    """Write this rank's shards (every rank calls it) and, on rank 0, the layout file.
+
+    ``header``: the engine's fields of the layout file (dtype, loss scaler, aliases); ``buffers``
+    are written by rank 0.
+    """
     folder = Path(folder)
     tensors: dict[str, torch.Tensor] = {}
-    for chunk in engine.chunks:
+    for chunk in chunks:
         key = f"c{chunk.index}"
         if chunk.master is None:
             tensors[f"{key}.shard"] = chunk.shard.detach().cpu()
@@ -52,30 +58,19 @@ def save_sharded(engine, folder: str | Path) -> None:
         state = optim_state(chunk)
         for name in (*MOMENTS, "steps"):
             tensors[f"{key}.{name}"] = state[name].cpu()
-    if engine.rank == 0:
-        tensors |= {f"buffer.{n}": b.detach().cpu() for n, b in engine.module.named_buffers()}
-    with atomic_path(folder / _shard_name(engine.rank, engine.world)) as tmp:
+    if ranks.rank == 0:
+        tensors |= {f"buffer.{n}": b.detach().cpu() for n, b in buffers.items()}
+    with atomic_path(folder / _shard_name(ranks.rank, ranks.world)) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    if engine.rank == 0:
-        layout = {
-            "format": FORMAT,
-            "world_size": engine.world,
-            "dtype": str(engine.dtype).removeprefix("torch."),
-            "loss_scale": engine.scaler.scale,
-            "calm_steps": engine.scaler.calm_steps,
-            "aliases": engine.aliases,
-            "chunks": [
-                {
-                    "numel": c.numel,
-                    "trainable": c.trainable,
-                    "params": [[s.name, s.offset, s.numel, list(s.shape)] for s in c.slots],
-                }
-                for c in engine.chunks
-            ],
-        }
+    if ranks.rank == 0:
+        chunk_list = [
+            {"numel": c.numel, "trainable": c.trainable, "params": [[s.name, s.offset, s.numel, list(s.shape)] for s in c.slots]}
+            for c in chunks
+        ]
+        layout = {"format": FORMAT, "world_size": ranks.world, **header, "chunks": chunk_list}
         write_text(folder / LAYOUT, json.dumps(layout, indent=1))
-    if engine.group is not None:
-        dist.barrier(group=engine.group)
+    if ranks.group is not None:
+        dist.barrier(group=ranks.group)
 
 
 def read_layout(folder: str | Path) -> dict:
@@ -129,22 +124,14 @@ def _step_counts(tensors: dict, key: str, num_params: int, folder) -> list[float
     return [None] * num_params
 
 
-def load_sharded(engine, folder: str | Path) -> None:
-    """Load weights, Adam state, buffers and loss scale into ``engine`` (any saved layout)."""
-    values, moments, buffers, layout = read_full(folder)
-    missing = sorted(set(engine.params) - set(values))
+def check_fits(folder: str | Path, values: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a checkpoint that lacks a parameter of the model or holds one of another shape."""
+    missing = sorted(set(shapes) - set(values))
     if missing:
         raise UserError(f"{folder}: checkpoint lacks {len(missing)} parameters of this model, e.g. {missing[:3]}")
     for name, value in values.items():
-        if name in engine.shapes and tuple(value.shape) != engine.shapes[name]:
-            raise UserError(f"{folder}: {name} has shape {tuple(value.shape)}, the model wants {engine.shapes[name]}")
-    engine._build(engine.layout_order, {n: values[n] for n in engine.params}, moments)
-    named = dict(engine.module.named_buffers())
-    for name, value in buffers.items():
-        if name in named:
-            named[name].copy_(value)
-    engine.scaler.scale = float(layout["loss_scale"])
-    engine.scaler.calm_steps = int(layout["calm_steps"])
+        if name in shapes and tuple(value.shape) != shapes[name]:
+            raise UserError(f"{folder}: {name} has shape {tuple(value.shape)}, the model wants {shapes[name]}")
 
 
 def consolidate(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Typed configs for Gemini heterogeneous memory and its optimizer."""
+"""Typed config of Gemini heterogeneous memory (the optimizer's is ``ferryman.core.optim.OptimConfig``)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from ferryman.core.errors import ConfigError
+from ferryman.core.runtime import parse_dtype
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str, field_name: str = "precision") -> torch.dtype:
-    if name not in _DTYPES:
-        raise ConfigError(f"{field_name}={name!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+__all__ = ["GeminiConfig"]
 
 
 @dataclass(kw_only=True)
@@ -42,7 +37,7 @@ class GeminiConfig:
     prefetch: int = 2  # chunks fetched ahead on a side stream (CUDA only)
     reorder_after_warmup: bool = True  # repack chunks in the order the warm-up step used them
     initial_loss_scale: float = 2.0**16
-    loss_scale_growth_interval: int = 1000
+    loss_scale_growth_interval: int = 2000  # torch.amp.GradScaler's: the two engines scale alike
     min_loss_scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -61,29 +56,3 @@ class GeminiConfig:
     @property
     def dtype(self) -> torch.dtype:
         return parse_dtype(self.precision)
-
-
-@dataclass(kw_only=True)
-class OptimConfig:
-    """AdamW hyperparameters (Loshchilov & Hutter 2019); weight_decay=0 gives Adam.
-
-    With ``no_decay_1d`` the one-dimensional parameters (biases, norm scales) get no weight
-    decay, the usual GPT recipe. max_grad_norm <= 0 disables clipping.
-    """
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    no_decay_1d: bool = True
-    max_grad_norm: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.lr < 0 or self.eps <= 0 or self.weight_decay < 0:
-            raise ConfigError("optim.lr and optim.weight_decay must be >= 0 and optim.eps > 0")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-
-    def decays(self, shape: tuple[int, ...]) -> bool:
-        return self.weight_decay > 0 and not (self.no_decay_1d and len(shape) < 2)

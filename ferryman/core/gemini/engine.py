@@ -1,24 +1,52 @@
-"""The Gemini engine: one object that owns a model's chunks, hooks, gradients and optimizer."""
+"""The Gemini engine: one object that owns a model's chunks, hooks, gradients and optimizer.
+
+It implements the core training loop's ``Engine`` protocol (``ferryman.core.training.engine``)
+method by method; core/gemini does not import core/training, which builds Gemini engines.
+
+Construction is plan, then build: ``plan_layout`` (a pure function of the parameter order) gives
+a ``Layout`` and ``_install`` builds chunks, placement, gradient reducer and optimizer from it.
+Every re-layout takes that one path with what must outlive it handed over explicitly
+(``_Carry``): the repack in forward order after the warm-up step, ``load_state_dict`` and
+checkpoint loads.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
+from ferryman.core import pretrained
 from ferryman.core.gemini import hooks
-from ferryman.core.gemini.adam import ShardAdamW, init_state
+from ferryman.core.gemini.adam import ShardAdamW
+from ferryman.core.gemini.checkpoint import check_fits, read_full, save_sharded
 from ferryman.core.gemini.chunk import Chunk
-from ferryman.core.gemini.config import GeminiConfig, OptimConfig
-from ferryman.core.gemini.layout import plan_chunks
+from ferryman.core.gemini.config import GeminiConfig
+from ferryman.core.gemini.layout import Layout, plan_layout
+from ferryman.core.gemini.lazy import InitialValues
 from ferryman.core.gemini.manager import ChunkManager
 from ferryman.core.gemini.optim import GradReducer, LossScaler, optimizer_step
-from ferryman.core.gemini.state import export_full, gather_full, import_optim_state
+from ferryman.core.gemini.state import Ranks, export_full, gather_full, import_optim_state
+from ferryman.core.gemini.tracer import MemTracer
+from ferryman.core.optim import OptimConfig, TrainableState
 from ferryman.core.parallel import ParallelDims
+from ferryman.core.runtime import pick_device
+
+
+@dataclass(frozen=True)
+class _Carry:
+    """What a re-layout keeps: the learning rate, the warm-up record and peak (one run, one
+    account), and the gradients still due when it happens between a forward and its backward."""
+
+    lr: float
+    tracer: MemTracer
+    peak_bytes: int = 0
+    expected: frozenset[str] = frozenset()
 
 
 class GeminiEngine:
@@ -28,6 +56,8 @@ class GeminiEngine:
     module become views into chunk payloads while in use and shape-only NaN placeholders otherwise; the fp32
     master weights live in the chunks' shards (see ``state_dict``).
     """
+
+    kind = "gemini"
 
     def __init__(
         self,
@@ -39,11 +69,11 @@ class GeminiEngine:
     ) -> None:
         self.module, self.cfg, self.ocfg = module, cfg, ocfg
         self.dtype = cfg.dtype
-        default = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.device = device or (dims.device if dims is not None else default)
+        self.device = device or (dims.device if dims is not None else pick_device("auto"))
         self.world = dims.dp if dims is not None else 1
         self.group = dims.dp_group if dims is not None and dims.dp > 1 else None
         self.rank = torch.distributed.get_rank(self.group) if self.group is not None else 0
+        self.ranks = Ranks(self.world, self.rank, self.group, self.device)
         self.scaler = LossScaler(cfg)
         self.params = dict(module.named_parameters())
         self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
@@ -52,24 +82,20 @@ class GeminiEngine:
         self.aliases = {n: names[id(p)] for n, p in module.named_parameters(remove_duplicate=False) if n not in self.params}
         self.hook_modules = [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
         self.module_params = [[names[id(p)] for p in m.parameters(recurse=False)] for m in self.hook_modules]
-        for buf_module in module.modules():  # buffers are small and always on the device
-            for key, buf in buf_module._buffers.items():
-                if buf is not None:
-                    buf_module._buffers[key] = buf.to(self.device)
+        _buffers_to(module, self.device)
         self.budget = self._budget()
-        self.order: list[str] = []
+        self.order: list[str] = []  # parameters in the order the first forward used them
         self._seen: set[str] = set()
         self._first_forward_done = False
         self._tokens: list[hooks.CallToken] = []
         self._tracked: list[list[torch.Tensor]] = []
         self._backward_pending = False  # a forward built a graph whose backward is not finished
-        self._build(list(self.params), {n: p.detach() for n, p in self.params.items()}, {})
+        values = InitialValues(self.params)  # weights left in files (lazy.py) are read chunk by chunk
+        self._install(self._plan(list(self.params)), values, {}, _Carry(lr=ocfg.lr, tracer=MemTracer()))
         self._handles = hooks.install(self, self.hook_modules)
-        for name, param in self.params.items():
-            if param.requires_grad:
-                self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(name)))
+        self._handles += [p.register_post_accumulate_grad_hook(self._grad_hook(n)) for n, p in self.params.items() if p.requires_grad]
 
-    # -- construction ---------------------------------------------------------------------------
+    # -- construction: plan, then build -------------------------------------------------------------
     def _budget(self) -> float:
         if self.cfg.device_budget_bytes:
             return float(self.cfg.device_budget_bytes)
@@ -77,77 +103,55 @@ class GeminiEngine:
             return float(torch.cuda.mem_get_info(self.device)[0])
         return math.inf
 
-    def _build(self, order: list[str], values: dict[str, torch.Tensor], moments: dict[str, dict]) -> None:
-        """(Re)build the chunks in ``order`` from full per-parameter values and optimizer moments."""
-        old = getattr(self, "manager", None)
-        expected = {s.name for c in getattr(self, "chunks", []) for i, s in enumerate(c.slots) if i in c.expected}
-        lr = self.lr if hasattr(self, "adam") else self.ocfg.lr
-        specs = plan_chunks(
-            [(n, self.params[n]) for n in order],
-            shapes=self.shapes,
-            decays=lambda n: self.ocfg.decays(self.shapes[n]),
-            chunk_numel=self.cfg.chunk_numel,
-            min_num_chunks=self.cfg.min_num_chunks,
-            max_chunk_numel=self.cfg.max_chunk_numel,
-            align=8 * self.world,
-        )
-        self.chunks = [
-            Chunk(i, spec, dtype=self.dtype, world=self.world, rank=self.rank, device=self.device)
-            for i, spec in enumerate(specs)
+    def _plan(self, order: list[str]) -> Layout:
+        return plan_layout(
+            order, self.params, self.module_params, shapes=self.shapes,
+            decays=lambda n: self.ocfg.decays(self.shapes[n]), cfg=self.cfg, world=self.world,
+        )  # fmt: skip
+
+    def _install(self, layout: Layout, values: dict[str, torch.Tensor], moments: dict[str, dict], carry: _Carry) -> None:
+        """Build chunks, placement, gradient reducer and optimizer from ``layout`` and full
+        per-parameter ``values`` and Adam ``moments`` (the one construction path)."""
+        chunks = [
+            Chunk.build(i, spec, values, dtype=self.dtype, world=self.world, rank=self.rank, device=self.device)
+            for i, spec in enumerate(layout.specs)
         ]
-        for chunk in self.chunks:
-            names = [s.name for s in chunk.slots]
-            full = chunk.flatten({n: values[n] for n in names}, torch.float32 if chunk.trainable else self.dtype)
-            shard = chunk.shard_of(full)
-            chunk.shard = shard.to(self.dtype).clone()
-            if chunk.trainable:
-                chunk.master = nn.Parameter(shard.clone())
-        self.manager = ChunkManager(self.chunks, self.cfg, device=self.device, group=self.group, budget=self.budget)
-        if old is not None:  # one run, one accounting: keep the peak and the warm-up record
-            self.manager.peak_bytes, self.manager.tracer = old.peak_bytes, old.tracer
-        self._slot_of = {s.name: (c.index, i) for c in self.chunks for i, s in enumerate(c.slots)}
-        for name in expected:  # a re-layout between forward and backward (the warm-up step)
-            chunk_index, slot_index = self._slot_of[name]
-            self.chunks[chunk_index].expected.add(slot_index)
-        self._module_slots = [
-            [self._slot_of[n] for n in names if self.params[n].requires_grad] for names in self.module_params
-        ]
-        self.manager.module_chunks = {
-            i: sorted({self._slot_of[n][0] for n in names}) for i, names in enumerate(self.module_params)
-        }
-        # forward order of the chunks: what the ranks gather in, and reverse what they reduce in
-        position = {name: i for i, name in enumerate(order)}
-        first_use = sorted(self.chunks, key=lambda c: min(position[s.name] for s in c.slots))
-        self.manager.gather_order = [c.index for c in first_use]
-        self.manager.place()
-        for chunk in self.chunks:
-            if chunk.master is not None:
-                init_state(chunk)
-        self.reducer = GradReducer(self.manager, self.group, self.world, [c.index for c in reversed(first_use) if c.trainable])
-        self.adam = ShardAdamW(self.chunks, self.ocfg)
-        import_optim_state(self, moments)
-        self.lr = lr
-        self.layout_order = order
+        manager = ChunkManager(chunks, layout, self.cfg, device=self.device, group=self.group, budget=self.budget,
+                               tracer=carry.tracer, peak_bytes=carry.peak_bytes)
+        manager.place()
+        import_optim_state(chunks, moments)
+        reducer = GradReducer(manager, self.group, self.world, layout.reduce_order)
+        for name in carry.expected:  # a re-layout between forward and backward (the warm-up step)
+            reducer.expect(*layout.slot_of[name])
+        self.layout, self.chunks, self.manager, self.reducer = layout, chunks, manager, reducer
+        self.adam = ShardAdamW(chunks, self.ocfg, lr=carry.lr)
+
+    def _relayout(self, order: list[str], values: dict[str, torch.Tensor], moments: dict[str, dict]) -> None:
+        carry = _Carry(lr=self.lr, tracer=self.manager.tracer, peak_bytes=self.manager.peak_bytes,
+                       expected=frozenset(self.reducer.expected_names()))
+        self._install(self._plan(order), values, moments, carry)
+
+    @property
+    def layout_order(self) -> list[str]:
+        return list(self.layout.order)
 
     def _grad_hook(self, name: str):
         def hook(param: torch.Tensor) -> None:
-            chunk_index, slot_index = self._slot_of[name]
-            self.reducer.add(self.chunks[chunk_index], slot_index, param.grad)
+            self.reducer.add(*self.layout.slot_of[name], param.grad)
             param.grad = None
 
         return hook
 
     # -- forward ----------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.dtype != torch.float32:
-            cast = lambda x: x.to(self.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
-            args, kwargs = tree_map(cast, (args, kwargs))
         warmup = self.manager.tracer.recording and self.device.type == "cpu"
         probe = self.manager.tracer.saved_tensor_hooks(self._is_model_data) if warmup else contextlib.nullcontext()
         # A forward without grad (evaluation between steps) must not move the clock that indexes
         # the warm-up trace: the next training forward would read another step's memory plan.
         clock = self.manager.clock
-        with probe:
+        # autocast as the plain engine does, not a cast of the inputs: inputs such as timesteps or
+        # coordinates keep their fp32 values, and each op runs in the precision autocast gives it
+        with probe, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self.module(*args, **kwargs)
         # Every collective after the forward comes after complete_gathers: a rank that used a
         # chunk others skipped must not be inside a gather while the others broadcast the layout.
@@ -168,11 +172,11 @@ class GeminiEngine:
     def _reorder(self) -> None:
         """Repack the chunks in the order the first forward used the parameters."""
         order = self._agreed(self.order + [n for n in self.params if n not in self._seen])
-        if not self.cfg.reorder_after_warmup or order == self.layout_order:
+        if not self.cfg.reorder_after_warmup or tuple(order) == self.layout.order:
             return
-        values, moments = export_full(self)
+        values, moments = export_full(self.chunks, self.ranks)
         tracked = [self.named_from(flat) for flat in self._tracked]
-        self._build(order, values, moments)
+        self._relayout(order, values, moments)
         for flat, named in zip(self._tracked, tracked):
             flat[:] = self.flat_from(named)
 
@@ -187,7 +191,7 @@ class GeminiEngine:
         return [names[i] for i in perm.tolist()]
 
     def _chunks_of(self, module_index: int) -> list[Chunk]:
-        return [self.chunks[i] for i in self.manager.module_chunks[module_index]]
+        return [self.chunks[i] for i in self.layout.module_chunks[module_index]]
 
     def pre_forward(self, module_index: int) -> None:
         if not self._first_forward_done:
@@ -196,8 +200,8 @@ class GeminiEngine:
                     self._seen.add(name)
                     self.order.append(name)
         if torch.is_grad_enabled():  # these parameters' gradients are due in the coming backward
-            for chunk_index, slot_index in self._module_slots[module_index]:
-                self.chunks[chunk_index].expected.add(slot_index)
+            for chunk_index, slot_index in self.layout.module_slots[module_index]:
+                self.reducer.expect(chunk_index, slot_index)
         if self.manager.tracer.recording:
             self.manager.tracer.record(module_index, self.manager.non_model_bytes())
         self.manager.access(self._chunks_of(module_index))
@@ -246,7 +250,7 @@ class GeminiEngine:
         if self.manager.tracer.recording:
             self._finish_warmup()
         self.manager.clock = 0
-        result = optimizer_step(self)
+        result = optimizer_step(self.reducer, self.scaler, self.adam, self.ocfg.max_grad_norm)
         if not result["skipped"]:
             for chunk in self.chunks:
                 if chunk.master is not None:
@@ -268,11 +272,7 @@ class GeminiEngine:
         tracer.finish(self.manager.module_chunks)
 
     def zero_grad(self) -> None:
-        for chunk in self.chunks:
-            if chunk.master is not None:
-                chunk.master.grad.zero_()
-            chunk.got_grad.zero_()
-            chunk.grad_seen.clear()
+        self.reducer.zero_grad()
 
     @property
     def lr(self) -> float:
@@ -294,9 +294,10 @@ class GeminiEngine:
         reducer = {"overlapped_reductions": self.reducer.num_overlapped, "late_reductions": self.reducer.num_late}
         return self.manager.stats() | reducer | {"loss_scale": self.scaler.scale}
 
+    # -- state, checkpoints (see state.py and checkpoint.py for the formats) ------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain consolidated state dict: fp32 master weights (compute copies of frozen ones), buffers."""
-        values, _ = export_full(self, with_moments=False)
+        values = self.param_values()
         values |= {alias: values[name] for alias, name in self.aliases.items()}
         return values | {n: b.detach().cpu() for n, b in self.module.named_buffers()}
 
@@ -305,11 +306,62 @@ class GeminiEngine:
         missing = sorted(set(self.params) - set(state))
         if missing:
             raise KeyError(f"state dict lacks {len(missing)} parameters, e.g. {missing[:3]}")
-        _, moments = export_full(self)
-        self._build(self.layout_order, {n: state[n] for n in self.params}, moments)
+        _, moments = export_full(self.chunks, self.ranks)
+        self._relayout(list(self.layout.order), {n: state[n] for n in self.params}, moments)
         for name, buf in self.module.named_buffers():
             if name in state:
                 buf.copy_(state[name])
+
+    def param_values(self) -> dict[str, torch.Tensor]:
+        """Every parameter by name, consolidated: fp32 masters, compute copies of frozen ones (a collective)."""
+        return export_full(self.chunks, self.ranks, with_moments=False)[0]
+
+    def save(self, folder: str | Path) -> None:
+        """Write this rank's shards and (rank 0) the layout: ``checkpoint.py``'s format (every rank calls it)."""
+        header = {"dtype": str(self.dtype).removeprefix("torch."), "loss_scale": self.scaler.scale,
+                  "calm_steps": self.scaler.calm_steps, "aliases": self.aliases}
+        save_sharded(folder, self.chunks, self.ranks, buffers=dict(self.module.named_buffers()), header=header)
+
+    def load(self, folder: str | Path) -> None:
+        """Load weights, Adam state, buffers and loss scale from a sharded checkpoint of any layout."""
+        values, moments, buffers, layout = read_full(folder)
+        check_fits(folder, values, self.shapes)
+        self._relayout(list(self.layout.order), {n: values[n] for n in self.params}, moments)
+        named = dict(self.module.named_buffers())
+        for name, value in buffers.items():
+            if name in named:
+                named[name].copy_(value)
+        self.scaler.scale = float(layout["loss_scale"])
+        self.scaler.calm_steps = int(layout["calm_steps"])
+
+    def save_pretrained(self, folder: str | Path, *, max_shard_bytes: int = pretrained.DEFAULT_SHARD_BYTES,
+                        dtype: torch.dtype | None = None) -> None:
+        """Consolidated weights in transformers' layout, gathered and written one chunk at a time
+        (a collective; rank 0 writes): fp32 masters, compute copies of frozen chunks."""
+
+        def pieces():
+            for chunk in self.chunks:
+                source = chunk.master.data if chunk.master is not None else chunk.shard
+                yield chunk.unflatten(gather_full(self.ranks, chunk, source))
+            yield pretrained.persistent_buffers(self.module)
+
+        pretrained.save_pretrained(folder, pieces(), module=self.module, write=self.rank == 0,
+                                   max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+    def export_trainable(self) -> TrainableState:
+        """The trainable parameters' weights and Adam state (a collective under data parallelism)."""
+        names = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        values, moments = export_full(self.chunks, self.ranks)
+        return TrainableState(values={n: v for n, v in values.items() if n in names},
+                              moments={n: m for n, m in moments.items() if n in names},
+                              scale=self.scaler.scale, calm_steps=self.scaler.calm_steps)
+
+    def import_trainable(self, state: TrainableState) -> None:
+        """Put back what ``export_trainable`` gave; frozen chunks keep their current weights."""
+        self.load_state_dict(self.state_dict() | state.values)
+        import_optim_state(self.chunks, state.moments)
+        if self.scaler.enabled:
+            self.scaler.scale, self.scaler.calm_steps = float(state.scale), int(state.calm_steps)
 
     # -- flat views for weight averaging (EMA) ---------------------------------------------------
     def master_tensors(self) -> list[torch.Tensor]:
@@ -327,7 +379,7 @@ class GeminiEngine:
         trainable = iter(tensors)
         for chunk in self.chunks:
             source = next(trainable) if chunk.master is not None else chunk.shard
-            out.update({k: v.clone() for k, v in chunk.unflatten(gather_full(self, chunk, source)).items()})
+            out.update({k: v.clone() for k, v in chunk.unflatten(gather_full(self.ranks, chunk, source)).items()})
         return out | {alias: out[name] for alias, name in self.aliases.items()}
 
     def flat_from(self, named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -339,15 +391,13 @@ class GeminiEngine:
                 shards.append(chunk.shard_of(full).clone().to(chunk.master.device))
         return shards
 
-    def save(self, folder) -> None:
-        from ferryman.core.gemini.checkpoint import save_sharded
 
-        save_sharded(self, folder)
-
-    def load(self, folder) -> None:
-        from ferryman.core.gemini.checkpoint import load_sharded
-
-        load_sharded(self, folder)
+def _buffers_to(module: nn.Module, device: torch.device) -> None:
+    """Buffers are small and always on the device."""
+    for owner in module.modules():
+        for key, buf in owner._buffers.items():
+            if buf is not None:
+                owner._buffers[key] = buf.to(device)
 
 
 def gemini(

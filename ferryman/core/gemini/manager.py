@@ -12,18 +12,23 @@ agreed by the ranks): gathering a chunk first gathers every earlier chunk of the
 gathered (the ones this rank skipped), and ``complete_gathers`` at the end of each forward gathers
 the rest. A chunk dropped after its gather keeps a host copy of the full values, so a later use in
 the same step is a local copy, not another collective.
+
+The manager is the only code that moves chunk data; every move goes through the chunk's checked
+transitions (the state table in ``chunk.py``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from ferryman.core.errors import UserError
-from ferryman.core.gemini.chunk import Chunk
+from ferryman.core.gemini.chunk import Chunk, FullCopy, OptimAt, ShardAt
 from ferryman.core.gemini.config import GeminiConfig
+from ferryman.core.gemini.layout import Layout
 from ferryman.core.gemini.tracer import MemTracer
 
 
@@ -33,11 +38,14 @@ class ChunkManager:
     def __init__(
         self,
         chunks: list[Chunk],
+        layout: Layout,
         cfg: GeminiConfig,
         *,
         device: torch.device,
         group: dist.ProcessGroup | None,
         budget: float,
+        tracer: MemTracer,
+        peak_bytes: int = 0,
     ) -> None:
         self.chunks = chunks
         self.cfg = cfg
@@ -45,17 +53,18 @@ class ChunkManager:
         self.host = torch.device("cpu")
         self.group = group
         self.budget = budget
-        self.tracer = MemTracer()
+        self.tracer = tracer  # one run, one warm-up record: it outlives re-layouts
         self.clock = 0
         self.device_bytes = 0
-        self.peak_bytes = 0
+        self.peak_bytes = peak_bytes
         self.num_evictions = 0
         self.num_fetches = 0
         self.num_gathers = 0  # collective all-gathers
-        self.gather_order: list[int] = list(range(len(chunks)))  # set by the engine
+        self.gather_order = list(layout.gather_order)
+        self.module_chunks = layout.module_chunks  # module index -> chunk indices
+        self.buffer_bytes: list[Callable[[], int]] = []  # other holders of the accounted bytes (gradient buffers)
         self._prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.module_chunks: dict[int, list[int]] = {}  # module index -> chunk indices (set by the engine)
 
     # -- accounting ----------------------------------------------------------------------------
     def _add(self, nbytes: int) -> None:
@@ -95,26 +104,31 @@ class ChunkManager:
         """Put shards and optimizer state where the policy says, and account for them."""
         host_params, host_optim = self._host_sets()
         for chunk in self.chunks:
-            on_device = chunk.index not in host_params
-            if on_device:
-                chunk.shard = chunk.shard.to(self.device)
-                chunk.shard_loc = "device"
+            if chunk.index not in host_params:
+                chunk.move_shard(ShardAt.DEVICE, chunk.shard.to(self.device))
                 self._add(chunk.shard_bytes)
             else:
-                chunk.host_shard = self._host_home(chunk)
-                chunk.host_shard.copy_(chunk.shard)
-                chunk.shard, chunk.shard_loc, chunk.host_valid = chunk.host_shard, "host", True
+                home = self._host_home(chunk)
+                home.copy_(chunk.shard)
+                chunk.move_shard(ShardAt.HOST, home)
             if chunk.master is not None:
-                chunk.optim_loc = "host" if chunk.index in host_optim else "device"
-                chunk.master.data = chunk.master.data.to(self.device if chunk.optim_on_device else self.host)
-                chunk.master.grad = torch.zeros_like(chunk.master.data)
-                if chunk.optim_on_device:
-                    self._add(chunk.optim_bytes)
+                self._place_optim(chunk, OptimAt.HOST if chunk.index in host_optim else OptimAt.DEVICE)
             if self.world == 1 and chunk.shard_on_device:
-                chunk.payload = chunk.shard
-                chunk.bind()
+                chunk.attach(chunk.shard)
             else:
                 chunk.unbind()
+
+    def _place_optim(self, chunk: Chunk, where: OptimAt) -> None:
+        """The fp32 master, its gradient shard and zero Adam state, together where ``where`` says."""
+        assert chunk.master is not None
+        chunk.place_optim(where)
+        chunk.master.data = chunk.master.data.to(self.device if where == OptimAt.DEVICE else self.host)
+        chunk.master.grad = torch.zeros_like(chunk.master.data)
+        chunk.exp_avg = torch.zeros_like(chunk.master.data)
+        chunk.exp_avg_sq = torch.zeros_like(chunk.master.data)
+        chunk.steps = torch.zeros(len(chunk.slots), dtype=torch.float32, device=chunk.master.device)
+        if where == OptimAt.DEVICE:
+            self._add(chunk.optim_bytes)
 
     @property
     def world(self) -> int:
@@ -148,7 +162,7 @@ class ChunkManager:
     def access(self, chunks: list[Chunk]) -> None:
         """Make the chunks' full compute copies resident and mark them in use."""
         for chunk in chunks:
-            chunk.in_use += 1  # before fetching, so fetching one cannot evict another
+            chunk.acquire()  # before fetching, so fetching one cannot evict another
         for chunk in chunks:
             if chunk.payload is None:
                 self._fetch(chunk)
@@ -157,19 +171,18 @@ class ChunkManager:
 
     def release(self, chunks: list[Chunk]) -> None:
         for chunk in chunks:
-            chunk.in_use -= 1
-            assert chunk.in_use >= 0, f"{chunk} released more often than used"
+            chunk.release()
             if chunk.in_use == 0 and self.cfg.placement == "static" and not chunk.payload_is_shard:
                 self._drop_payload(chunk)
 
     def _gather(self, chunk: Chunk) -> None:
         """All-gather the chunk's payload (a collective: only through the agreed order)."""
         self.reserve(chunk.payload_bytes, f"gathering chunk {chunk.index}")
-        chunk.payload = torch.empty(chunk.numel, dtype=chunk.dtype, device=self.device)
-        dist.all_gather_into_tensor(chunk.payload, chunk.shard.to(self.device, non_blocking=True), group=self.group)
-        chunk.gathered = True
+        full = torch.empty(chunk.numel, dtype=chunk.dtype, device=self.device)
+        dist.all_gather_into_tensor(full, chunk.shard.to(self.device, non_blocking=True), group=self.group)
+        chunk.set_full_copy(FullCopy.GATHERED)
         self.num_gathers += 1
-        chunk.bind()
+        chunk.attach(full)
         if not chunk.in_use and self.cfg.placement == "static":  # skipped here: keep it on the host
             self._drop_payload(chunk)
 
@@ -177,7 +190,7 @@ class ChunkManager:
         """Gather, in the agreed order, every chunk not yet gathered up to ``target`` (all if None)."""
         for index in self.gather_order:
             chunk = self.chunks[index]
-            if not chunk.gathered:
+            if chunk.full_copy == FullCopy.PENDING:
                 self._gather(chunk)
             if chunk is target:
                 return
@@ -191,21 +204,20 @@ class ChunkManager:
         self.num_fetches += 1
         if self.world == 1:
             if self.cfg.placement == "auto":
-                self._move_shard(chunk, "device")
-                chunk.payload = chunk.shard
-            else:
-                self.reserve(chunk.payload_bytes, f"gathering chunk {chunk.index}")
-                chunk.payload = self._take_prefetched(chunk)
-                if chunk.payload is None:  # copy=True: on a CPU run .to() would alias the host shard
-                    chunk.payload = chunk.shard.to(self.device, non_blocking=True, copy=True)
-        elif not chunk.gathered:
+                self._to_device(chunk)
+                chunk.attach(chunk.shard)
+                return
+            self.reserve(chunk.payload_bytes, f"gathering chunk {chunk.index}")
+            payload = self._take_prefetched(chunk)
+            if payload is None:  # copy=True: on a CPU run .to() would alias the host shard
+                payload = chunk.shard.to(self.device, non_blocking=True, copy=True)
+            chunk.attach(payload)
+        elif chunk.full_copy == FullCopy.PENDING:
             self._gather_through(chunk)
-            return
         else:  # gathered earlier in this step and dropped since: the host copy is current
-            assert chunk.full_valid and chunk.full_host is not None
+            assert chunk.full_copy == FullCopy.KEPT and chunk.full_host is not None
             self.reserve(chunk.payload_bytes, f"fetching chunk {chunk.index}")
-            chunk.payload = chunk.full_host.to(self.device, non_blocking=True, copy=True)
-        chunk.bind()
+            chunk.attach(chunk.full_host.to(self.device, non_blocking=True, copy=True))
 
     def _host_home(self, chunk: Chunk) -> torch.Tensor:
         """The chunk's persistent host buffer (pinned on CUDA, allocated once: pinning is slow)."""
@@ -213,54 +225,55 @@ class ChunkManager:
             chunk.host_shard = torch.empty(chunk.shard_numel, dtype=chunk.dtype, pin_memory=self.device.type == "cuda")
         return chunk.host_shard
 
-    def _move_shard(self, chunk: Chunk, where: str) -> None:
-        """Move the compute shard; a host copy that is still current makes eviction free."""
-        if chunk.shard_loc == where:
+    def _to_device(self, chunk: Chunk) -> None:
+        """HOST -> DEVICE_AND_HOST: the host home stays current, so evicting it again is free."""
+        if chunk.shard_on_device:
             return
-        if where == "device":
-            self.reserve(chunk.shard_bytes, f"moving chunk {chunk.index} to the device")
-            moved = self._take_prefetched(chunk)
-            if moved is None:
-                moved = chunk.shard.to(self.device, non_blocking=True, copy=True)
-        else:
-            moved = self._host_home(chunk)
-            if not chunk.host_valid:
-                moved.copy_(chunk.shard)
-                chunk.host_valid = True
-            self.device_bytes -= chunk.shard_bytes
-        chunk.shard, chunk.shard_loc = moved, where
+        self.reserve(chunk.shard_bytes, f"moving chunk {chunk.index} to the device")
+        moved = self._take_prefetched(chunk)
+        if moved is None:
+            moved = chunk.shard.to(self.device, non_blocking=True, copy=True)
+        chunk.move_shard(ShardAt.DEVICE_AND_HOST, moved)
+
+    def _to_host(self, chunk: Chunk) -> None:
+        """DEVICE or DEVICE_AND_HOST -> HOST, copying only if the host home is stale."""
+        if not chunk.shard_on_device:
+            return
+        home = self._host_home(chunk)
+        if not chunk.host_current:
+            home.copy_(chunk.shard)
+        self.device_bytes -= chunk.shard_bytes
+        chunk.move_shard(ShardAt.HOST, home)
 
     def refresh(self, chunk: Chunk) -> None:
         """After an optimizer step: the compute copy takes the new fp32 master values."""
         assert chunk.master is not None
         self._cancel_prefetch(chunk)  # a copy in flight carries the old values
-        chunk.gathered = chunk.full_valid = False  # gathered copies hold the old values
+        chunk.set_full_copy(FullCopy.PENDING)  # gathered copies hold the old values
         if chunk.shard_on_device and chunk.optim_on_device:
             chunk.shard.copy_(chunk.master.data)
-            chunk.host_valid = False
+            chunk.move_shard(ShardAt.DEVICE)
         elif chunk.shard_on_device:  # host master: cast on the host, then one copy up
             home = self._host_home(chunk)
             home.copy_(chunk.master.data)
             chunk.shard.copy_(home)
-            chunk.host_valid = True
+            chunk.move_shard(ShardAt.DEVICE_AND_HOST)
         else:
             chunk.shard.copy_(chunk.master.data)
-            chunk.host_valid = True
         if chunk.payload is not None and not chunk.payload_is_shard:  # a cached full copy is now stale
             self._drop_payload(chunk)
 
     def _drop_payload(self, chunk: Chunk) -> None:
         if chunk.payload is None:
             return
-        if chunk.gathered and not chunk.full_valid:  # re-gathering it this step would be a collective
+        if chunk.full_copy == FullCopy.GATHERED:  # re-gathering it this step would be a collective
             if chunk.full_host is None:
                 chunk.full_host = torch.empty(chunk.numel, dtype=chunk.dtype, pin_memory=self.device.type == "cuda")
             chunk.full_host.copy_(chunk.payload)
-            chunk.full_valid = True
+            chunk.set_full_copy(FullCopy.KEPT)
         if not chunk.payload_is_shard:
             self.device_bytes -= chunk.payload_bytes
-        chunk.payload = None
-        chunk.unbind()
+        chunk.drop()
 
     def _evict_one(self) -> bool:
         """Drop the resident, unused chunk whose next use is furthest away; False if none can go."""
@@ -274,8 +287,8 @@ class ChunkManager:
             return False
         victim = max(candidates, key=lambda c: (self.tracer.next_use(c.index, self.clock), c.index))
         self._drop_payload(victim)
-        if auto and victim.shard_on_device:
-            self._move_shard(victim, "host")
+        if auto:
+            self._to_host(victim)
         self.num_evictions += 1
         return True
 
@@ -317,15 +330,15 @@ class ChunkManager:
         return copy
 
     def recount(self) -> int:
-        """Device bytes recomputed from the chunks' tensors and flags (between steps; a check on
+        """Device bytes recomputed from the chunks' tensors and states (between steps; a check on
         the running account, which also covers transient buffers)."""
         total = 0
         for chunk in self.chunks:
             total += chunk.shard_bytes if chunk.shard_on_device else 0
             total += chunk.payload_bytes if chunk.payload is not None and not chunk.payload_is_shard else 0
             total += chunk.optim_bytes if chunk.optim_on_device else 0
-            total += chunk.payload_bytes if chunk.grad_full is not None else 0
         total += sum(c.shard_bytes for c in self.chunks if c.index in self._prefetched)
+        total += sum(count() for count in self.buffer_bytes)
         return total
 
     def stats(self) -> dict[str, float]:

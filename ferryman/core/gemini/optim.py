@@ -7,22 +7,66 @@ micro-batches. With several ranks the chunks are reduced in one fixed order (rev
 order, the same on every rank): a chunk goes once it is ready and every chunk before it in the
 order has gone, and the end of backward flushes the rest, zeros standing in for the gradients this
 rank did not get. Ready: every parameter of the chunk whose module ran forward with grad on this
-rank has delivered its gradient (a chunk of modules this rank skipped is ready at once). So ranks whose data take different branches still issue the same
-collectives in the same order, and a parameter used on some ranks only gets the DDP average.
+rank has delivered its gradient (a chunk of modules this rank skipped is ready at once). So ranks
+whose data take different branches still issue the same collectives in the same order, and a
+parameter used on some ranks only gets the DDP average.
+
+A chunk's reduction within one backward (``Reduction``; the reducer alone moves it)::
+
+    COLLECTING  gradients arrive in the buffer          -> REDUCED  (reduce)
+    REDUCED     reduced in this backward                 -> LATE     (a gradient after the reduction)
+    LATE        reentrant recomputation delivered more   -> REDUCED  (second round at the end)
+    any         end of backward                          -> COLLECTING
+
 Step: unscale and overflow check (fp16), global-norm clipping, then AdamW on the shards
-(``adam.ShardAdamW``: per-parameter step counts, one fused kernel per group).
+(``adam.ShardAdamW``: per-parameter step counts).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 import torch.distributed as dist
 
-from ferryman.core.gemini.chunk import Chunk
+from ferryman.core.gemini.adam import ShardAdamW
+from ferryman.core.gemini.chunk import Chunk, check_move
 from ferryman.core.gemini.config import GeminiConfig
 from ferryman.core.gemini.manager import ChunkManager
+
+
+class Reduction(StrEnum):
+    COLLECTING = "collecting"
+    REDUCED = "reduced"
+    LATE = "late"
+
+
+_LEGAL = {
+    Reduction.COLLECTING: {Reduction.REDUCED},
+    Reduction.REDUCED: {Reduction.LATE, Reduction.COLLECTING},
+    Reduction.LATE: {Reduction.REDUCED, Reduction.COLLECTING},
+}
+
+
+@dataclass(eq=False)
+class ChunkGrads:
+    """One trainable chunk's gradient bookkeeping (owned by the reducer)."""
+
+    chunk: Chunk
+    got: torch.Tensor  # [num slots] bool: a gradient since the last zero_grad (on any rank, after the step's all-reduce)
+    buffer: torch.Tensor | None = None  # [numel] compute dtype, during backward
+    seen: set[int] = field(default_factory=set)  # slots whose gradients this backward delivered
+    expected: set[int] = field(default_factory=set)  # slots of modules that ran forward with grad here
+    phase: Reduction = Reduction.COLLECTING
+
+    def move(self, new: Reduction) -> None:
+        self.phase = check_move(f"gradients of chunk {self.chunk.index}", self.phase, new, _LEGAL)  # type: ignore[assignment]
+
+    @property
+    def ready(self) -> bool:
+        return len(self.seen) == len(self.chunk.slots) or self.expected.issubset(self.seen)
 
 
 class GradReducer:
@@ -30,59 +74,82 @@ class GradReducer:
 
     max_in_flight = 2  # reductions left running behind backward; bounds the buffers held
 
-    def __init__(self, manager: ChunkManager, group: dist.ProcessGroup | None, world: int, order: list[int]) -> None:
+    def __init__(self, manager: ChunkManager, group: dist.ProcessGroup | None, world: int, order: tuple[int, ...]) -> None:
         self.manager = manager
         self.group = group
         self.world = world
-        self.order = [manager.chunks[i] for i in order]  # trainable chunks, reduction order
+        self.grads = {c.index: ChunkGrads(c, torch.zeros(len(c.slots), dtype=torch.bool)) for c in manager.chunks if c.master is not None}
+        self.order = [self.grads[i] for i in order]  # reduction order
         self.position = 0  # self.order[:position] are reduced in this backward
         self.num_overlapped = 0  # reductions started during backward, not by finish()
         self.num_late = 0  # second-round reductions of gradients that came after their chunk's
         self._pending: list[tuple[Chunk, torch.Tensor, torch.Tensor, dist.Work | None]] = []
+        manager.buffer_bytes.append(self.buffer_bytes)
 
+    def buffer_bytes(self) -> int:
+        """Device bytes of the gradient buffers being filled (the manager's recount adds them)."""
+        return sum(g.chunk.payload_bytes for g in self.grads.values() if g.buffer is not None)
+
+    # -- bookkeeping the engine reports --------------------------------------------------------
+    def expect(self, chunk_index: int, slot_index: int) -> None:
+        """This parameter's module ran forward with grad: its gradient is due in this backward."""
+        self.grads[chunk_index].expected.add(slot_index)
+
+    def expected_names(self) -> set[str]:
+        return {g.chunk.slots[i].name for g in self.grads.values() for i in g.expected}
+
+    def zero_grad(self) -> None:
+        for g in self.grads.values():
+            assert g.chunk.master is not None and g.chunk.master.grad is not None
+            g.chunk.master.grad.zero_()
+            g.got.zero_()
+            g.seen.clear()
+
+    # -- backward --------------------------------------------------------------------------------
     def _reserve(self, nbytes: int, what: str) -> None:
         if self.manager.device_bytes + nbytes > self.manager.soft_limit():
             self._drain(0)  # finished reductions give their buffers back before anything is evicted
         self.manager.reserve(nbytes, what)
 
-    def _buffer(self, chunk: Chunk) -> torch.Tensor:
-        if chunk.grad_full is None:
-            self._reserve(chunk.payload_bytes, f"gradient buffer of chunk {chunk.index}")
-            chunk.grad_full = torch.zeros(chunk.numel, dtype=chunk.dtype, device=self.manager.device)
-        return chunk.grad_full
+    def _buffer(self, g: ChunkGrads) -> torch.Tensor:
+        if g.buffer is None:
+            self._reserve(g.chunk.payload_bytes, f"gradient buffer of chunk {g.chunk.index}")
+            g.buffer = torch.zeros(g.chunk.numel, dtype=g.chunk.dtype, device=self.manager.device)
+        return g.buffer
 
-    def add(self, chunk: Chunk, slot_index: int, grad: torch.Tensor) -> None:
-        slot = chunk.slots[slot_index]
-        view = self._buffer(chunk)[slot.offset : slot.offset + slot.numel]
-        if slot_index in chunk.grad_seen:  # a second delivery in one backward (reentrant checkpoint)
+    def add(self, chunk_index: int, slot_index: int, grad: torch.Tensor) -> None:
+        g = self.grads[chunk_index]
+        slot = g.chunk.slots[slot_index]
+        view = self._buffer(g)[slot.offset : slot.offset + slot.numel]
+        if slot_index in g.seen:  # a second delivery in one backward (reentrant checkpoint)
             view.add_(grad.reshape(-1))
         else:
             view.copy_(grad.reshape(-1))
-            chunk.grad_seen.add(slot_index)
-        if chunk.reduced:  # after its reduction: goes in a second round at the end of backward
-            chunk.late = True
+            g.seen.add(slot_index)
+        if g.phase != Reduction.COLLECTING:  # after its reduction: a second round at the end of backward
+            g.move(Reduction.LATE)
         elif self.world > 1:
             self._advance()
-        elif self._ready(chunk):
+        elif g.ready:
             self.num_overlapped += 1
-            self.reduce(chunk)
-
-    @staticmethod
-    def _ready(chunk: Chunk) -> bool:
-        return len(chunk.grad_seen) == len(chunk.slots) or chunk.expected.issubset(chunk.grad_seen)
+            self.reduce(g)
 
     def _advance(self) -> None:
-        while self.position < len(self.order) and self._ready(self.order[self.position]):
+        while self.position < len(self.order) and self.order[self.position].ready:
             self.num_overlapped += 1
             self.reduce(self.order[self.position])
             self.position += 1
 
-    def reduce(self, chunk: Chunk) -> None:
+    def reduce(self, g: ChunkGrads) -> None:
         """Reduce the chunk's buffer (all zeros if this rank got none of its gradients)."""
-        full = self._buffer(chunk)
-        chunk.got_grad[list(chunk.grad_seen)] = True
-        chunk.grad_seen.clear()
-        chunk.grad_full, chunk.reduced = None, True
+        full = self._buffer(g)
+        g.got[list(g.seen)] = True
+        g.seen.clear()
+        g.buffer = None
+        g.move(Reduction.REDUCED)
+        chunk = g.chunk
+        if chunk.partial_group is not None:  # model-parallel shares first: one collective per chunk
+            dist.all_reduce(full, group=chunk.partial_group)
         if self.world == 1:
             self._pending.append((chunk, full, full, None))
         else:
@@ -108,26 +175,26 @@ class GradReducer:
     def finish(self) -> None:
         """End of backward: reduce what is left in order, then the late gradients, and wait."""
         if self.world == 1:
-            for chunk in self.order:
-                if chunk.grad_full is not None:
-                    self.reduce(chunk)
+            for g in self.order:
+                if g.buffer is not None:
+                    self.reduce(g)
         else:
-            for chunk in self.order[self.position :]:
-                self.reduce(chunk)
+            for g in self.order[self.position :]:
+                self.reduce(g)
             # late gradients are rare (reentrant recomputation of a parameter used twice); one flag
             # per chunk tells every rank which chunks take a second reduction
-            late = torch.tensor([c.late for c in self.order], dtype=torch.uint8)
+            late = torch.tensor([g.phase == Reduction.LATE for g in self.order], dtype=torch.uint8)
             late = all_reduce_small(late, self.group, self.manager.device, dist.ReduceOp.MAX)
-            for chunk, again in zip(self.order, late.tolist()):
+            for g, again in zip(self.order, late.tolist()):
                 if again:
                     self.num_late += 1
-                    chunk.reduced = False
-                    self.reduce(chunk)
+                    g.move(Reduction.LATE)  # also where only another rank was late
+                    self.reduce(g)
         self._drain(0)
         self.position = 0
-        for chunk in self.order:
-            chunk.reduced = chunk.late = False
-            chunk.expected.clear()
+        for g in self.order:
+            g.move(Reduction.COLLECTING)
+            g.expected.clear()
 
 
 class LossScaler:
@@ -146,10 +213,11 @@ class LossScaler:
         if overflow:
             self.scale = max(self.min_scale, self.scale / 2)
             self.calm_steps = 0
-        else:
+        else:  # counted as torch.amp.GradScaler's growth tracker is, so the state moves between engines
             self.calm_steps += 1
-            if self.calm_steps % self.growth_interval == 0:
+            if self.calm_steps == self.growth_interval:
                 self.scale *= 2
+                self.calm_steps = 0
 
 
 def all_reduce_small(t: torch.Tensor, group, device: torch.device, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -161,29 +229,28 @@ def all_reduce_small(t: torch.Tensor, group, device: torch.device, op=dist.Reduc
     return on_device.cpu()
 
 
-def optimizer_step(engine) -> dict[str, float]:
+def optimizer_step(reducer: GradReducer, scaler: LossScaler, adam: ShardAdamW, max_grad_norm: float) -> dict[str, float]:
     """Unscale, check overflow, clip and update; returns the gradient norm and whether it skipped."""
-    chunks = [c for c in engine.chunks if c.master is not None]
-    got = torch.cat([c.got_grad for c in chunks]).to(torch.uint8)
-    flags = all_reduce_small(got, engine.group, engine.device, dist.ReduceOp.MAX)
+    grads = list(reducer.grads.values())
+    group, device = reducer.group, reducer.manager.device
+    flags = all_reduce_small(torch.cat([g.got for g in grads]).to(torch.uint8), group, device, dist.ReduceOp.MAX)
     offset = 0
-    for chunk in chunks:  # a gradient on any rank counts as a gradient everywhere
-        chunk.got_grad = flags[offset : offset + len(chunk.slots)].bool()
-        offset += len(chunk.slots)
-    scaler: LossScaler = engine.scaler
-    grads = [c.master.grad for c in chunks]
-    if scaler.enabled and grads:
-        torch._foreach_mul_(grads, 1.0 / scaler.scale)
-    norm = math.sqrt(all_reduce_small(_squared_norm(grads), engine.group, engine.device).item())
+    for g in grads:  # a gradient on any rank counts as a gradient everywhere
+        g.got = flags[offset : offset + len(g.chunk.slots)].bool()
+        offset += len(g.chunk.slots)
+    shards = [g.chunk.master.grad for g in grads]
+    if scaler.enabled and shards:
+        torch._foreach_mul_(shards, 1.0 / scaler.scale)
+    norm = math.sqrt(all_reduce_small(_squared_norm(shards), group, device).item())
     if not math.isfinite(norm):
         scaler.update(overflow=True)
         return {"grad_norm": norm, "skipped": 1.0, "loss_scale": scaler.scale}
     scaler.update(overflow=False)
-    if engine.ocfg.max_grad_norm > 0:
-        coef = min(1.0, engine.ocfg.max_grad_norm / (norm + 1e-6))
-        for chunk in chunks:
-            chunk.master.grad.mul_(coef)
-    engine.adam.step()
+    if max_grad_norm > 0:
+        coef = min(1.0, max_grad_norm / (norm + 1e-6))
+        for shard in shards:
+            shard.mul_(coef)
+    adam.step({g.chunk.index: g.got for g in grads})
     return {"grad_norm": norm, "skipped": 0.0, "loss_scale": scaler.scale}
 
 

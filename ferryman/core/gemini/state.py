@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -10,13 +12,22 @@ from ferryman.core.gemini.chunk import Chunk
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def gather_full(engine, chunk: Chunk, shard: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Ranks:
+    """The data-parallel group the chunks are sharded over (``group`` None: one rank)."""
+
+    world: int
+    rank: int
+    group: dist.ProcessGroup | None
+    device: torch.device  # collectives go through it: NCCL gathers device tensors, gloo host ones
+
+
+def gather_full(ranks: Ranks, chunk: Chunk, shard: torch.Tensor) -> torch.Tensor:
     """The full-chunk tensor from every rank's shard, on the host."""
-    if engine.world == 1:
+    if ranks.world == 1:
         return shard.detach().cpu()
-    comm_device = engine.device  # NCCL gathers device tensors; gloo host ones (device is cpu then)
-    full = torch.empty(chunk.numel, dtype=shard.dtype, device=comm_device)
-    dist.all_gather_into_tensor(full, shard.detach().to(comm_device), group=engine.group)
+    full = torch.empty(chunk.numel, dtype=shard.dtype, device=ranks.device)
+    dist.all_gather_into_tensor(full, shard.detach().to(ranks.device), group=ranks.group)
     return full.cpu()
 
 
@@ -27,7 +38,7 @@ def optim_state(chunk: Chunk) -> dict[str, torch.Tensor]:
     return {"exp_avg": chunk.exp_avg, "exp_avg_sq": chunk.exp_avg_sq, "steps": chunk.steps}
 
 
-def export_full(engine, with_moments: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+def export_full(chunks: list[Chunk], ranks: Ranks, with_moments: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """Per-parameter fp32 master values (frozen: compute copies) and Adam state, consolidated.
 
     Adam state per parameter: ``{"exp_avg": t, "exp_avg_sq": t, "step": float}``. A collective when
@@ -35,24 +46,24 @@ def export_full(engine, with_moments: bool = True) -> tuple[dict[str, torch.Tens
     """
     values: dict[str, torch.Tensor] = {}
     moments: dict[str, dict] = {}
-    for chunk in engine.chunks:
+    for chunk in chunks:
         source = chunk.master.data if chunk.master is not None else chunk.shard
-        values.update({k: v.clone() for k, v in chunk.unflatten(gather_full(engine, chunk, source)).items()})
+        values.update({k: v.clone() for k, v in chunk.unflatten(gather_full(ranks, chunk, source)).items()})
         state = optim_state(chunk) if with_moments else {}
         if not state:
             continue
-        per_key = {key: chunk.unflatten(gather_full(engine, chunk, state[key])) for key in MOMENTS}
+        per_key = {key: chunk.unflatten(gather_full(ranks, chunk, state[key])) for key in MOMENTS}
         steps = state["steps"].tolist()  # the same on every rank
         for slot, step in zip(chunk.slots, steps):
             moments[slot.name] = {key: per_key[key][slot.name].clone() for key in MOMENTS} | {"step": step}
     return values, moments
 
 
-def import_optim_state(engine, moments: dict[str, dict]) -> None:
+def import_optim_state(chunks: list[Chunk], moments: dict[str, dict]) -> None:
     """Give each chunk's shards the Adam state of its parameters (fresh for the ones not given)."""
     if not moments:
         return
-    for chunk in engine.chunks:
+    for chunk in chunks:
         state = optim_state(chunk)
         if not state:
             continue

@@ -11,7 +11,7 @@ from ferryman.core.parallel.collectives import (
     wait,
 )
 from ferryman.core.parallel.dims import ParallelDims, grid_groups, init_parallel
-from ferryman.core.parallel.grads import mark_partial_grads, partial_grad_group
+from ferryman.core.parallel.grads import mark_partial_grads, partial_grad_group, reduce_partial_grads
 from ferryman.core.parallel.launch import run_distributed
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "mark_partial_grads",
     "pad_to_multiple",
     "partial_grad_group",
+    "reduce_partial_grads",
     "run_distributed",
     "scatter",
     "wait",

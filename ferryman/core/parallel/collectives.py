@@ -52,11 +52,6 @@ def pad_to_multiple(x: Tensor, dim: int, multiple: int) -> Tensor:
     return F.pad(x, pad)
 
 
-def shard_length(n: int, world: int) -> int:
-    """Length of each rank's shard of a dimension of length ``n`` (after padding)."""
-    return -(-n // world)
-
-
 def _wait(work: dist.Work | None) -> None:
     if work is not None:
         work.wait()

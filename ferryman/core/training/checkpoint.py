@@ -7,7 +7,10 @@ Layout of the default ``CheckpointStore`` under ``<out_dir>/checkpoints/``::
     latest          the name of the newest complete folder
 
 A folder is written under a temporary name and renamed when every rank has finished, so a crash
-never leaves a half-written ``step-*`` folder. Nothing is unpickled on load.
+never leaves a half-written ``step-*`` folder; the temporary folders a crash leaves behind are
+removed by the next save. Nothing is unpickled on load, and every file of a checkpoint is checked
+before any of it is loaded, so a damaged file ends the resume in one line naming it, with the
+run's state untouched. A damaged ``latest`` pointer falls back to the newest complete folder.
 
 An app that owes its users another layout (diffusers' ``checkpoint-N/`` with weights diffusers
 reads) subclasses the store: folder names, where the engine files go, files of its own
@@ -28,10 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ferryman.core.errors import UserError
+from ferryman.core.files import check_safetensors, load_safetensors, reading
 from ferryman.core.io import atomic_path, write_text
+from ferryman.core.training.engine import Engine
 from ferryman.core.training.trainable import load_trainable, save_trainable
 
 
@@ -88,7 +93,7 @@ class CheckpointStore:
         return sorted(p for p in self.root.glob("step-*") if (p / self.trainer_file).is_file())
 
     # -- app hooks --------------------------------------------------------------------------------
-    def export(self, folder: Path, engine, ema_named: dict | None, *, rank: int) -> None:
+    def export(self, folder: Path, engine: Engine, ema_named: dict | None, *, rank: int) -> None:
         """Add app files to a checkpoint being written (every rank calls it; rank 0 should write)."""
 
     def extra_state(self) -> dict[str, Any]:
@@ -99,7 +104,7 @@ class CheckpointStore:
     def resolve(self, resume: str) -> Path | None:
         """The folder ``resume`` names: a folder path, or "latest"; None: nothing to resume."""
         if resume == "latest":
-            found = self._latest()
+            found = self.newest()
             if found is None:
                 if self.fresh_if_none:
                     return None
@@ -110,15 +115,20 @@ class CheckpointStore:
             raise UserError(f"resume={resume}: {folder} is not a complete checkpoint (no {self.trainer_file})")
         return folder
 
-    def _latest(self) -> Path | None:
-        if self.pointer is not None:
-            pointer = self.root / self.pointer
-            folder = self.root / pointer.read_text().strip() if pointer.is_file() else None
-            return folder if folder is not None and (folder / self.trainer_file).is_file() else None
+    def newest(self) -> Path | None:
+        """The newest complete checkpoint folder (the pointer's, if it names one), or None."""
         found = self.complete()
-        return found[-1] if found else None
+        newest = found[-1] if found else None
+        if self.pointer is None:
+            return newest
+        try:  # the pointer is a convenience for people and scripts; the folders are the truth
+            name = (self.root / self.pointer).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError, ValueError):
+            return newest
+        named = self.root / name
+        return named if name and Path(name).name == name and (named / self.trainer_file).is_file() else newest
 
-    def save(self, step: int, engine, ema_named: dict | None, trainer: dict, *, rank: int, group=None) -> Path:
+    def save(self, step: int, engine: Engine, ema_named: dict | None, trainer: dict, *, rank: int, group=None) -> Path:
         """Write the checkpoint of ``step`` (every rank calls this); returns its folder.
 
         ``rank`` is the global rank and ``group`` defaults to the whole world: every rank, whatever
@@ -127,7 +137,8 @@ class CheckpointStore:
         final = self.root / self.name(step)
         tmp = self.root / f".tmp-{final.name}"
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".old-*")]:  # left by a crash
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier(group)
         self._save_engine(engine, self.engine_folder(tmp))
@@ -155,17 +166,19 @@ class CheckpointStore:
         _barrier(group)
         return final
 
-    def _save_engine(self, engine, folder: Path) -> None:
+    def _save_engine(self, engine: Engine, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if self.trainable_only:
             save_trainable(engine, folder)
         else:
             engine.save(folder)
 
-    def load(self, folder: Path, engine, *, rank: int) -> tuple[dict, dict | None]:
+    def load(self, folder: Path, engine: Engine, *, rank: int) -> tuple[dict, dict | None]:
         """Load engine state and this rank's RNG; returns (the trainer file, EMA tensors or None)."""
+        check_checkpoint_files(folder)
+        with reading(folder / self.trainer_file, "checkpoint file"):
+            trainer = json.loads((folder / self.trainer_file).read_text(encoding="utf-8"))
         try:
-            trainer = json.loads((folder / self.trainer_file).read_text())
             engine_folder = self.engine_folder(folder)
             if self.trainable_only and (engine_folder / "trainable.json").is_file():
                 load_trainable(engine, engine_folder)
@@ -175,14 +188,29 @@ class CheckpointStore:
             raise UserError(f"checkpoint {folder} cannot be loaded into this run: {err}") from None
         rng_file = folder / f"rng-rank{rank:05d}.safetensors"
         if rng_file.is_file():
-            set_rng_state(load_file(str(rng_file)), json.loads((folder / f"rng-rank{rank:05d}.json").read_text()))
-        ema = load_file(str(folder / "ema.safetensors")) if (folder / "ema.safetensors").is_file() else None
+            meta_file = rng_file.with_suffix(".json")
+            with reading(meta_file, "checkpoint file"):
+                meta = json.loads(meta_file.read_text(encoding="utf-8"))
+                set_rng_state(load_safetensors(rng_file, "checkpoint file"), meta)
+        ema_file = folder / "ema.safetensors"
+        ema = load_safetensors(ema_file, "checkpoint file") if ema_file.is_file() else None
         return trainer, ema
 
     def prune(self) -> None:
         if self.keep_last:
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Every safetensors and JSON file of a checkpoint, checked before anything is loaded from it:
+    a truncated or overwritten file is named in one line, and the run's state is not half-restored."""
+    for path in sorted(folder.rglob("*")):
+        if path.suffix == ".safetensors":
+            check_safetensors(path, "checkpoint file")
+        elif path.suffix == ".json":
+            with reading(path, "checkpoint file"):
+                json.loads(path.read_text(encoding="utf-8"))
 
 
 def _untie(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,7 +6,9 @@ import re
 from dataclasses import dataclass, field
 
 from ferryman.core.errors import ConfigError
-from ferryman.core.gemini.config import GeminiConfig, OptimConfig, parse_dtype
+from ferryman.core.gemini.config import GeminiConfig
+from ferryman.core.optim import OptimConfig
+from ferryman.core.runtime import parse_dtype
 
 
 @dataclass(kw_only=True)

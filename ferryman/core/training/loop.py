@@ -34,15 +34,16 @@ from torch.utils._pytree import tree_map
 from ferryman.core.config import save_config
 from ferryman.core.errors import UserError
 from ferryman.core.gemini import gemini
-from ferryman.core.gemini.config import parse_dtype
 from ferryman.core.parallel import ParallelDims
-from ferryman.core.training.checkpoint import CheckpointStore
+from ferryman.core.runtime import parse_dtype, pick_device
+from ferryman.core.training.checkpoint import CheckpointStore, rng_state, set_rng_state
 from ferryman.core.training.config import TrainConfig
+from ferryman.core.training.engine import Engine
 from ferryman.core.training.metrics import MetricsLog, plot_losses
 from ferryman.core.training.plain import PlainEngine
 from ferryman.core.training.schedule import EMA, ema_decay_at, lr_at
 
-LossFn = Callable[[Any, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+LossFn = Callable[[Engine, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 
 
 @dataclasses.dataclass
@@ -50,7 +51,7 @@ class TrainResult:
     step: int
     losses: list[float]  # one per update made by this call
     out_dir: Path
-    engine: Any
+    engine: Engine
     ema_state_dict: dict[str, torch.Tensor] | None
     last_checkpoint: Path | None
 
@@ -64,7 +65,7 @@ class StepInfo:
     loss: float  # this update's loss (mean over accumulation and data-parallel ranks)
     lr: float  # the learning rate this update used
     record: dict[str, Any]  # this update's metrics line
-    engine: Any
+    engine: Engine
     ema: EMA | None
     is_last: bool  # the last update of this call
     rank: int
@@ -74,7 +75,7 @@ class StepInfo:
         return _ema_named(self.engine, self.ema)
 
 
-def _ema_named(engine, ema: EMA | None) -> dict[str, torch.Tensor] | None:
+def _ema_named(engine: Engine, ema: EMA | None) -> dict[str, torch.Tensor] | None:
     if ema is None:
         return None
     # Gemini's named_from also returns its frozen chunks: an average of frozen weights is moot
@@ -82,19 +83,7 @@ def _ema_named(engine, ema: EMA | None) -> dict[str, torch.Tensor] | None:
     return {k: v for k, v in engine.named_from(ema.shadow).items() if k in keep}
 
 
-def pick_device(name: str, dims: ParallelDims | None) -> torch.device:
-    if dims is not None and dims.world_size > 1:
-        return dims.device
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
-    if name.startswith("cuda:"):
-        return torch.device(name)
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def build_engine(model: nn.Module, cfg: TrainConfig, dims: ParallelDims | None = None):
+def build_engine(model: nn.Module, cfg: TrainConfig, dims: ParallelDims | None = None) -> Engine:
     """The plain or Gemini engine for ``model``, as the config says."""
     device = pick_device(cfg.device, dims)
     if cfg.engine == "gemini":
@@ -190,20 +179,26 @@ def train(
     model = build_model()
     _seed_all(cfg.seed + 1000 * rank)  # but draws its own dropout noise
     engine = build_engine(model, cfg, dims)
-    if rank == 0 and cfg.config_file:
-        save_config(cfg, out / cfg.config_file)
     step, trainer, ema_named = 0, {}, None
     folder = store.resolve(cfg.resume) if cfg.resume else None
+    if folder is None and not cfg.resume and (earlier := store.complete()):
+        raise UserError(f"{store.root} holds checkpoints of an earlier run (newest {earlier[-1].name}); continue it "
+                        "with resume=latest (--resume latest), or write this run elsewhere (--out)")
     if folder is not None:
         trainer, ema_named = store.load(folder, engine, rank=rank)
         step = trainer["step"]
+    if rank == 0 and cfg.config_file:  # after a resume that worked: a failed one changes no file
+        save_config(cfg, out / cfg.config_file)
     ema = EMA(engine.master_tensors(), cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and ema_named is not None:
         ema.shadow = engine.flat_from(ema_named)
     if ema is not None:
         engine.track(ema.shadow)  # Gemini repacks its chunks after the first forward
+    restored = rng_state() if folder is not None else None
     batches = _Batches(build_loader(), cfg.seed, trainer.get("epoch", 0), trainer.get("batch_in_epoch", 0),
                        trainer.get("loader"))
+    if restored is not None:  # replaying the epoch's batches drew from the global RNG (augmentation)
+        set_rng_state(*restored)
     log = MetricsLog(out / "metrics.jsonl", start_step=step) if rank == 0 else None
     bar = _progress(cfg, step, rank)
     losses, last = [], None
@@ -245,7 +240,7 @@ def train(
                        last_checkpoint=last)
 
 
-def _accumulate(engine, batches: _Batches, loss_fn: LossFn, accum: int, device: torch.device) -> tuple[float, dict]:
+def _accumulate(engine: Engine, batches: _Batches, loss_fn: LossFn, accum: int, device: torch.device) -> tuple[float, dict]:
     total, extra = 0.0, {}
     for _ in range(accum):
         batch = tree_map(lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x, batches.next())

@@ -1,4 +1,4 @@
-"""The plain engine: the whole model on one device, torch fused AdamW, autocast; the Gemini interface."""
+"""The plain engine: the whole model on one device, torch fused AdamW, autocast (the ``Engine`` protocol)."""
 
 from __future__ import annotations
 
@@ -10,29 +10,39 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from ferryman.core import pretrained
 from ferryman.core.errors import UserError
-from ferryman.core.gemini.config import OptimConfig
+from ferryman.core.gemini.lazy import materialize
 from ferryman.core.io import atomic_path, write_text
+from ferryman.core.optim import OptimConfig, TrainableState
 from ferryman.core.parallel import ParallelDims
+from ferryman.core.parallel.grads import reduce_partial_grads
 
 
 class PlainEngine:
     """Mixed-precision AdamW training of a model that fits on the device (the baseline Gemini beats).
 
-    Same calls as ``GeminiEngine``: call it like the module, ``backward``, ``step``, ``zero_grad``,
-    ``lr``, ``state_dict``, ``save``/``load``. Data parallel through DistributedDataParallel.
+    Implements ``training.engine.Engine`` like ``GeminiEngine``. Data parallel through
+    DistributedDataParallel; every rank holds the same state and rank 0 writes it.
     """
+
+    kind = "plain"
 
     def __init__(
         self, module: nn.Module, ocfg: OptimConfig, dtype: torch.dtype, device: torch.device, dims: ParallelDims | None = None
     ) -> None:
         self.ocfg, self.dtype, self.device = ocfg, dtype, device
+        materialize(module, device)  # weights left in files (gemini/lazy.py) go straight to the device
         self.module = module.to(device)
         self.rank = dims.rank if dims is not None else 0
         self.world = dims.world_size if dims is not None else 1
         self._forward = self.module
         if dims is not None and dims.dp > 1:
-            self._forward = nn.parallel.DistributedDataParallel(self.module, process_group=dims.dp_group)
+            # find_unused_parameters: a model may leave some parameters out of a step (fastfold's
+            # template embedder without templates, a head whose loss weight is 0, a branch one rank
+            # skips); DDP then marks them ready instead of waiting for them, and AdamW skips them
+            self._forward = nn.parallel.DistributedDataParallel(self.module, process_group=dims.dp_group,
+                                                                find_unused_parameters=True)
         self.named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         decay = [p for _, p in self.named if ocfg.decays(tuple(p.shape))]
         rest = [p for _, p in self.named if not ocfg.decays(tuple(p.shape))]
@@ -48,6 +58,7 @@ class PlainEngine:
         self.scaler.scale(loss).backward()
 
     def step(self) -> dict[str, float]:
+        reduce_partial_grads(p for _, p in self.named)  # DAP / sequence-parallel shares, summed once per update
         self.scaler.unscale_(self.optimizer)
         params = [p for _, p in self.named if p.grad is not None]
         max_norm = self.ocfg.max_grad_norm if self.ocfg.max_grad_norm > 0 else float("inf")
@@ -86,6 +97,34 @@ class PlainEngine:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
 
+    def param_values(self) -> dict[str, torch.Tensor]:
+        return dict(self.module.named_parameters())
+
+    def export_trainable(self) -> TrainableState:
+        values, moments = {}, {}
+        for name, param in self.named:
+            values[name] = param.detach().cpu().float()
+            state = self.optimizer.state.get(param, {})
+            if "step" in state:
+                moments[name] = {k: state[k].detach().cpu() for k in ("exp_avg", "exp_avg_sq")} | {"step": float(state["step"])}
+        scaler = self.scaler.state_dict()  # {} unless fp16
+        return TrainableState(values=values, moments=moments, scale=scaler.get("scale", 1.0),
+                              calm_steps=scaler.get("_growth_tracker", 0))
+
+    def import_trainable(self, state: TrainableState) -> None:
+        with torch.no_grad():
+            for name, param in self.named:
+                param.copy_(state.values[name])
+                if name in state.moments:
+                    moment = state.moments[name]
+                    self.optimizer.state[param] = {
+                        "step": torch.tensor(moment["step"], dtype=torch.float32, device=param.device),
+                        **{k: moment[k].to(param.device) for k in ("exp_avg", "exp_avg_sq")},
+                    }
+        if self.scaler.is_enabled():
+            scaler = self.scaler.state_dict() | {"scale": float(state.scale), "_growth_tracker": int(state.calm_steps)}
+            self.scaler.load_state_dict(scaler)
+
     # -- EMA views ------------------------------------------------------------------------------
     def master_tensors(self) -> list[torch.Tensor]:
         return [p.data for _, p in self.named]
@@ -119,6 +158,12 @@ class PlainEngine:
             save_file(tensors, str(tmp))
         meta = {"names": [n for n, _ in self.named], "steps": steps, "scaler": self.scaler.state_dict()}
         write_text(folder / "optimizer.json", json.dumps(meta))
+
+    def save_pretrained(self, folder: str | Path, *, max_shard_bytes: int = pretrained.DEFAULT_SHARD_BYTES,
+                        dtype: torch.dtype | None = None) -> None:
+        weights = dict(self.module.named_parameters()) | pretrained.persistent_buffers(self.module)
+        pretrained.save_pretrained(folder, [weights], module=self.module, write=self.rank == 0,
+                                   max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     def load(self, folder: str | Path) -> None:
         folder = Path(folder)

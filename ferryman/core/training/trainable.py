@@ -10,9 +10,11 @@ whole frozen base into every checkpoint. ``save_trainable`` writes only what tra
 
 ``load_trainable`` puts them back into an engine whose frozen weights were rebuilt the same way as
 when the checkpoint was written (e.g. from the same base model folder); the fingerprint refuses a
-resume on another base, and every tensor's shape is checked (a different LoRA rank is refused). Both engines are handled;
-the numbers come back bit for bit, so a resumed run repeats an uninterrupted one, and a checkpoint
-written by one engine resumes on the other.
+resume on another base, and every tensor's shape is checked (a different LoRA rank is refused).
+The engines hand their state over in the engine-neutral ``TrainableState``
+(``Engine.export_trainable``/``import_trainable``); the numbers come back bit for bit, so a
+resumed run repeats an uninterrupted one, and a checkpoint written by one engine resumes on the
+other.
 """
 
 from __future__ import annotations
@@ -25,17 +27,15 @@ from safetensors.torch import load_file, save_file
 
 from ferryman.core.errors import UserError
 from ferryman.core.io import atomic_path, write_text
+from ferryman.core.optim import TrainableState
+from ferryman.core.training.engine import Engine
 
 FORMAT = "ferryman-trainable-1"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def trainable_names(engine) -> list[str]:
+def trainable_names(engine: Engine) -> list[str]:
     return [n for n, p in engine.module.named_parameters() if p.requires_grad]
-
-
-def _is_gemini(engine) -> bool:
-    return hasattr(engine, "chunks")
 
 
 def frozen_fingerprint(named: dict[str, torch.Tensor], trainable: set[str]) -> dict[str, list]:
@@ -43,54 +43,24 @@ def frozen_fingerprint(named: dict[str, torch.Tensor], trainable: set[str]) -> d
     return {n: [list(v.shape), float(v.detach().double().sum())] for n, v in sorted(named.items()) if n not in trainable}
 
 
-def _frozen_values(engine) -> dict[str, torch.Tensor]:
-    if _is_gemini(engine):
-        from ferryman.core.gemini.state import export_full
-
-        return export_full(engine, with_moments=False)[0]  # a collective: every rank calls it
-    return dict(engine.module.named_parameters())
-
-
-def export_trainable(engine) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
-    """(weights, AdamW moments by name, loss-scaler state) of the trainable parameters.
-
-    A collective under data-parallel Gemini: every rank must call it.
-    """
-    names = set(trainable_names(engine))
-    if _is_gemini(engine):
-        from ferryman.core.gemini.state import export_full
-
-        values, moments = export_full(engine)
-        scaler = {"scale": engine.scaler.scale, "calm_steps": engine.scaler.calm_steps}
-        return {n: v for n, v in values.items() if n in names}, {n: m for n, m in moments.items() if n in names}, scaler
-    values, moments = {}, {}
-    for name, param in engine.named:
-        values[name] = param.detach().cpu().float()
-        state = engine.optimizer.state.get(param, {})
-        if "step" in state:
-            moments[name] = {k: state[k].detach().cpu() for k in MOMENTS} | {"step": float(state["step"])}
-    state = engine.scaler.state_dict()  # {} unless fp16
-    return values, moments, {"scale": state.get("scale", 1.0), "calm_steps": state.get("_growth_tracker", 0)}
-
-
-def save_trainable(engine, folder: str | Path) -> None:
-    """Write the trainable weights and their optimizer state to ``folder`` (rank 0 writes)."""
+def save_trainable(engine: Engine, folder: str | Path) -> None:
+    """Write the trainable weights and their optimizer state to ``folder`` (every rank calls it; rank 0 writes)."""
     folder = Path(folder)
-    values, moments, scaler = export_trainable(engine)
-    frozen = frozen_fingerprint(_frozen_values(engine), set(values))
+    state = engine.export_trainable()
+    frozen = frozen_fingerprint(engine.param_values(), set(state.values))
     if engine.rank != 0:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param.{n}": v.contiguous() for n, v in values.items()}
-    tensors |= {f"{k}.{n}": m[k].contiguous() for n, m in moments.items() for k in MOMENTS}
+    tensors = {f"param.{n}": v.contiguous() for n, v in state.values.items()}
+    tensors |= {f"{k}.{n}": m[k].contiguous() for n, m in state.moments.items() for k in MOMENTS}
     with atomic_path(folder / "trainable.safetensors") as tmp:
         save_file(tensors, str(tmp))
-    meta = {"format": FORMAT, "engine": "gemini" if _is_gemini(engine) else "plain",
-            "steps": {n: m["step"] for n, m in moments.items()}, "scaler": scaler, "frozen": frozen}
+    meta = {"format": FORMAT, "engine": engine.kind, "steps": {n: m["step"] for n, m in state.moments.items()},
+            "scaler": {"scale": state.scale, "calm_steps": state.calm_steps}, "frozen": frozen}
     write_text(folder / "trainable.json", json.dumps(meta, indent=1))
 
 
-def load_trainable(engine, folder: str | Path) -> None:
+def load_trainable(engine: Engine, folder: str | Path) -> None:
     """Load what ``save_trainable`` wrote; the engine's frozen weights stay as they are."""
     folder = Path(folder)
     if not (folder / "trainable.json").is_file():
@@ -106,14 +76,13 @@ def load_trainable(engine, folder: str | Path) -> None:
     moments = {n: {k: tensors[f"{k}.{n}"] for k in MOMENTS} | {"step": step} for n, step in meta["steps"].items()}
     _check_shapes(engine, folder, values, moments)
     if "frozen" in meta:  # absent in checkpoints written before the fingerprint existed
-        _check_frozen(folder, meta["frozen"], frozen_fingerprint(_frozen_values(engine), set(wanted)))
-    if _is_gemini(engine):
-        _load_gemini(engine, values, moments, meta["scaler"])
-    else:
-        _load_plain(engine, values, moments, meta["scaler"])
+        _check_frozen(folder, meta["frozen"], frozen_fingerprint(engine.param_values(), set(wanted)))
+    scaler = meta["scaler"]
+    engine.import_trainable(TrainableState(values=values, moments=moments, scale=float(scaler["scale"]),
+                                           calm_steps=int(scaler["calm_steps"])))
 
 
-def _check_shapes(engine, folder: Path, values: dict, moments: dict) -> None:
+def _check_shapes(engine: Engine, folder: Path, values: dict, moments: dict) -> None:
     shapes = {n: tuple(p.shape) for n, p in engine.module.named_parameters() if p.requires_grad}
     for name, value in values.items():
         saved = [tuple(value.shape)] + [tuple(moments[name][k].shape) for k in MOMENTS if name in moments]
@@ -131,26 +100,3 @@ def _check_frozen(folder: Path, saved: dict[str, list], now: dict[str, list]) ->
         if abs(a - b) > 1e-3 * max(1.0, abs(a), abs(b)):
             raise UserError(f"{folder}: this run's frozen base weights differ from the checkpoint's (at {name}); "
                             "resume with the base model the run started from")
-
-
-def _load_gemini(engine, values: dict, moments: dict, scaler: dict) -> None:
-    from ferryman.core.gemini.state import import_optim_state
-
-    engine.load_state_dict(engine.state_dict() | values)  # frozen chunks keep their current weights
-    import_optim_state(engine, moments)
-    if engine.scaler.enabled:
-        engine.scaler.scale, engine.scaler.calm_steps = float(scaler["scale"]), int(scaler["calm_steps"])
-
-
-def _load_plain(engine, values: dict, moments: dict, scaler: dict) -> None:
-    with torch.no_grad():
-        for name, param in engine.named:
-            param.copy_(values[name])
-            if name in moments:
-                engine.optimizer.state[param] = {
-                    "step": torch.tensor(moments[name]["step"], dtype=torch.float32, device=param.device),
-                    **{k: moments[name][k].to(param.device) for k in MOMENTS},
-                }
-    if engine.scaler.is_enabled():
-        state = engine.scaler.state_dict()
-        engine.scaler.load_state_dict(state | {"scale": float(scaler["scale"]), "_growth_tracker": int(scaler["calm_steps"])})

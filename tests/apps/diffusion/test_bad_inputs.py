@@ -25,8 +25,6 @@ from ferryman.apps.diffusion.cli import finetune_main, generate_main
 
 from .conftest import SAMPLES, tiny_config
 
-CORE = pytest.mark.xfail(strict=True, reason="core checkpoint loading (lead)")
-
 
 @dataclass
 class Scene:
@@ -115,6 +113,10 @@ def _pickled_text_encoder(model: Path) -> None:
     pickled(model / "text_encoder" / "pytorch_model.bin")
 
 
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
 def checkpoint_with(change: Callable[[Path], object]) -> Callable[[Scene], list[str]]:
     """sd-generate --model run/checkpoint-1 after ``change(checkpoint folder)``."""
     def build(scene: Scene) -> list[str]:
@@ -151,6 +153,8 @@ CASES = {
         lambda c: truncate(c / "unet_ema" / "diffusion_pytorch_model.safetensors")), ("unet_ema/diffusion_pytorch_model.safetensors",)),
     "generate/checkpoint with garbage trainer_state.json": Case("generate", checkpoint_with(
         lambda c: (c / "trainer_state.json").write_text("{not json")), ("trainer_state.json",)),
+    "generate/checkpoint recording an unknown prediction_type": Case("generate", checkpoint_with(
+        lambda c: _edit_json(c / "trainer_state.json", prediction_type="sample")), ("trainer_state.json", "prediction_type")),
     # C: pickled weights refused by name, before anything loads them
     "finetune/pickled text encoder": Case("finetune", model_with(_pickled_text_encoder), ("text_encoder/pytorch_model.bin", "pickle")),
     "generate/pickled text encoder": Case("generate", model_with(_pickled_text_encoder), ("text_encoder/pytorch_model.bin", "pickle")),
@@ -190,13 +194,13 @@ CASES = {
     "finetune/class data without class prompt": Case("finetune", lambda s: ["--class-data", str(s.data())],
                                                      ("data.class_path and data.class_prompt go together",)),
     "finetune/negative LoRA alpha": Case("finetune", lambda s: ["--lora-rank", "4", "--lora-alpha", "-1"], ("lora.alpha",)),
-    # core-loaded checkpoint files on --resume (xfail until core reads them through core.files)
+    # core-loaded checkpoint files on --resume
     "finetune/resume with damaged ema.safetensors": Case("finetune", resume_with(lambda c: truncate(c / "ema.safetensors")),
-                                                         ("ema.safetensors",), [CORE]),
+                                                         ("ema.safetensors",)),
     "finetune/resume with damaged engine weights": Case("finetune", resume_with(
-        lambda c: truncate(c / "engine" / "model.safetensors")), ("model.safetensors",), [CORE]),
+        lambda c: truncate(c / "engine" / "model.safetensors")), ("model.safetensors",)),
     "finetune/resume with damaged RNG state": Case("finetune", resume_with(lambda c: truncate(c / "rng-rank00000.safetensors")),
-                                                   ("rng-rank00000.safetensors",), [CORE]),
+                                                   ("rng-rank00000.safetensors",)),
 }
 
 

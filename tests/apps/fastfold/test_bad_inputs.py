@@ -76,8 +76,9 @@ def unknown_model_preset(t):
     return _predict(t, "--random-weights", "--model-preset", "monomer_big", *SINGLE), "--model-preset 'monomer_big'"
 
 
-def multimer_preset(t):
-    return _predict(t, "--random-weights", "--model-preset", "multimer", *SINGLE), "multimer is not supported yet"
+def multimer_model_with_monomer_preset(t):
+    args = _predict(t, "--random-weights", "--models", "model_1_multimer_v3", *SINGLE)
+    return args, "is a multimer model; run it with --model-preset multimer"
 
 
 def malformed_msa(t):
@@ -176,7 +177,7 @@ def train_garbage_resume(t):
 
 
 CASES = [
-    truncated_npz, bit_flipped_npz, pickle_renamed_npz, no_monomer_files, unknown_model_preset, multimer_preset,
+    truncated_npz, bit_flipped_npz, pickle_renamed_npz, no_monomer_files, unknown_model_preset, multimer_model_with_monomer_preset,
     malformed_msa, empty_record, dna_record, unknown_letters, unwritable_out, file_as_out, missing_database,
     missing_mmseqs, missing_mmseqs_db, bad_template_date, bad_msa_mode, no_msa_source, train_no_structures,
     train_garbage_resume,
@@ -241,13 +242,12 @@ def stale_tmp_folder(run: Path) -> None:
     _truncate(run / "checkpoints" / ".tmp-step-00000003" / "model.safetensors")
 
 
-CORE = pytest.mark.xfail(strict=True, reason="core checkpoint loading (lead)")
 CHECKPOINT_CASES = [
-    pytest.param(damaged_model_weights, "model.safetensors", marks=CORE),
-    pytest.param(damaged_optimizer, "optimizer.safetensors", marks=CORE),
-    pytest.param(damaged_rng, "rng-rank", marks=CORE),
-    pytest.param(garbage_latest_pointer, "latest", marks=CORE),
-    pytest.param(stale_tmp_folder, ""),  # core already ignores and replaces it
+    pytest.param(damaged_model_weights, "model.safetensors"),
+    pytest.param(damaged_optimizer, "optimizer.safetensors"),
+    pytest.param(damaged_rng, "rng-rank"),
+    pytest.param(garbage_latest_pointer, ""),  # the folders are the truth: resume from the newest complete one
+    pytest.param(stale_tmp_folder, ""),  # not a checkpoint: ignored, and removed by the next save
 ]
 
 
@@ -260,9 +260,10 @@ def test_resume_from_damaged_checkpoint_ends_in_one_line(trained_run, tmp_path, 
             "--max-recycle", "0", "--max-steps", "3", "--resume", "latest", "--no-progress",
             "--set", "preset.max_msa_clusters=1", "--set", "preset.max_extra_msa=1"]  # fmt: skip
     result = CliRunner().invoke(main, args)
-    if damage is stale_tmp_folder:  # a stale temporary folder is not a checkpoint: resume from step 2 and go on
+    if not expected:  # resume from step 2 and go on
         assert result.exit_code == 0, result.output
-        assert not (run / "checkpoints" / ".tmp-step-00000003").exists()
+        assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+        assert not list((run / "checkpoints").glob(".tmp-*"))
         return
     assert result.exit_code == 2, (result.output, result.exception)
     lines = result.output.strip().splitlines()

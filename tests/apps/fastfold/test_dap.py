@@ -1,5 +1,6 @@
 """DAP parity on 2 gloo ranks against one process: the Evoformer, extra-MSA and template stacks
-forward and backward (gradients summed by ``mark_partial_grads``, which ``parallelize`` applies),
+forward and backward (gradients tagged by ``parallelize`` with ``mark_partial_grads`` and summed by
+``reduce_partial_grads``, as the engines do),
 and the whole model forward; and what ``parallelize`` leaves unchanged."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ferryman.apps.fastfold.parallelize import (
     parallelize,
 )
 from ferryman.apps.fastfold.presets import tiny
-from ferryman.core.parallel import partial_grad_group, run_distributed
+from ferryman.core.parallel import partial_grad_group, reduce_partial_grads, run_distributed
 
 from ._model_inputs import random_features, ref_run
 
@@ -78,6 +79,7 @@ def _run(rank: int, world: int) -> dict:
         assert not sharded & {"evoformer.single_activations.weight",
                               "template_embedder.template_pair_stack.output_layer_norm.weight"}  # fmt: skip
     results = {name: _stack_result(model, name) for name in STACKS}
+    reduce_partial_grads(model.parameters())  # what an engine does before it steps
     results["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     with torch.no_grad():
         results["model"] = model(random_features(n_res=N_RES, n_seq=N_SEQ, n_extra=3, n_templ=1), num_recycle=1)

@@ -27,7 +27,7 @@ PREDICT_LDDT_BOUND = 0.9  # measured 0.988 (CPU, 2 cores); the training crop is 
 def villin_run(tmp_path_factory):
     from ferryman.apps.fastfold.train.config import FastfoldTrainConfig, TrainPresetConfig
     from ferryman.apps.fastfold.train.run import run
-    from ferryman.core.gemini.config import OptimConfig
+    from ferryman.core.optim import OptimConfig
     from ferryman.core.training import TrainConfig
 
     root = tmp_path_factory.mktemp("villin")

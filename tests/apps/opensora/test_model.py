@@ -10,7 +10,7 @@ from ferryman.apps.opensora.parallel import parallelize
 from ferryman.apps.opensora.presets import model_preset
 from ferryman.apps.opensora.runtime import build_stdit
 from ferryman.core.errors import ConfigError
-from ferryman.core.parallel import run_distributed
+from ferryman.core.parallel import reduce_partial_grads, run_distributed
 
 
 def _cfg(**kw) -> STDiTConfig:
@@ -135,7 +135,8 @@ def _sp_worker(rank, world_size, cfg, state, cases):
         model.load_state_dict(state)
         parallelize(model, group)
         out = model(x, t, y, mask, **kw)
-        _loss(out).backward()  # the gradient hooks sum over the group
+        _loss(out).backward()
+        reduce_partial_grads(model.parameters())  # what an engine does before it steps
         results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
     return results
 

@@ -1,4 +1,5 @@
-"""AlphaFold2 monomer network (AF2 Suppl. algorithms), one file per paper module.
+"""AlphaFold2 network (AF2 Suppl. algorithms), one file per paper module; AlphaFold-Multimer in the
+same tree (``multimer.py`` and the ``multimer_*`` modules it swaps in).
 
 ``build_model`` makes a model from a preset name or a config; ``random_weights_model`` fills
 every parameter with seeded random values, which tests and benchmarks use in place of trained
@@ -21,9 +22,10 @@ __all__ = ["AlphaFold", "AlphaFoldConfig", "RunOptions", "apply_run_options", "b
 
 
 def build_model(preset_or_config: str | AlphaFoldConfig, *, run: RunOptions | None = None, **overrides) -> AlphaFold:
-    """AlphaFold with AF2's initialisation from a preset name ('model_1_ptm', 'tiny', ...) or a
-    config, with ``overrides`` replacing config fields, set up to run as ``run`` says (default: the
-    preset's ``presets.run_options`` for a name, ``RunOptions()`` for a config)."""
+    """AlphaFold (AlphaFold-Multimer when ``multimer``) with AF2's initialisation from a preset
+    name ('model_1_ptm', 'model_1_multimer_v3', 'tiny', ...) or a config, with ``overrides``
+    replacing config fields, set up to run as ``run`` says (default: the preset's
+    ``presets.run_options`` for a name, ``RunOptions()`` for a config)."""
     from ferryman.apps.fastfold import presets
 
     if isinstance(preset_or_config, AlphaFoldConfig):
@@ -32,6 +34,10 @@ def build_model(preset_or_config: str | AlphaFoldConfig, *, run: RunOptions | No
     else:
         cfg = presets.get_preset(preset_or_config, **overrides)
         run = run or presets.run_options(preset_or_config)
+    if cfg.multimer:
+        from ferryman.apps.fastfold.model.multimer import AlphaFoldMultimer
+
+        return apply_run_options(AlphaFoldMultimer(cfg), run)
     return apply_run_options(AlphaFold(cfg), run)
 
 

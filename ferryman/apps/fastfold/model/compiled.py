@@ -40,8 +40,8 @@ def _evoformer_block(block: nn.Module, m: Tensor, z: Tensor, inplace: bool) -> t
     return block(m, z, None, None, None, inplace)
 
 
-def _pair_block(block: nn.Module, t: Tensor, inplace: bool) -> Tensor:
-    return block(t, None, None, inplace, template_order=True)
+def _pair_block(block: nn.Module, t: Tensor, inplace: bool, attention_first: bool) -> Tensor:
+    return block(t, None, None, inplace, template_order=attention_first)
 
 
 def _fold_step(fold_iteration: nn.Module, *tensors: Tensor) -> tuple[Tensor, ...]:

@@ -91,6 +91,12 @@ class AlphaFoldConfig:
     prev_pos_max_bin: float = 20.75
     prev_pos_num_bins: int = 15
     num_recycle: int = 3
+    # AlphaFold-Multimer (Evans et al. 2021; AF2 modules_multimer): chain-relative encoding, the
+    # multimer template embedding and structure module, the outer product mean first in each
+    # Evoformer block; its recycling stops early once CA distances move less than the tolerance.
+    multimer: bool = False
+    max_relative_chain: int = 2
+    recycle_early_stop_tolerance: float = 0.0
     template: TemplateConfig = field(default_factory=TemplateConfig)
     structure: StructureConfig = field(default_factory=StructureConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
@@ -101,3 +107,6 @@ class AlphaFoldConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_recycle < 0:
             raise ConfigError(f"num_recycle must be >= 0, got {self.num_recycle}")
+        if self.max_relative_chain < 0 or self.recycle_early_stop_tolerance < 0:
+            raise ConfigError("max_relative_chain and recycle_early_stop_tolerance must be >= 0, got "
+                              f"{self.max_relative_chain} and {self.recycle_early_stop_tolerance}")  # fmt: skip

@@ -16,8 +16,8 @@ from ferryman.apps.fastfold.model.compiled import block_calls
 from ferryman.apps.fastfold.model.evoformer import EvoformerStack, TemplatePairStack
 from ferryman.apps.fastfold.model.structure_module import StructureModule
 from ferryman.core.errors import ConfigError
+from ferryman.kernels.backend import BACKENDS
 
-KERNEL_BACKENDS = ("auto", "triton", "torch")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -42,8 +42,8 @@ class RunOptions:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.kernels not in KERNEL_BACKENDS:
-            raise ConfigError(f"kernels must be one of {', '.join(KERNEL_BACKENDS)}, got {self.kernels!r}")
+        if self.kernels not in BACKENDS:
+            raise ConfigError(f"kernels must be one of {', '.join(BACKENDS)}, got {self.kernels!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.chunk_size is not None and self.chunk_size < 1:

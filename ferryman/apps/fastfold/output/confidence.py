@@ -87,9 +87,21 @@ def write_json(path: str | Path, obj, *, compact: bool = False) -> Path:
     return Path(path)
 
 
-def rank_models(plddts: dict[str, float]) -> list[str]:
-    """Best first by mean pLDDT, as AF2 and ColabFold rank monomer models (including _ptm ones)."""
-    return sorted(plddts, key=lambda name: -plddts[name])
+def rank_models(scores: dict[str, float]) -> list[str]:
+    """Best first: AF2 and ColabFold rank monomer models (_ptm included) by mean pLDDT and
+    multimer models by 0.8 ipTM + 0.2 pTM."""
+    return sorted(scores, key=lambda name: -scores[name])
+
+
+def ranking_debug_multimer(scores: dict[str, float], iptms: dict[str, float], ptms: dict[str, float],
+                           plddts: dict[str, float], random_weights: bool = False) -> dict:  # fmt: skip
+    """AF2 v2.3's ranking_debug.json for multimer models: {"iptm+ptm": ..., "order": ...}, best
+    first by 0.8 ipTM + 0.2 pTM; the parts ("iptm", "ptm") and mean pLDDTs are added."""
+    record: dict = {"iptm+ptm": {k: round(v, 6) for k, v in scores.items()}, "order": rank_models(scores),
+                    "iptm": iptms, "ptm": ptms, "plddts": plddts}  # fmt: skip
+    if random_weights:
+        record["warning"] = RANDOM_WEIGHTS_NOTE
+    return record
 
 
 def ranking_debug(plddts: dict[str, float], ptms: dict[str, float] | None = None, random_weights: bool = False) -> dict:

@@ -16,7 +16,7 @@ from ferryman.apps.fastfold.data.transforms import InputConfig
 from ferryman.apps.fastfold.loss import LossWeights
 from ferryman.apps.fastfold.train.crop import CROP_MODES
 from ferryman.core.errors import ConfigError
-from ferryman.core.gemini.config import OptimConfig
+from ferryman.core.optim import OptimConfig
 from ferryman.core.training import TrainConfig
 
 TRAIN_PRESETS = ("debug", "initial", "finetune")
@@ -88,4 +88,5 @@ def train_preset(name: str) -> FastfoldTrainConfig:
                             schedule="constant", ckpt_every=10)  # fmt: skip
     else:
         raise ConfigError(f"unknown training preset {name!r}; choose one of {', '.join(TRAIN_PRESETS)}")
-    return FastfoldTrainConfig(preset=preset, train=train)
+    # one config per run folder: fastfold_train.yaml, the whole run, which --config reads back
+    return FastfoldTrainConfig(preset=preset, train=dataclasses.replace(train, config_file=""))
