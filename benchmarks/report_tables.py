@@ -62,6 +62,32 @@ def _bar(value: float | None, bar: float, *, at_least: bool = True, unit: str = 
     return f"{fmt(value)}{unit}", value >= bar if at_least else value <= bar
 
 
+# ---------------------------------------------------------------------------------- fastfold_vs_af2
+def fastfold_vs_af2(p: dict) -> list[Block]:
+    depth = "full size (48 Evoformer blocks)" if p.get("full_size") else f"{p.get('blocks')} Evoformer blocks on both sides"
+    facts = (f"{p.get('preset')}, {depth}, 4 extra-MSA blocks; {p.get('inputs')}; {p.get('threads')} CPU thread(s) "
+             f"for both; AF2: {p.get('af2')}; PyTorch huge-page allocations: {p.get('thp_mem_alloc') or 'off'}.")  # fmt: skip
+    if "method" in p:  # --memory
+        columns = ["N_res", *(c for c in ("af2_peak_mib", "ferryman_peak_mib", "ferryman_compiled_peak_mib")
+                              if any(c in r for r in p.get("rows", [])))]  # fmt: skip
+        return [f"{facts} Peak = {p['method']}.", ("Peak memory of one forward (MiB)", p.get("rows", []), columns)]
+    rows = p.get("rows", [])
+    columns = ["N_res", "af2_s", "ferryman_s", "ferryman_speedup", "ferryman_max_atom_diff_A"]
+    if any("compiled_s" in r for r in rows):
+        columns += ["compiled_s", "compiled_speedup", "compiled_first_call_s"]
+    columns.append("af2_first_call_s")
+    return [facts, ("Seconds per forward (median CPU time of the process; speedup = median over rounds of AF2 time / "
+                    "Ferryman time in the same round)", rows, columns)]  # fmt: skip
+
+
+def _af2_speedup(p: dict) -> tuple[str, bool | None]:
+    rows = [r for r in p.get("rows", []) if "ferryman_speedup" in r]
+    if not rows:
+        return "not in this run", None
+    low = min(rows, key=lambda r: r["ferryman_speedup"])
+    return f"{fmt(low['ferryman_speedup'])}x (lowest, at N_res {low['N_res']})", None
+
+
 # ------------------------------------------------------------------------------------------ kernels
 def _ms(row: dict, impl: str, key: str):
     return row.get(impl, {}).get(key, {}).get("ms")
@@ -361,6 +387,8 @@ BENCHES: tuple[Bench, ...] = (
     Bench(key="host_adam", title="Host AdamW (the offloaded optimizer step)",
           targets=(Target(text="host AdamW step against DeepSpeed's CPUAdam (no bar set)", measure=_x_deepspeed),)),
     Bench(key="msa_search", title="MSA search"),
-    Bench(key="fastfold_vs_af2", title="FastFold against AlphaFold2 (JAX)"),
+    Bench(key="fastfold_vs_af2", title="FastFold against AlphaFold2 (JAX)", render=fastfold_vs_af2,
+          targets=(Target(text="forward speedup over AF2's JAX code (no GPU bar set; on CPU: >= 1.25x at 128-512)",
+                         measure=_af2_speedup),)),
     Bench(key="lm_finetune", title="LM finetune", render=lm_finetune, targets=LM_TARGETS),
 )  # fmt: skip

@@ -87,6 +87,9 @@ def _options(flags: dict) -> dict:
 @click.option("--seed", type=int, default=None, help="Random seed for MSA sampling and random weights.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
 @click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default=None, help="Fused kernels or the PyTorch reference.")
+@click.option("--compile/--no-compile", "compile", default=None,
+              help="Run the Evoformer blocks and structure module through torch.compile: faster once compiled for "
+                   "each length, which takes a minute (default off; falls back to eager code with a warning).")
 @click.option("--gpus", type=int, default=1, show_default=True, help="Split each model over N processes with DAP (started with torchrun).")
 @click.option("--plots/--no-plots", default=None, help="Write pLDDT, PAE and MSA-coverage PNGs (default on).")
 @click.option("--msa-only", "msa_only", is_flag=True, default=None, help="Write alignments and features only (as `fastfold msa`).")

@@ -37,7 +37,7 @@ def run_options(opts):
 
     chunk = opts.chunk_size
     return RunOptions(chunk_size=chunk if isinstance(chunk, int) else None, auto_chunk=chunk == "auto",
-                      kernels=opts.kernels, precision=opts.precision)  # fmt: skip
+                      kernels=opts.kernels, precision=opts.precision, compile=opts.compile)  # fmt: skip
 
 
 def _model_config(name: str, opts):

@@ -224,6 +224,8 @@ def parallelize(model: nn.Module, dims: ParallelDims | dist.ProcessGroup | None)
             continue
         module.__class__ = cls
         module.shards = shards
+        if hasattr(module, "compiled"):
+            module.compiled = None  # collectives run inside DAP blocks: they stay eager
         if isinstance(module, EvoformerBlock):
             sharded.extend(module.parameters())
         elif isinstance(module, TemplatePairStack):

@@ -80,6 +80,7 @@ class PredictOptions:
     relax_max_outer_iterations: int | None = None
     relax_max_iterations: int | None = None
     kernels: str = "auto"  # auto | triton | torch (fused kernels or the PyTorch reference)
+    compile: bool = False  # the Evoformer blocks and structure module through torch.compile (inference)
     plots: bool = True
     progress: bool = True
     dims: ParallelDims | None = None  # DAP: from core.parallel.init_parallel(dap=N) under torchrun

@@ -71,3 +71,17 @@ def test_gpus_flag_starts_dap_processes_with_torchrun(tmp_path):
     bad = subprocess.run([*cmd[:4], str(tmp_path / "bad"), "--gpus", "2"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("Error: no weights given") and bad.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(("args", "compiled"), [([], False), (["--compile"], True), (["--no-compile"], False)])
+def test_compile_flag_reaches_the_run_options(tmp_path, monkeypatch, args, compiled):
+    """--compile is read into the options predict runs with, and from them into the model's RunOptions."""
+    from ferryman.apps.fastfold import predict
+    from ferryman.apps.fastfold.inference import run_options
+
+    seen = []
+    monkeypatch.setattr(predict, "run", lambda fasta, out, opts: seen.append(opts) or {})
+    result = CliRunner().invoke(main, ["predict", str(DATA / "villin.fasta"), "--out", str(tmp_path / "o"), *QUICK, *args])
+    assert result.exit_code == 0, result.output
+    [opts] = seen
+    assert run_options(opts).compile is compiled and run_options(opts).kernels == "torch"

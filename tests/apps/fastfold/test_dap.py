@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ferryman.apps.fastfold.model as model_package
-from ferryman.apps.fastfold.model import random_weights_model
+from ferryman.apps.fastfold.model import apply_run_options, random_weights_model
 from ferryman.apps.fastfold.model.evoformer import (
     EvoformerBlock,
     EvoformerStack,
@@ -69,6 +69,8 @@ def _run(rank: int, world: int) -> dict:
     parallelize(model, group)
     assert {k: v.shape for k, v in model.state_dict().items()} == names  # one checkpoint loads in both
     if world > 1:
+        apply_run_options(model, ref_run(compile=True))  # collectives inside: DAP blocks stay eager
+        assert model.evoformer.compiled is None and model.template_embedder.template_pair_stack.compiled is None
         assert type(model.evoformer) is DAPEvoformerStack and type(model.evoformer.blocks[0]) is DAPEvoformerBlock
         assert type(model.template_embedder.template_pair_stack.blocks[0]) is DAPPairStackBlock
         sharded = {n for n, p in model.named_parameters() if partial_grad_group(p) is group}

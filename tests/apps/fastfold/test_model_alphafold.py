@@ -70,10 +70,13 @@ def _run_as(model, run: RunOptions, batch: dict) -> dict:
 
 
 def test_chunked_equals_unchunked(tiny_run):
+    """The chunked path against the whole one, within fp32 rounding of each output's scale: the
+    whole path runs fused matmuls and PyTorch's fused attention, so the two sum in different
+    orders (measured: 1e-6 of the largest value, through two recycling iterations)."""
     model, batch, out = tiny_run
     chunked = _run_as(model, ref_run(chunk_size=3), batch)
     for key in FLOAT_KEYS:
-        torch.testing.assert_close(chunked[key], out[key], rtol=1e-5, atol=2e-5, msg=key)
+        torch.testing.assert_close(chunked[key], out[key], rtol=0, atol=1e-5 * out[key].abs().max().item(), msg=key)
 
 
 def test_inplace_updates_change_nothing(tiny_run):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ferryman.apps.fastfold.model.compiled import use_compiled
 from ferryman.apps.fastfold.model.config import AlphaFoldConfig, TemplateConfig
 from ferryman.apps.fastfold.model.msa import (
     MSAColumnAttention,
@@ -18,7 +19,7 @@ from ferryman.apps.fastfold.model.msa import (
     OuterProductMean,
 )
 from ferryman.apps.fastfold.model.pair import TriangleAttention, TriangleMultiplication
-from ferryman.apps.fastfold.model.primitives import Linear, Transition, add_, layer_norm, lean
+from ferryman.apps.fastfold.model.primitives import Linear, Transition, add_, layer_norm, lean, unmasked
 
 
 class PairStackBlock(nn.Module):
@@ -142,12 +143,16 @@ class EvoformerStack(nn.Module):
         self.blocks = nn.ModuleList(EvoformerBlock(**_block_kwargs(cfg, extra)) for _ in range(count))
         self.single_activations = None if extra else Linear(cfg.c_m, cfg.c_s)
         self.activation_checkpointing = False
+        self.compiled = None  # a compiled.CompiledCall, set by options.apply_run_options
 
-    def run_blocks(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
+    def run_blocks(self, m: Tensor, z: Tensor, msa_mask: Tensor | None, pair_mask: Tensor | None,
                    chunk_size: int | None, inplace: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+        compiled = use_compiled(self.compiled, chunk_size, msa_mask, pair_mask)
         for block in self.blocks:
             if self.activation_checkpointing and m.requires_grad:
                 m, z = checkpoint(block, m, z, msa_mask, pair_mask, chunk_size, False, use_reentrant=False)
+            elif compiled:
+                m, z = self.compiled(block, m, z, inplace)
             else:
                 m, z = block(m, z, msa_mask, pair_mask, chunk_size, inplace)
         return m, z
@@ -155,6 +160,8 @@ class EvoformerStack(nn.Module):
     def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
                 chunk_size: int | None = None, inplace: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
         """m ``[S, N, c]``, z ``[N, N, c_z]`` -> updated (m, z)."""
+        if chunk_size is None:
+            msa_mask, pair_mask = unmasked(msa_mask), unmasked(pair_mask)
         return self.run_blocks(m, z, msa_mask, pair_mask, chunk_size, inplace)
 
 
@@ -179,12 +186,19 @@ class TemplatePairStack(nn.Module):
             for _ in range(cfg.num_blocks)
         )
         self.output_layer_norm = layer_norm(cfg.c_t, backend)
+        self.compiled = None  # a compiled.CompiledCall, set by options.apply_run_options
 
-    def run_blocks(self, t: Tensor, mask: Tensor, chunk_size: int | None, inplace: bool) -> Tensor:
+    def run_blocks(self, t: Tensor, mask: Tensor | None, chunk_size: int | None, inplace: bool) -> Tensor:
+        compiled = use_compiled(self.compiled, chunk_size, mask)
         for block in self.blocks:
-            t = block(t, mask, chunk_size, inplace, template_order=self.attention_first)
+            if compiled:
+                t = self.compiled(block, t, inplace, self.attention_first)
+            else:
+                t = block(t, mask, chunk_size, inplace, template_order=self.attention_first)
         return t
 
     def forward(self, t: Tensor, mask: Tensor, chunk_size: int | None = None, inplace: bool = False) -> Tensor:
         """t ``[N, N, c_t]`` for one template, mask ``[N, N]``."""
+        if chunk_size is None:
+            mask = unmasked(mask)
         return self.output_layer_norm(self.run_blocks(t, mask, chunk_size, inplace))

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ferryman.apps.fastfold.model.compiled import block_calls
+from ferryman.apps.fastfold.model.evoformer import EvoformerStack, TemplatePairStack
+from ferryman.apps.fastfold.model.structure_module import StructureModule
 from ferryman.core.errors import ConfigError
 from ferryman.kernels.backend import BACKENDS
 
@@ -27,6 +30,8 @@ class RunOptions:
     ``precision`` is the dtype of the trunk (embedders and stacks; the structure module and heads
     stay fp32). A chunk size with ``inplace`` and no gradient selects the memory-lean path: updates
     are added into the representations chunk by chunk and never exist whole (``primitives.lean``).
+    ``compile`` runs the stacks' blocks through ``torch.compile`` at inference (``compiled.py``):
+    faster once compiled, at the cost of compiling for each new N_res.
     """
 
     chunk_size: int | None = None
@@ -34,6 +39,7 @@ class RunOptions:
     kernels: str = "auto"
     inplace: bool = True
     precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.kernels not in BACKENDS:
@@ -58,9 +64,20 @@ def set_kernels(module: nn.Module, backend: str) -> nn.Module:
 
 def apply_run_options(model: nn.Module, run: RunOptions) -> nn.Module:
     """Run ``model`` (an AlphaFold) as ``run`` says: every fused op's backend, the trunk's dtype
-    (its modules listed in ``model.TRUNK``; the rest fp32) and, read at each call, the chunking and
-    in-place settings. Returns the model."""
+    (its modules listed in ``model.TRUNK``; the rest fp32), the compiled blocks and, read at each
+    call, the chunking and in-place settings. Returns the model.
+
+    DAP-sharded stacks (``parallelize``) keep their blocks eager: collectives run inside them.
+    """
     set_kernels(model, run.kernels)
+    calls = block_calls(run.compile)
+    for module in model.modules():
+        if type(module) is EvoformerStack:  # exactly: not a parallelize subclass
+            module.compiled = calls["evoformer"]
+        elif type(module) is TemplatePairStack:
+            module.compiled = calls["pair"]
+        elif isinstance(module, StructureModule):
+            module.compiled = calls["structure"]
     model.float()
     if run.precision != "fp32":
         for name in model.TRUNK:

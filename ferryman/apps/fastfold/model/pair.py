@@ -1,6 +1,7 @@
 """Pair-track modules: triangle multiplicative updates and triangle attention (AF2 Suppl. Alg. 11-14).
 
-z is ``[N, N, c_z]`` (unbatched) and pair_mask ``[N, N]``. Each module exposes the pieces DAP
+z is ``[N, N, c_z]`` (unbatched) and pair_mask ``[N, N]`` (None on the unchunked path when nothing
+is masked). Each module exposes the pieces DAP
 needs to run on a block of rows (``projections``/``combine``, ``bias``) besides ``forward``.
 """
 
@@ -12,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ferryman.apps.fastfold.model.primitives import Attention, Linear, chunk_add_, layer_norm, row_slices
+from ferryman.apps.fastfold.model.primitives import (
+    Attention,
+    Linear,
+    chunk_add_,
+    key_mask,
+    layer_norm,
+    row_slices,
+    transposed,
+)
 from ferryman.core.chunking import chunk_layer
 
 
@@ -71,8 +80,38 @@ class TriangleMultiplication(nn.Module):
         return chunk_layer(run, {"x": x, "z": z}, chunk_size=chunk_size, num_batch_dims=1)
 
     def forward(self, z: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
+        if chunk_size is None:
+            return self._whole(z, mask)
         a, b = self.projections(z, mask, chunk_size)
         return self.finish(self.product(a, b), z, chunk_size)
+
+    def _whole(self, z: Tensor, mask: Tensor) -> Tensor:
+        """``forward`` unchunked, laid out for the matmuls: z normalised once, the four gated
+        projections as one matmul straight into channel-first ``[4c, N * N]`` (the layout the
+        per-channel product reads), the product batched over channels."""
+        n_i, n_j, c_z = z.shape
+        c = self.center_layer_norm.normalized_shape[0]
+        x = self.layer_norm_input(z).reshape(n_i * n_j, c_z)  # [N * N, c_z]
+        lins = (self.left_projection, self.right_projection, self.left_gate, self.right_gate)
+        w, bias = torch.cat([lin.weight for lin in lins]), torch.cat([lin.bias for lin in lins])
+        p = torch.addmm(bias[:, None], w, x.t())  # [4c, N * N]: left, right, left gate, right gate
+        inplace = not torch.is_grad_enabled()
+        gates = p[2 * c :].sigmoid_() if inplace else p[2 * c :].sigmoid()
+        proj = p[: 2 * c].mul_(gates) if inplace else p[: 2 * c] * gates
+        if mask is not None:
+            proj = proj.mul_(mask.reshape(1, -1)) if inplace else proj * mask.reshape(1, -1).to(proj.dtype)
+        a, b = proj[:c].view(c, n_i, n_j), proj[c:].view(c, n_i, n_j)
+        if self.outgoing:  # sum_k a[i, k] b[j, k]
+            out = torch.bmm(a, b.transpose(1, 2))
+        else:  # sum_k a[k, j] b[k, i]
+            out = torch.bmm(b.transpose(1, 2), a)  # [c, i, j]
+        # Channels last for the LayerNorm: a 2-d transpose copies at twice the speed of the 3-d permute.
+        out = self.center_layer_norm(out.view(c, n_i * n_j).t().contiguous())  # [N * N, c]
+        gate = self.gating_linear(x)
+        gate = gate.sigmoid_() if inplace else gate.sigmoid()
+        out = self.output_projection(out)
+        out = out.mul_(gate) if inplace else out * gate
+        return out.view(n_i, n_j, c_z)
 
     def _projection_block(self, z: Tensor, mask: Tensor, channels: slice, chunk_size: int) -> tuple[Tensor, Tensor]:
         """Channels ``channels`` of the gated left and right projections, channel-first
@@ -147,10 +186,15 @@ class TriangleAttention(nn.Module):
 
         return chunk_layer(run, {"z": z_rows, "mask": mask_rows}, chunk_size=chunk_size, num_batch_dims=1)
 
-    def forward(self, z: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
+    def forward(self, z: Tensor, mask: Tensor | None, chunk_size: int | None = None) -> Tensor:
         if not self.starting:
-            z, mask = z.transpose(0, 1), mask.transpose(0, 1)
-        out = self.attend(z, mask, self.bias(z, chunk_size), chunk_size)
+            z, mask = z.transpose(0, 1), transposed(mask)
+        if chunk_size is None:  # one LayerNorm of z feeds both the bias and the attention
+            x = self.query_norm(z)
+            bias = self.feat_2d_weights(x).permute(2, 0, 1)  # [H, N, N]
+            out = self.attention(x, x, (bias[None],), key_mask(mask))
+        else:
+            out = self.attend(z, mask, self.bias(z, chunk_size), chunk_size)
         return out if self.starting else out.transpose(0, 1)
 
     def update_(self, z: Tensor, mask: Tensor, chunk_size: int) -> Tensor:

@@ -3,7 +3,9 @@ multi-head attention, global attention and the transition MLP.
 
 Attention runs through ``ferryman.kernels.attention`` and LayerNorm through
 ``ferryman.kernels.LayerNorm``; the backend (auto|triton|torch) is a module attribute set from
-config, so one model tree serves every kernel choice.
+config, so one model tree serves every kernel choice. Where the PyTorch path runs and no key is
+masked, attention is PyTorch's fused ``scaled_dot_product_attention`` with the biases as its
+additive mask: the same math as the reference, without the logits ever existing whole.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ferryman.core.chunking import chunk_layer
@@ -67,6 +70,21 @@ def lean(chunk_size: int | None, inplace: bool) -> bool:
     return chunk_size is not None and inplace and not torch.is_grad_enabled()
 
 
+def unmasked(mask: Tensor) -> Tensor | None:
+    """None when ``mask`` masks nothing (no padding: the usual case at inference), so the ops
+    skip masking altogether; multiplying by ones and adding nothing would give the same numbers."""
+    return None if bool(mask.all()) else mask
+
+
+def key_mask(mask: Tensor | None) -> Tensor | None:
+    """An attention key mask ``[*, K] -> [*, 1, 1, K]``; None (nothing masked) stays None."""
+    return None if mask is None else mask[..., None, None, :]
+
+
+def transposed(mask: Tensor | None) -> Tensor | None:
+    return None if mask is None else mask.transpose(0, 1)
+
+
 def row_slices(n: int, chunk_size: int | None) -> list[slice]:
     step = chunk_size or max(n, 1)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
@@ -86,6 +104,22 @@ def chunk_add_(target: Tensor, fn, inputs: dict[str, Tensor], chunk_size: int | 
 
 def _rows_of_bias(b: Tensor, rows: slice) -> Tensor:
     return b[..., rows, :] if b.shape[-2] > 1 else b
+
+
+def sdpa_applies(q: Tensor, mask: Tensor | None) -> bool:
+    """Whether ``scaled_dot_product_attention`` computes what the reference does: 4-d inputs (its
+    fused CPU kernel's layout) and no masked key. A masked key would need the mask folded into a
+    bias the size of the logits, and a row with every key masked must give zeros, not its mean."""
+    return q.dim() == 4 and (mask is None or bool(mask.all()))
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, biases: tuple[Tensor, ...]) -> Tensor:
+    """softmax(q k^T / sqrt(D) + sum(biases)) v for q ``[B, H, Q, D]``; the output's memory is
+    ``[B, Q, H, D]``, so merging its heads back is a view."""
+    bias = None
+    for b in biases:
+        bias = b if bias is None else bias + b
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
 
 
 class Attention(nn.Module):
@@ -112,11 +146,12 @@ class Attention(nn.Module):
                 query_chunk: int | None = None) -> Tensor:  # fmt: skip
         """``query_chunk`` bounds the logits the PyTorch reference materialises to that many
         queries at a time; the fused kernel never materialises them and ignores it."""
-        q = self._heads(self.query_w(q_x))
-        k = self._heads(self.key_w(kv_x))
-        v = self._heads(self.value_w(kv_x))
+        q, k, v, g = self._projections(q_x, kv_x, fused=query_chunk is None)
         n_q = q.shape[-2]
-        if query_chunk is None or query_chunk >= n_q or resolve_backend(self.backend, q) != "torch":
+        reference = resolve_backend(self.backend, q) == "torch"
+        if reference and sdpa_applies(q, mask):
+            o = sdpa(q, k, v, tuple(biases))
+        elif query_chunk is None or query_chunk >= n_q or not reference:
             o = fused_attention(q, k, v, biases, mask, backend=self.backend)  # [*, H, Q, D]
         else:
             o = torch.empty_like(q)
@@ -125,15 +160,30 @@ class Attention(nn.Module):
                 m_rows = None if mask is None else _rows_of_bias(mask, rows)
                 o[..., rows, :] = fused_attention(q[..., rows, :], k, v, part, m_rows, backend=self.backend)
         o = o.transpose(-2, -3).flatten(-2)  # [*, Q, H * D]
-        if self.gating is not None:
-            o = o * torch.sigmoid(self.gating(q_x))
+        if g is not None:
+            o = o.mul_(g.sigmoid_()) if not torch.is_grad_enabled() else o * torch.sigmoid(g)
         return self.output(o)
+
+    def _projections(self, q_x: Tensor, kv_x: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """q, k, v ``[*, H, L, D]`` and the gate's pre-activation ``[*, Q, H * D]`` (or None). For
+        self-attention, ``fused`` makes them one matmul whose columns the four view (the
+        memory-lean path keeps them apart: together they are four times a block's width)."""
+        gating = self.gating
+        if q_x is not kv_x or not fused:
+            gate = None if gating is None else gating(q_x)
+            return self._heads(self.query_w(q_x)), self._heads(self.key_w(kv_x)), self._heads(self.value_w(kv_x)), gate
+        lins = [self.query_w, self.key_w, self.value_w] + ([] if gating is None else [gating])
+        w = torch.cat([lin.weight for lin in lins])  # [3 or 4 x H * D, c]
+        width = self.num_heads * self.c_hidden
+        bias = None if gating is None else torch.cat([gating.bias.new_zeros(3 * width), gating.bias])
+        qkvg = F.linear(q_x, w, bias).split(width, dim=-1)  # each [*, L, H * D]
+        return self._heads(qkvg[0]), self._heads(qkvg[1]), self._heads(qkvg[2]), None if gating is None else qkvg[3]
 
 
 class GlobalAttention(nn.Module):
     """Global attention over the rows of each column, one averaged query (AF2 Suppl. Alg. 19).
 
-    m: ``[*, S, c]`` attended over S; mask ``[*, S]``.
+    m: ``[*, S, c]`` attended over S; mask ``[*, S]`` or None (nothing masked).
     """
 
     def __init__(self, c_in: int, c_hidden: int, num_heads: int, *, backend: str = "auto", eps: float = 1e-10):
@@ -145,16 +195,19 @@ class GlobalAttention(nn.Module):
         self.gating = Linear(c_in, num_heads * c_hidden, init="gating")
         self.output = Linear(num_heads * c_hidden, c_in, init="final")
 
-    def forward(self, m: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, m: Tensor, mask: Tensor | None) -> Tensor:
         # Sums over up to 5120 rows: fp32, since bf16 counts exactly only to 256.
-        mask32 = mask.float()
-        q_avg = ((m.float() * mask32[..., None]).sum(-2) / (mask32.sum(-1, keepdim=True) + self.eps)).to(m.dtype)
-        mask = mask.to(m.dtype)
+        if mask is None:
+            q_avg = (m.float().sum(-2) / (m.shape[-2] + self.eps)).to(m.dtype)
+        else:
+            mask32 = mask.float()
+            q_avg = ((m.float() * mask32[..., None]).sum(-2) / (mask32.sum(-1, keepdim=True) + self.eps)).to(m.dtype)
+            mask = mask.to(m.dtype)[..., None, :]
         q = self.query_w(q_avg).unflatten(-1, (self.num_heads, self.c_hidden))  # [*, H, D]
         q = q * self.c_hidden**-0.5
         k, v = self.key_w(m), self.value_w(m)  # [*, S, D]
         logits = torch.einsum("...hd,...sd->...hs", q, k)
-        weights = fused_softmax(logits, mask[..., None, :], backend=self.backend)  # [*, H, S]
+        weights = fused_softmax(logits, mask, backend=self.backend)  # [*, H, S]
         avg = torch.einsum("...hs,...sd->...hd", weights, v)  # [*, H, D]
         gate = torch.sigmoid(self.gating(m)).unflatten(-1, (self.num_heads, self.c_hidden))  # [*, S, H, D]
         return self.output((gate * avg[..., None, :, :]).flatten(-2))
@@ -171,7 +224,9 @@ class Transition(nn.Module):
         self.transition2 = Linear(c * factor, c, init="final")
 
     def _run(self, x: Tensor) -> Tensor:
-        return self.transition2(torch.relu(self.transition1(self.input_layer_norm(x))))
+        hidden = self.transition1(self.input_layer_norm(x))
+        # In place when nothing is recorded: a fresh tensor factor-times the size of x costs more than the op.
+        return self.transition2(hidden.relu_() if not torch.is_grad_enabled() else torch.relu(hidden))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
         # The mask is unused, as in AF2: padded positions never feed real ones through a transition.

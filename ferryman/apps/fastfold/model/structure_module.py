@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ferryman.apps.fastfold.common.all_atom import frames_to_atom14_positions, torsion_angles_to_frames
 from ferryman.apps.fastfold.common.protein import atom14_masks, atom14_to_atom37
 from ferryman.apps.fastfold.common.rigid import Rigid, quat_pre_compose
+from ferryman.apps.fastfold.model.compiled import use_compiled
 from ferryman.apps.fastfold.model.config import AlphaFoldConfig, StructureConfig
 from ferryman.apps.fastfold.model.primitives import Linear, layer_norm
 from ferryman.core.chunking import chunk_layer
@@ -124,6 +125,15 @@ class FoldIteration(nn.Module):
                 x = torch.relu(x)
         return self.transition_layer_norm(x + s)
 
+    def step(self, s: Tensor, s_initial: Tensor, z: Tensor, quat: Tensor, trans: Tensor, mask: Tensor,
+             chunk_size: int | None = None, z_norm: nn.Module | None = None) -> tuple[Tensor, ...]:  # fmt: skip
+        """Lines 6-10 and 11-14 of Alg. 20: the new single representation, backbone frames
+        (quaternion, translation in ``position_scale`` units) and torsion angles (normalised, raw)."""
+        s = s + self.invariant_point_attention(s, z, Rigid.from_quat(quat, trans), mask, chunk_size, z_norm)
+        s = self.run_transition(self.attention_layer_norm(s))
+        quat, trans = quat_pre_compose(quat, trans, self.affine_update(s).float())
+        return (s, quat, trans, *self.rigid_sidechain(s, s_initial))
+
 
 class StructureModule(nn.Module):
     """AF2 Suppl. Alg. 20: eight shared-weight iterations from the single and pair representations
@@ -136,6 +146,7 @@ class StructureModule(nn.Module):
         self.initial_projection = Linear(cfg.c_s, cfg.c_s)
         self.pair_layer_norm = layer_norm(cfg.c_z)
         self.fold_iteration = FoldIteration(cfg.c_s, cfg.c_z, cfg.structure)
+        self.compiled = None  # a compiled.CompiledCall of FoldIteration.step, set by options.apply_run_options
 
     def forward(self, single: Tensor, pair: Tensor, aatype: Tensor, seq_mask: Tensor,
                 chunk_size: int | None = None) -> dict[str, Tensor]:  # fmt: skip
@@ -151,12 +162,12 @@ class StructureModule(nn.Module):
         quat[:, 0] = 1.0
         trans = s.new_zeros(n, 3, dtype=torch.float32)
         traj, angles, raw_angles, frames, positions = [], [], [], [], []
+        compiled = use_compiled(self.compiled, chunk_size)
         for _ in range(self.cfg.num_layers):
-            rigid = Rigid.from_quat(quat, trans)
-            s = s + it.invariant_point_attention(s, z, rigid, seq_mask, chunk_size, z_norm)
-            s = it.run_transition(it.attention_layer_norm(s))
-            quat, trans = quat_pre_compose(quat, trans, it.affine_update(s).float())
-            ang, raw = it.rigid_sidechain(s, s_initial)
+            if compiled:  # the same graph for all eight layers
+                s, quat, trans, ang, raw = self.compiled(it, s, s_initial, z, quat, trans, seq_mask)
+            else:
+                s, quat, trans, ang, raw = it.step(s, s_initial, z, quat, trans, seq_mask, chunk_size, z_norm)
             backbone = Rigid.from_quat(quat, trans * scale)
             group_frames = torsion_angles_to_frames(aatype, backbone, ang)
             traj.append(torch.cat([quat, trans * scale], dim=-1))
