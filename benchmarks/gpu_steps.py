@@ -84,7 +84,7 @@ STEPS: tuple[Step, ...] = (
          claim="fastfold against AlphaFold2's own JAX code on the same GPU (N_res 512, 4 Evoformer blocks each)",
          gpu=("--device", "cuda", "--n-res", "512", "--blocks", "4", "--repeat", "2"),
          dry=("--device", "cpu", "--n-res", "16", "--blocks", "1", "--repeat", "1", "--threads", "1"), cap_s=25,
-         needs=("alphafold-colabfold", "dm-haiku", "ml-collections", "dm-tree", "immutabledict")),
+         needs=("alphafold-colabfold", "colabfold-kernels", "dm-haiku", "ml-collections", "dm-tree", "immutabledict")),
     Step(name="lm_finetune", script="benchmarks/lm_finetune.py",
          claim="Llama 125M and 760M finetuned within 4 GiB: plain vs Gemini auto vs FSDP2-offload (largest size, tokens/s)",
          gpu=("--device", "cuda", "--sizes", "125M,760M", "--budget-gib", "4", "--batch", "2", "--steps", "2",
