@@ -1,0 +1,236 @@
+"""The mutation job (`make mutation`, docs/testing.md): mutmut once per module group.
+
+Each group of ``[tool.mutmut.groups]`` in pyproject.toml names the files it mutates and the tests
+that may kill them. A group runs in its own folder, ``.mutation/<group>/``: links to ferryman/,
+tests/ and data/, a pyproject.toml holding the shared ``[tool.mutmut]`` keys plus the group's, and
+mutmut's own ``mutants/`` state, so groups never invalidate each other's results and an
+interrupted run goes on where it stopped. mutmut maps every mutated function to the tests that
+call it (a stats run of the group's tests), then runs only those tests against each mutant.
+
+Afterwards the per-module table (killed, survived, justified, score) is printed and written to
+``.mutation/report.md``; ``--update-docs`` also puts it into docs/testing.md. A survivor counts as
+justified when docs/testing.md lists it with a fragment of its mutated line (the fragment is
+checked, so a renumbered mutant is reported instead of silently excused).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".mutation"
+DOCS = ROOT / "docs" / "testing.md"
+TABLE_START, TABLE_END = "<!-- mutation-table -->", "<!-- /mutation-table -->"
+LINKED = ("ferryman", "tests", "data")
+# A justified survivor in docs/testing.md: | `mutant name` | `fragment of the mutated line` | why |
+JUSTIFIED_ROW = re.compile(r"^\|\s*`(ferryman\.[^`]+__mutmut_\d+)`\s*\|\s*`([^`]+)`\s*\|")
+KILLED, SURVIVED, NO_TESTS, TIMEOUT = "killed", "survived", "no tests", "timeout"
+
+
+def load_settings() -> tuple[dict, dict[str, dict], dict]:
+    """The shared mutmut keys, the groups, and pytest's own settings, from pyproject.toml."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
+    shared = dict(tool["mutmut"])
+    groups = shared.pop("groups")
+    return shared, groups, tool["pytest"]
+
+
+def slug(group: str) -> str:
+    return group.replace("/", "-")
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    return "[" + ", ".join(toml_value(v) for v in value) + "]"
+
+
+def toml_table(name: str, table: dict) -> str:
+    return "\n".join([f"[{name}]", *(f"{key} = {toml_value(v)}" for key, v in table.items())]) + "\n"
+
+
+def prepare(group: str, spec: dict, shared: dict, pytest_settings: dict) -> Path:
+    """The group's folder with its links and generated pyproject.toml; returns it."""
+    folder = WORK / slug(group)
+    (folder / "mutants").mkdir(parents=True, exist_ok=True)  # before Python caches it as missing
+    for name in LINKED:
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to(Path("..", "..", name))
+    config = {**shared, "only_mutate": spec["only_mutate"],
+              "pytest_add_cli_args_test_selection": spec["tests"]}
+    text = toml_table("tool.pytest.ini_options", pytest_settings["ini_options"]) + "\n"
+    text += toml_table("tool.mutmut", config)
+    pyproject = folder / "pyproject.toml"
+    if not pyproject.exists() or pyproject.read_text() != text:
+        pyproject.write_text(text)
+    return folder
+
+
+def run_group(folder: Path, mutants: list[str]) -> int:
+    env = dict(os.environ, PYTHONPATH=str(folder / "mutants"))  # subprocesses of tests import mutants too
+    mutmut = Path(sys.executable).with_name("mutmut")
+    return subprocess.run([str(mutmut), "run", "--max-children", "1", *mutants], cwd=folder, env=env).returncode
+
+
+def exit_status(code: int | None) -> str:
+    from mutmut.stats import status_by_exit_code
+
+    return status_by_exit_code[code]
+
+
+def mutated(source: str, only: list[str], never: list[str]) -> bool:
+    return any(fnmatch(source, p) for p in only) and not any(fnmatch(source, p) for p in never)
+
+
+def results(folder: Path, only: list[str], never: list[str]) -> dict[str, dict[str, str]]:
+    """{source file: {mutant: status}} from the group's mutmut state (files mutated now only:
+    a file taken out of the group keeps its old state in mutants/)."""
+    out: dict[str, dict[str, str]] = {}
+    for meta in sorted((folder / "mutants").rglob("*.py.meta")):
+        source = meta.relative_to(folder / "mutants").as_posix().removesuffix(".meta")
+        if not mutated(source, only, never):
+            continue
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        if codes:
+            out[source] = {name: exit_status(code) for name, code in codes.items()}
+    return out
+
+
+def justified() -> dict[str, str]:
+    """{mutant: fragment of its mutated line} from docs/testing.md."""
+    if not DOCS.exists():
+        return {}
+    rows = (JUSTIFIED_ROW.match(line) for line in DOCS.read_text().splitlines())
+    return {row[1]: row[2] for row in rows if row}
+
+
+def mutated_line(folder: Path, mutant: str) -> str:
+    """The added lines of ``mutmut show`` for one mutant (to check a justification still fits)."""
+    mutmut = Path(sys.executable).with_name("mutmut")
+    shown = subprocess.run([str(mutmut), "show", mutant], cwd=folder, capture_output=True, text=True).stdout
+    return "\n".join(line[1:] for line in shown.splitlines() if line.startswith("+") and not line.startswith("+++"))
+
+
+@dataclass
+class ModuleScore:
+    source: str
+    counts: dict[str, int] = field(default_factory=dict)
+    open_survivors: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def score(self) -> float:
+        done = self.counts.get(KILLED, 0) + self.counts.get(TIMEOUT, 0) + self.counts.get("justified", 0)
+        return 100.0 * done / max(self.total, 1)
+
+
+def score_group(folder: Path, only: list[str], never: list[str], excused: dict[str, str]) -> list[ModuleScore]:
+    scores = []
+    for source, statuses in results(folder, only, never).items():
+        module = ModuleScore(source)
+        for mutant, status in statuses.items():
+            if status in (SURVIVED, NO_TESTS) and mutant in excused:
+                if excused[mutant] in mutated_line(folder, mutant):
+                    status = "justified"
+                else:
+                    module.stale.append(mutant)
+            if status in (SURVIVED, NO_TESTS):
+                module.open_survivors.append(mutant)
+            module.counts[status] = module.counts.get(status, 0) + 1
+        scores.append(module)
+    return scores
+
+
+def report(scores: dict[str, list[ModuleScore]]) -> str:
+    lines = ["| group | module | mutants | killed | timeout | justified | survived | no tests | other | score |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    grand = ModuleScore("all")
+    for group, modules in scores.items():
+        for m in modules:
+            c = m.counts
+            other = m.total - sum(c.get(k, 0) for k in (KILLED, TIMEOUT, "justified", SURVIVED, NO_TESTS))
+            lines.append(f"| {group} | {m.source.removeprefix('ferryman/')} | {m.total} | {c.get(KILLED, 0)} | "
+                         f"{c.get(TIMEOUT, 0)} | {c.get('justified', 0)} | {c.get(SURVIVED, 0)} | "
+                         f"{c.get(NO_TESTS, 0)} | {other} | {m.score:.1f}% |")
+            for key, n in c.items():
+                grand.counts[key] = grand.counts.get(key, 0) + n
+    c = grand.counts
+    lines.append(f"| **all** | | {grand.total} | {c.get(KILLED, 0)} | {c.get(TIMEOUT, 0)} | {c.get('justified', 0)} "
+                 f"| {c.get(SURVIVED, 0)} | {c.get(NO_TESTS, 0)} | | **{grand.score:.1f}%** |")
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(table: str) -> None:
+    text = DOCS.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    DOCS.write_text(text[:start] + "\n" + table + text[end:])
+
+
+@click.command()
+@click.argument("groups", nargs=-1)
+@click.option("--retest", is_flag=True, help="Run the survivors again (after adding tests).")
+@click.option("--report-only", is_flag=True, help="Run nothing; score what earlier runs left in .mutation/.")
+@click.option("--update-docs", "write_docs", is_flag=True, help="Write the table into docs/testing.md.")
+def main(groups: tuple[str, ...], retest: bool, report_only: bool, write_docs: bool) -> None:
+    """Run mutmut per module group (all groups when none is named), then print the score table.
+
+    \b
+    Examples:
+      python tests/mutation.py core/training
+      python tests/mutation.py fastfold/loss --retest
+      python tests/mutation.py --report-only --update-docs
+    """
+    shared, known, pytest_settings = load_settings()
+    unknown = [g for g in groups if g not in known]
+    if unknown:
+        raise click.UsageError(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    never = shared.get("do_not_mutate", [])
+    failed = []
+    for group in groups or tuple(known):
+        folder = prepare(group, known[group], shared, pytest_settings)
+        if report_only:
+            continue
+        statuses = results(folder, known[group]["only_mutate"], never).values()
+        survivors = [m for s in statuses for m, st in s.items() if st in (SURVIVED, NO_TESTS)]
+        click.echo(f"== {group}: mutmut in {folder.relative_to(ROOT)}", err=True)
+        if run_group(folder, survivors if retest and survivors else []) != 0:
+            failed.append(group)
+    excused = justified()
+    scores = {g: score_group(WORK / slug(g), spec["only_mutate"], never, excused)
+              for g, spec in known.items() if (WORK / slug(g) / "mutants").exists()}
+    table = report({g: s for g, s in scores.items() if s})
+    (WORK / "report.md").write_text(table)
+    click.echo(table)
+    for group, modules in scores.items():
+        for m in modules:
+            for mutant in m.stale:
+                click.echo(f"stale justification (the mutant's line changed): {mutant}", err=True)
+            for mutant in m.open_survivors:
+                click.echo(f"open ({group}): {mutant}")
+    if write_docs:
+        update_docs(table)
+    if failed:
+        raise click.ClickException(f"mutmut failed for {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
