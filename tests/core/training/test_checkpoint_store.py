@@ -76,3 +76,44 @@ def test_engine_state_that_does_not_fit_is_refused_in_one_line(run):
     with pytest.raises(UserError) as err:
         _resume(out, "latest")
     assert str(err.value) == f"checkpoint {folder} cannot be loaded into this run: '0.exp_avg'"
+
+
+class AppStore(CheckpointStore):
+    """An app's layout: engine files two folders down, a file of its own, a field of its own."""
+
+    def __init__(self, root):
+        super().__init__(root, keep_last=0)
+        self.exported = []
+
+    def engine_folder(self, folder):
+        return folder / "engine" / "state"
+
+    def export(self, folder, engine, ema_named, *, rank):
+        self.exported.append((folder.name, engine, rank))
+        (folder / "app.txt").write_text(f"rank {rank}")
+
+    def extra_state(self):
+        return {"app_field": 7}
+
+
+def test_an_app_store_gets_its_layout_files_and_fields_back(tmp_path):
+    store = AppStore(tmp_path / "checkpoints")
+    first = train(_cfg(tmp_path, "plain", stop_after=2, plot=False, ema_decay=0.0), Net, _loader, _loss, checkpoints=store)
+    folder = tmp_path / "checkpoints" / "step-00000002"
+    assert store.exported == [(".tmp-step-00000002", first.engine, 0)]
+    assert (folder / "app.txt").read_text() == "rank 0"
+    assert (folder / "engine" / "state" / "model.safetensors").is_file()
+    trainer, ema = store.load(folder, first.engine, rank=0)
+    assert trainer["app_field"] == 7 and trainer["step"] == 2 and ema is None
+
+
+def test_a_step_saved_again_replaces_the_old_folder_and_leftovers_that_resist_removal_do_not_stop_it(run):
+    out, _ = run
+    ckpts = out / "checkpoints"
+    (ckpts / ".tmp-step-00000009").write_text("a file, not a folder: rmtree cannot remove it")
+    (ckpts / "step-00000004" / "from-the-first-run").write_text("")
+    (ckpts / "latest").write_text("step-00000002\n")
+    _resume(out, "latest", max_steps=4)  # redoes steps 3 and 4, saving step 4 again
+    assert not (ckpts / "step-00000004" / "from-the-first-run").exists()
+    assert json.loads((ckpts / "step-00000004" / "trainer.json").read_text())["step"] == 4
+    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step-00000009", "latest", "step-00000002", "step-00000004"]
