@@ -16,6 +16,7 @@ from ferryman.core.parallel import (
 from ferryman.core.parallel.grads import _buckets
 from ferryman.core.training import TrainConfig
 from ferryman.core.training.loop import build_engine
+from tests.threaded import run_threaded
 from tests.tolerance import assert_close
 
 ROWS = 6
@@ -93,16 +94,26 @@ def _reference(how: str) -> dict:
     return engine.state_dict()
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("how", ["function", "plain", "gemini"])
-def test_marked_gradients_are_summed_once(how):
+def _check(how, results):
     expected = _reference(how)
-    for got in run_distributed(_sharded, 2, how):
+    for got in results:
         for name, value in expected.items():
             if value is None:
                 assert got[name] is None, name  # unused by every rank: AdamW skips it
             else:
                 assert_close(got[name], value, ulps=16, msg=name)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("how", ["function", "plain", "gemini"])
+def test_marked_gradients_are_summed_once(how):
+    _check(how, run_distributed(_sharded, 2, how))
+
+
+@pytest.mark.parametrize("how", ["function", "plain", "gemini"])
+def test_marked_gradients_are_summed_once_on_threaded_ranks(how):
+    """The same check with the ranks as threads (tests/threaded.py): fast, and seen by mutmut."""
+    _check(how, run_threaded(_sharded, 2, how))
 
 
 def test_a_group_of_one_marks_nothing():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ferryman.core.errors import UserError
 from ferryman.core.parallel import init_parallel
 from ferryman.core.training import train
 from tests.core.training.test_loop import Net, _cfg, _loss
@@ -37,11 +38,41 @@ def test_an_update_logs_the_mean_of_its_micro_batches(tmp_path):
     with torch.no_grad():
         parts = [_loss(model, (X[i:i + 4], Y[i:i + 4])) for i in (0, 4)]
     expected = sum(p[0].item() for p in parts) / 2
+    mean = sum(_loss(model, (X[i:i + 4], Y[i:i + 4]))[0] for i in (0, 4)) / 2
+    mean.backward()
+    grad_norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
     [record] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert result.losses == [record["loss"]]
     assert abs(record["loss"] - expected) < 1e-6 * expected
     assert record["acc"] == sum(p[1]["acc"].item() for p in parts) / 2
     assert record["lr"] == 0.5 * 1e-2  # the first of two warm-up steps
+    assert abs(record["grad_norm"] - grad_norm) < 1e-5 * grad_norm  # of the mean loss, before clipping
+
+
+def test_a_non_finite_loss_stops_the_run_in_one_line_but_fp16_skips_the_step(tmp_path):
+    def blowing_up(engine, batch):
+        blowing_up.calls = getattr(blowing_up, "calls", 0) + 1
+        loss, logs = _loss(engine, batch)
+        return (loss * float("nan") if blowing_up.calls == 2 else loss), logs
+
+    cfg = _cfg(tmp_path / "fp32", "plain", max_steps=3, grad_accum=1, plot=False, ema_decay=0.0)
+    with pytest.raises(UserError, match=r"^loss became nan at epoch 0, batch 2; lower optim\.lr$"):
+        train(cfg, Net, _ordered_loader, blowing_up)
+    blowing_up.calls = 0
+    cfg = _cfg(tmp_path / "fp16", "plain", max_steps=3, grad_accum=1, plot=False, ema_decay=0.0, precision="fp16")
+    result = train(cfg, Net, _ordered_loader, blowing_up)
+    records = [json.loads(line) for line in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [0.0, 1.0, 0.0] and len(result.losses) == 3
+
+
+def test_the_progress_bar_counts_updates_from_where_a_resume_starts(tmp_path, capsys):
+    kw = dict(max_steps=3, grad_accum=1, plot=False, ema_decay=0.0)
+    train(_cfg(tmp_path, "plain", **kw, stop_after=2), Net, _ordered_loader, _loss)
+    assert capsys.readouterr().err == ""  # progress=False
+    train(_cfg(tmp_path, "plain", **kw, resume="latest", progress=True), Net, _ordered_loader, _loss)
+    bar = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line]
+    assert bar[0].startswith("train:") and " 2/3 " in bar[0]  # started at the resumed step
+    assert " 3/3 " in bar[-1] and "step/s" in bar[-1]
 
 
 def test_a_run_stopped_after_an_epoch_boundary_records_where_it_was(tmp_path):
@@ -84,12 +115,14 @@ def _rank_loader():
 
 def _data_parallel_losses(rank, world, out):
     dims = init_parallel(backend="threaded")
-    cfg = _cfg(out / str(rank), "plain", max_steps=1, grad_accum=1, plot=False, ema_decay=0.0, ckpt_at_end=False)
+    cfg = _cfg(out / str(rank), "plain", max_steps=1, grad_accum=1, plot=False, ema_decay=0.0, ckpt_at_end=False,
+               progress=True)  # only rank 0 draws a bar
     return train(cfg, Plain, _rank_loader, _loss, dims=dims).losses
 
 
-def test_data_parallel_ranks_log_the_mean_loss_over_ranks(tmp_path):
+def test_data_parallel_ranks_log_the_mean_loss_over_ranks(tmp_path, capsys):
     logged = run_threaded(_data_parallel_losses, 2, tmp_path)
+    assert capsys.readouterr().err.count(" 0/1 ") == 1  # one bar: rank 0's
     torch.manual_seed(0)
     model = Plain()
     with torch.no_grad():
