@@ -10,17 +10,31 @@ DAP/sequence/data groups on it.
 
 The gloo tests stay the reference (real processes, a real transport); these exist so that code
 which only runs with several ranks is checked quickly and seen by the mutation job.
+
+What processes have of their own, threads share: the global RNG above all. A rank that seeds it
+and draws (building a model, dropout) must do so inside ``with one_rank_at_a_time():``, or the
+ranks' draws interleave; under ``run_distributed`` the lock is a no-op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+_SERIAL = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_rank_at_a_time() -> Iterator[None]:
+    """Let one rank at a time through (for global state such as the RNG); never around a collective."""
+    with _SERIAL:
+        yield
 
 
 def run_threaded(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120) -> list[Any]:

@@ -12,7 +12,7 @@ from ferryman.core.errors import UserError
 from ferryman.core.parallel import init_parallel
 from ferryman.core.training import train
 from tests.core.training.test_loop import Net, _cfg, _loss
-from tests.threaded import run_threaded
+from tests.threaded import one_rank_at_a_time, run_threaded
 
 X = torch.randn(12, 6, generator=torch.Generator().manual_seed(3))
 Y = torch.arange(12) % 3
@@ -113,11 +113,17 @@ def _rank_loader():
     return DataLoader(TensorDataset(X[rank * 6:(rank + 1) * 6], Y[rank * 6:(rank + 1) * 6]), batch_size=3)
 
 
+def _build_plain():
+    with one_rank_at_a_time():  # the threaded ranks share the global RNG the loop seeds
+        torch.manual_seed(0)
+        return Plain()
+
+
 def _data_parallel_losses(rank, world, out):
     dims = init_parallel(backend="threaded")
     cfg = _cfg(out / str(rank), "plain", max_steps=1, grad_accum=1, plot=False, ema_decay=0.0, ckpt_at_end=False,
                progress=True)  # only rank 0 draws a bar
-    return train(cfg, Plain, _rank_loader, _loss, dims=dims).losses
+    return train(cfg, _build_plain, _rank_loader, _loss, dims=dims).losses
 
 
 def test_data_parallel_ranks_log_the_mean_loss_over_ranks(tmp_path, capsys):
