@@ -12,8 +12,10 @@ The gloo tests stay the reference (real processes, a real transport); these exis
 which only runs with several ranks is checked quickly and seen by the mutation job.
 
 What processes have of their own, threads share: the global RNG above all. A rank that seeds it
-and draws (building a model, dropout) must do so inside ``with one_rank_at_a_time():``, or the
-ranks' draws interleave; under ``run_distributed`` the lock is a no-op.
+and draws (building a model) must do so inside ``with one_rank_at_a_time():``, or the ranks'
+draws interleave; under ``run_distributed`` the lock is a no-op. Code that seeds the RNG without
+the lock (the training loop does, for dropout) can still reset it under another rank's draws:
+there, load the initial weights from a state drawn before the ranks start.
 """
 
 from __future__ import annotations
@@ -81,3 +83,14 @@ def run_threaded(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s:
         rank, err = min(errors, key=lambda e: e[0])
         raise RuntimeError(f"rank {rank} failed: {err!r}") from err
     return results
+
+
+def launchers():
+    """``pytest.param``s of both ways to start ranks, for ``parametrize``: spawned gloo processes
+    (marked ``distributed``) and threads."""
+    import pytest
+
+    from ferryman.core.parallel import run_distributed
+
+    return [pytest.param(run_distributed, id="processes", marks=pytest.mark.distributed),
+            pytest.param(run_threaded, id="threads")]

@@ -12,7 +12,7 @@ from ferryman.core.errors import UserError
 from ferryman.core.parallel import init_parallel
 from ferryman.core.training import train
 from tests.core.training.test_loop import Net, _cfg, _loss
-from tests.threaded import one_rank_at_a_time, run_threaded
+from tests.threaded import run_threaded
 
 X = torch.randn(12, 6, generator=torch.Generator().manual_seed(3))
 Y = torch.arange(12) % 3
@@ -113,10 +113,20 @@ def _rank_loader():
     return DataLoader(TensorDataset(X[rank * 6:(rank + 1) * 6], Y[rank * 6:(rank + 1) * 6]), batch_size=3)
 
 
+def _seeded_state():
+    torch.manual_seed(0)
+    return Plain().state_dict()
+
+
+# Drawn before any rank starts: the threaded ranks share the global RNG, which the loop seeds
+# while another rank may be building its model.
+INITIAL = _seeded_state()
+
+
 def _build_plain():
-    with one_rank_at_a_time():  # the threaded ranks share the global RNG the loop seeds
-        torch.manual_seed(0)
-        return Plain()
+    model = Plain()
+    model.load_state_dict(INITIAL)
+    return model
 
 
 def _data_parallel_losses(rank, world, out):
