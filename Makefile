@@ -73,7 +73,7 @@ test: install lint
 
 # Only the AlphaFold2 parity suite (a part of `make test`).
 parity: install
-	$(PY) -m pytest -q -m parity tests/apps/fastfold/parity
+	$(PY) -m pytest -v -m parity tests/apps/fastfold/parity
 
 # Mutation testing (docs/testing.md; not part of CI: hours on 2 cores). MODULES picks groups of
 # pyproject's [tool.mutmut.groups], e.g. `make mutation MODULES="core/gemini fastfold/loss"`;

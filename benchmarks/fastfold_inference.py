@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
-from ferryman.apps.fastfold.model import randomize_
+from ferryman.apps.fastfold.model import RunOptions, apply_run_options, randomize_
 from ferryman.apps.fastfold.model.alphafold import AlphaFold
 from ferryman.apps.fastfold.presets import get_preset
 
@@ -79,15 +79,16 @@ def build(preset: str, device: torch.device, seed: int, **overrides) -> AlphaFol
     return randomize_(model.to_empty(device="cpu"), seed=seed).to(device).eval()
 
 
-def configure(model: AlphaFold, path: str, device: torch.device) -> None:
-    cfg = model.cfg
+def run_options(path: str, device: torch.device, chunk_size: int | None = None) -> RunOptions:
+    """The eager path, or the default one (auto chunking unless ``chunk_size`` fixes it)."""
     if path == "eager":
-        cfg.kernels, cfg.chunk_size, cfg.auto_chunk, cfg.inplace, cfg.precision = "torch", None, False, False, "fp32"
-    else:
-        cfg.kernels, cfg.chunk_size, cfg.auto_chunk, cfg.inplace = "auto", None, True, True
-        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
-    model.set_kernels(cfg.kernels)
-    model.apply_precision()
+        return RunOptions(kernels="torch", inplace=False, precision="fp32")
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    return RunOptions(kernels="auto", chunk_size=chunk_size, auto_chunk=chunk_size is None, precision=precision)
+
+
+def configure(model: AlphaFold, path: str, device: torch.device, chunk_size: int | None = None) -> None:
+    apply_run_options(model, run_options(path, device, chunk_size))
 
 
 class _MallInfo2(ctypes.Structure):
@@ -192,9 +193,7 @@ def memory_point(path: str, n_res: int, blocks: int, chunk_size: int, preset: st
     torch.set_num_threads(1)
     device = torch.device("cpu")
     model = build(preset, device, seed=0, num_evoformer_blocks=blocks, num_extra_msa_blocks=1)
-    configure(model, path, device)
-    if path == "default":
-        model.cfg.auto_chunk, model.cfg.chunk_size = False, chunk_size
+    configure(model, path, device, chunk_size)
     with torch.no_grad():  # one-time allocations (kernel libraries, lazily built state) go into the base
         model(single_sequence_features(16, device), pair_logits=path == "eager")
     batch = single_sequence_features(n_res, device)

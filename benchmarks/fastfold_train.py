@@ -111,7 +111,7 @@ def training_example(crop: int, n_seq: int, n_extra: int, num_recycle: int) -> d
 def build(args, path: str, device: torch.device):
     """Model, engine and loss function as ``fastfold train --preset initial`` builds them
     (``run.build_training_model``), at the depth the flags give."""
-    from ferryman.apps.fastfold.model import build_model
+    from ferryman.apps.fastfold.model import RunOptions, build_model
     from ferryman.apps.fastfold.model.evoformer import EvoformerStack
     from ferryman.apps.fastfold.train.config import train_preset
     from ferryman.apps.fastfold.train.step import make_loss_fn
@@ -120,8 +120,8 @@ def build(args, path: str, device: torch.device):
 
     cfg = train_preset("initial")
     torch.manual_seed(0)
-    model = build_model(cfg.preset.model, num_evoformer_blocks=args.blocks, num_extra_msa_blocks=args.extra_blocks)
-    model.set_kernels("auto" if path == "default" else "torch")
+    run = RunOptions(kernels="auto" if path == "default" else "torch")
+    model = build_model(cfg.preset.model, run=run, num_evoformer_blocks=args.blocks, num_extra_msa_blocks=args.extra_blocks)
     for module in model.modules():
         if isinstance(module, EvoformerStack):
             module.activation_checkpointing = True

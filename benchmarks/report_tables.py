@@ -313,6 +313,42 @@ def _x_deepspeed(p: dict) -> tuple[str, bool | None]:
     return f"x{fmt(rows[-1]['x_deepspeed'])} at {rows[-1].get('size_M')} Mi elements", None
 
 
+# ------------------------------------------------------------------------------------ lm_finetune
+def lm_finetune(p: dict) -> list[Block]:
+    return [("Per method and size", p.get("rows", []),
+             ["method", "size", "params_M", "fits", "step_s", "tokens_s", "device_MiB", "loss"]),
+            ("Largest size finetuned within the budget", p.get("largest", []),
+             ["method", "largest", "largest_M", "x_plain", "tokens_s"]),
+            ("Gemini's tokens/s over each baseline's, same size", p.get("throughput", []),
+             ["size", "params_M", "gemini / plain", "gemini / fsdp2", "gemini / deepspeed"])]  # fmt: skip
+
+
+def _lm_largest_x(p: dict) -> tuple[str, bool | None]:
+    largest = {r["method"]: r for r in p.get("largest", [])}
+    plain, gem = largest.get("plain", {}), largest.get("gemini", {})
+    if not gem.get("largest_M") or not plain.get("largest_M"):
+        return "not in this run", None
+    if str(plain["largest"]).startswith(">="):
+        return f"not decided: plain trained the top of this ladder ({plain['largest']})", None
+    if gem["x_plain"] < 5 and str(gem["largest"]).startswith(">="):
+        return f">= {fmt(gem['x_plain'])}x (Gemini trained the top of this ladder)", None
+    return _bar(gem["x_plain"], 5.0)
+
+
+def _lm_vs_fsdp2(p: dict) -> tuple[str, bool | None]:
+    both = [r for r in p.get("throughput", []) if r.get("gemini / fsdp2") is not None and r.get("both_fit")]
+    if not both:
+        return "not in this run", None
+    value, holds = _bar(both[-1]["gemini / fsdp2"], 1.4)
+    return f"{value} at {both[-1]['size']}", holds
+
+
+LM_TARGETS = (
+    Target(text="largest model >= 5x plain AdamW's within the same budget", measure=_lm_largest_x),
+    Target(text="tokens/s >= 1.4x FSDP2 + CPUOffloadPolicy (largest size both train)", measure=_lm_vs_fsdp2),
+)
+
+
 BENCHES: tuple[Bench, ...] = (
     Bench(key="pytest_gpu", title="GPU tests", render=pytest_gpu,
           targets=(Target(text="every test marked gpu passes", measure=_all_pass),)),
@@ -326,5 +362,5 @@ BENCHES: tuple[Bench, ...] = (
           targets=(Target(text="host AdamW step against DeepSpeed's CPUAdam (no bar set)", measure=_x_deepspeed),)),
     Bench(key="msa_search", title="MSA search"),
     Bench(key="fastfold_vs_af2", title="FastFold against AlphaFold2 (JAX)"),
-    Bench(key="lm_finetune", title="LM finetune"),
+    Bench(key="lm_finetune", title="LM finetune", render=lm_finetune, targets=LM_TARGETS),
 )  # fmt: skip

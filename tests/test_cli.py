@@ -34,7 +34,7 @@ def test_env_report_names_versions_and_tools():
     info = json.loads(result.output)
     assert info["torch"].startswith("2.")
     assert set(info["tools"]) == {"jackhmmer", "hmmsearch", "hhblits", "hhsearch", "kalign"}
-    assert set(info["apps"]) == {"kernels", "fastfold", "opensora", "diffusion"}
+    assert set(info["apps"]) == {"kernels", "fastfold", "opensora", "diffusion", "lm"}
     text = CliRunner().invoke(ferryman_main, ["env"]).output
     assert "torch" in text and "external tools:" in text and "jackhmmer" in text
 
@@ -85,3 +85,31 @@ def test_user_errors_are_one_line_with_nonzero_exit():
     result = CliRunner().invoke(_demo, ["run", "--set", "sub.lrr=1"])
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and "unknown config key 'sub.lrr'" in result.output
+
+
+def _training_commands():
+    from ferryman.apps.diffusion.cli import finetune_main
+    from ferryman.apps.fastfold.cli import main as fastfold
+    from ferryman.apps.opensora.cli import main as opensora
+
+    return {"fastfold train": fastfold.commands["train"], "opensora train": opensora.commands["train"],
+            "sd-finetune": finetune_main}
+
+
+def test_every_training_command_takes_the_shared_flags_with_one_meaning():
+    """The same flags, the same help text (so the same meaning), the same TrainConfig field: each app's
+    own test checks that its flags land on the TrainConfig fields train_flags() names."""
+    from ferryman.core.cli import train_options
+
+    shared = {p.name: p for p in train_options()(lambda **kw: None).__click_params__}
+    assert set(shared) >= {"max_steps", "checkpoint_every", "resume", "memory", "precision", "grad_accum", "lr",
+                           "config_file", "overrides"}
+    for name, command in _training_commands().items():
+        params = {p.name: p for p in command.params}
+        for key, reference in shared.items():
+            assert key in params, f"{name} lacks --{key.replace('_', '-')}"
+            assert params[key].opts == reference.opts, (name, key)
+            if key != "precision":  # an app may narrow the precisions it trains in
+                assert params[key].help == reference.help, (name, key)
+        for old in ("--steps", "--ckpt-every", "--engine", "--gemini"):
+            assert not any(old in p.opts for p in command.params), f"{name} still has {old}"

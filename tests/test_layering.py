@@ -153,3 +153,60 @@ def test_core_packages_import_cleanly_in_either_order():
         assert out.returncode == 0, out.stderr[-2000:]
     alone = "import ferryman.core.gemini, sys; print('ferryman.core.training' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", alone], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def _runtime_targets(path: Path) -> list[str]:
+    """Modules a file imports when it is imported (module level, try/if included), with
+    ``from pkg import mod`` read as ``pkg.mod`` and ``from pkg import name`` as ``pkg``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    nodes = [n for top in tree.body for n in (ast.walk(top) if isinstance(top, ast.Try | ast.If) else [top])]
+    found = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, node.module] if node.module else parts)
+            found += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return found
+
+
+def _cycles(root: Path) -> list[list[str]]:
+    """Cycles among ferryman modules through imports that run at import time."""
+    names = {_module_name(p) for p in sorted(root.rglob("*.py"))}
+    paths = {_module_name(p): p for p in sorted(root.rglob("*.py"))}
+    graph = {name: sorted({t for t in _runtime_targets(paths[name]) if t in names and t != name}) for name in names}
+    found, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in graph[node]:
+            if state.get(nxt) == "open":
+                found.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    # a package's __init__ importing its own submodules is how packages work, not a cycle
+    return [c for c in found if not all(m == c[0] or m.startswith(c[0] + ".") for m in c)]
+
+
+def test_no_import_cycles():
+    assert _cycles(ROOT) == []
+
+
+def test_the_cycle_checker_catches_a_cycle(tmp_path, monkeypatch):
+    fake = tmp_path / "ferryman"
+    (fake / "apps" / "a").mkdir(parents=True)
+    (fake / "apps" / "a" / "config.py").write_text("from ferryman.apps.a.presets import X\n")
+    (fake / "apps" / "a" / "presets.py").write_text("from ferryman.apps.a import config\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
+    assert _cycles(fake) == [["ferryman.apps.a.config", "ferryman.apps.a.presets", "ferryman.apps.a.config"]]

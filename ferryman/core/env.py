@@ -16,6 +16,7 @@ APP_DEPENDENCIES = {
     "fastfold": ["biopython", "openmm", "pdbfixer", "matplotlib"],
     "opensora": ["av", "decord", "diffusers", "transformers"],
     "diffusion": ["diffusers", "transformers", "peft", "pillow"],
+    "lm": ["transformers", "peft", "tokenizers", "pyarrow"],
 }
 # tool -> (version flag, words that mark the version line)
 EXTERNAL_TOOLS = {

@@ -29,7 +29,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # What goes wrong when a damaged file is read: safetensors raises its own SafetensorError (an
 # Exception subclass we cannot import lazily by name), numpy zip errors, zlib, EOF and OS errors.
 _READ_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, EOFError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile, zlib.error, struct.error,
+    OSError, EOFError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile, zlib.error, struct.error,
     json.JSONDecodeError, UnicodeDecodeError,
 )
 
@@ -116,7 +116,11 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
         header = json.loads(handle.read(length).decode("utf-8"))
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    entries = [v for k, v in header.items() if k != "__metadata__"]
+    if not all(isinstance(v, dict) and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+               for v in entries):
+        raise ValueError("header entries are not tensors (dtype, shape, data_offsets)")
+    end = max((int(v["data_offsets"][1]) for v in entries), default=0)
     if 8 + length + end > size:
         raise ValueError(f"tensors end at byte {8 + length + end} but the file has {size}")
     return header
@@ -151,13 +155,20 @@ def check_model_folder(folder: str | os.PathLike, what: str = "model folder") ->
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.name.startswith("."):
             continue
-        if path.suffix.lower() in PICKLE_SUFFIXES and "tokenizer" not in path.parent.name:
+        if path.suffix.lower() in PICKLE_SUFFIXES and _is_weight_file(path):
             refuse_pickled(path, f"weight file in {what} {folder}")
         elif path.suffix == ".safetensors":
             check_safetensors(path, f"weight file in {what} {folder}")
         elif path.suffix == ".json":
             with reading(path, f"config file in {what} {folder}"):
                 json.loads(path.read_text(encoding="utf-8"))
+
+
+def _is_weight_file(path: Path) -> bool:
+    """Names from_pretrained loads weights from (pytorch_model*.bin, diffusion_pytorch_model.bin,
+    adapter_model.bin, model.ckpt ...), not a trainer's own pickles beside them (training_args.bin,
+    optimizer.pt, rng_state.pth), which loading the model never opens."""
+    return "model" in path.stem.lower() or path.suffix.lower() == ".ckpt"
 
 
 def check_writable(path: str | os.PathLike, what: str = "output folder", *, is_dir: bool = True) -> None:

@@ -2,7 +2,9 @@
 
 The temporary file comes from ``mkstemp`` (mode 0600, so no other user can read a half-written
 file); before the rename it gets the mode a plain ``open()`` would have given it under the
-current umask, so finished outputs are as readable as any other file the user writes.
+current umask, so finished outputs are as readable as any other file the user writes. The data
+reaches the disk before the rename, and the rename before the call returns (the folder is synced
+too), so a power loss leaves the old file or the whole new one, never an empty file by the name.
 """
 
 from __future__ import annotations
@@ -44,9 +46,20 @@ def _umask() -> int:
     return mask
 
 
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot sync a folder; the rename is still atomic there
+        pass
+    finally:
+        os.close(fd)
+
+
 def _publish(tmp: str | os.PathLike, target: Path) -> None:
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, target)
+    _fsync(target.parent)
 
 
 @contextlib.contextmanager
@@ -61,6 +74,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _fsync(tmp)  # the writer closed it; its data must be on disk before the name points at it
         _publish(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

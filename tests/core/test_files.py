@@ -65,6 +65,8 @@ def test_a_model_folder_with_a_pickled_weight_file_is_refused(tmp_path, weights)
     with pytest.raises(UserError, match=r"text_encoder/pytorch_model.bin: weight file in text encoder"):
         check_model_folder(folder, "text encoder")
     (folder / "pytorch_model.bin").unlink()
+    torch.save({"lr": 1e-4}, folder / "training_args.bin")  # a trainer's own pickle: from_pretrained never opens it
+    check_model_folder(folder, "text encoder")
     (folder / "model.safetensors").write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(UserError, match=r"model.safetensors: cannot read this weight file"):
         check_model_folder(folder, "text encoder")
@@ -120,3 +122,14 @@ def test_check_writable_probes_for_real(tmp_path):
     finally:
         subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
         os.chmod(locked, 0o700)
+
+
+def test_a_json_header_that_is_not_a_safetensors_header_is_named(tmp_path):
+    import json as _json
+    import struct as _struct
+
+    path = tmp_path / "odd.safetensors"
+    header = _json.dumps({"w": None}).encode()
+    path.write_bytes(_struct.pack("<Q", len(header)) + header)
+    with pytest.raises(UserError, match=r"odd.safetensors: cannot read this weights file"):
+        load_safetensors(path)

@@ -23,6 +23,7 @@ _DATA_FLAGS = (
     ("mmseqs_env_db", "Environmental database name in --mmseqs-db-dir ('' to skip; default colabfold_envdb_202108_db).", str),
     ("uniref90_db", "UniRef90 FASTA for jackhmmer.", None),
     ("mgnify_db", "MGnify FASTA for jackhmmer.", None),
+    ("uniprot_db", "UniProt FASTA: multimer chains are searched in it (jackhmmer) to pair their MSAs by species.", None),
     ("bfd_db", "BFD database prefix for hhblits.", None),
     ("uniref30_db", "UniRef30 (UniClust30) database prefix for hhblits.", None),
     ("pdb70_db", "PDB70 database prefix for hhsearch template search.", None),
@@ -71,7 +72,10 @@ def _options(flags: dict) -> dict:
 @click.option("--params", type=_PATH, default=None,
               help="AF2's params folder (or one params_model_*.npz), or a `fastfold train` run folder or checkpoint.")
 @click.option("--model-preset", "model_preset", default=None,
-              help="monomer (default), monomer_ptm or monomer_casp14: which files of the params folder run.")
+              help="monomer (default), monomer_ptm, monomer_casp14, or multimer (complexes: each FASTA file, or each "
+                   "record with ':'-separated chains, is one): which files of the params folder run.")
+@click.option("--num-multimer-predictions-per-model", "num_multimer_predictions_per_model", type=int, default=None,
+              help="Multimer: predictions (MSA samples) per model, named <model>_pred_<k> (AF2's default 5).")
 @click.option("--models", default=None, help="Comma-separated, e.g. model_1,model_3_ptm: exactly these files instead.")
 @click.option("--random-weights", is_flag=True, default=None, help="A small random model to try the pipeline (outputs say so).")
 @_data_options
@@ -91,7 +95,8 @@ def _options(flags: dict) -> dict:
 def predict(fasta, out_dir, gpus, config_file, overrides, **flags) -> None:
     """Predict structures for every record of the FASTA files.
 
-    Writes per target, as AlphaFold2 v2.3 does: ranked_*.pdb|.cif (best mean pLDDT first),
+    Writes per target, as AlphaFold2 v2.3 does: ranked_*.pdb|.cif (best mean pLDDT first; for
+    multimer complexes chains A, B, ... in FASTA order, ranked by 0.8 ipTM + 0.2 pTM),
     unrelaxed_/relaxed_<model>.pdb|.cif (pLDDT in the B-factors; the mmCIF also as ModelCIF
     ma_qa_metric), ranking_debug.json, confidence_<model>.json, pae_<model>.json (_ptm models),
     timings.json, msas/ and features.npz (numpy, not pickle), plus PNG plots.
@@ -106,6 +111,10 @@ def predict(fasta, out_dir, gpus, config_file, overrides, **flags) -> None:
       fastfold predict target.fasta --params alphafold_params/ --use-precomputed-msas --out out/   # GPU node
       fastfold predict long.fasta --params params/ --msa-dir out/ --chunk-size auto --precision bf16 --gpus 4 --out out2/
       fastfold predict data/fastfold/sample.fasta --random-weights --msa-mode single-sequence --no-relax --out try/
+      fastfold predict complex.fasta --params alphafold_params/ --model-preset multimer \\
+          --uniref90-db uniref90.fasta --uniprot-db uniprot.fasta --out out/   # one complex, a chain per record
+      fastfold predict data/fastfold/dimer.fasta --model-preset multimer --random-weights --msa-mode single-sequence \\
+          --num-multimer-predictions-per-model 1 --no-relax --out try/
     """
     from ferryman.apps.fastfold.predict import PredictOptions, run, validate
 
@@ -128,6 +137,8 @@ def predict(fasta, out_dir, gpus, config_file, overrides, **flags) -> None:
 @main.command()
 @click.argument("fasta", nargs=-1, required=True, type=_PATH)
 @click.option("--out", "out_dir", required=True, type=_PATH, help="Output folder; <out>/<target>/msas/ per target.")
+@click.option("--model-preset", "model_preset", default=None,
+              help="multimer: each FASTA file (or A:B record) is a complex, alignments per chain under msas/<chain>/.")
 @_data_options
 @click.option("--plots/--no-plots", default=None, help="Write the MSA-coverage PNG (default on).")
 @config_options
@@ -139,13 +150,15 @@ def msa(fasta, out_dir, config_file, overrides, **flags) -> None:
     Examples:
       fastfold msa targets.fasta --msa-mode mmseqs2 --mmseqs-db-dir colabfold_dbs/ --out out/
       fastfold msa targets.fasta --uniref90-db uniref90.fasta --mgnify-db mgy_clusters.fa --out out/
+      fastfold msa complex.fasta --model-preset multimer --uniref90-db uniref90.fasta --uniprot-db uniprot.fasta --out out/
     """
     from ferryman.apps.fastfold.predict import PredictOptions, run
 
     mapped = {**_options(flags), "msa_only": True, "relax": False}
     opts = resolve_config(PredictOptions(), config_file=config_file, flags=mapped, overrides=overrides)
     for name, report in run(list(fasta), out_dir, opts).items():
-        click.echo(f"{name}: {out_dir / name / 'msas'} ({report['msa_mode']}, {report['msa_depth_deduplicated']} sequences)")
+        depth = report.get("msa_depth_deduplicated", report.get("msa_depth_merged"))
+        click.echo(f"{name}: {out_dir / name / 'msas'} ({report['msa_mode']}, {depth} sequences)")
 
 
 @main.command("index-templates")

@@ -21,18 +21,23 @@ from ferryman.core.errors import UserError
 class LoadedModel:
     name: str
     model: object  # ferryman.apps.fastfold.model.AlphaFold (imported lazily)
-    inputs: InputConfig
+    inputs: InputConfig  # a MultimerInputConfig for multimer models
     num_recycle: int | None = None  # None: the model config's (AF2: 3); a trained run: its max_recycle
     weights: str = ""  # what was loaded, for run_info.json
 
 
-def _finish_config(cfg, opts):
-    cfg.precision = opts.precision
-    cfg.kernels = opts.kernels
-    cfg.chunk_size = opts.chunk_size if isinstance(opts.chunk_size, int) else None
-    cfg.auto_chunk = opts.chunk_size == "auto"
-    cfg.__post_init__()
-    return cfg
+# Fields that AlphaFoldConfig held before they moved to RunOptions: checkpoints written then
+# still carry them in their config metadata; the run options of this call decide instead.
+_FORMER_RUN_FIELDS = ("chunk_size", "auto_chunk", "kernels", "inplace", "precision")
+
+
+def run_options(opts):
+    """The ``RunOptions`` that ``fastfold predict``'s options ask for."""
+    from ferryman.apps.fastfold.model import RunOptions
+
+    chunk = opts.chunk_size
+    return RunOptions(chunk_size=chunk if isinstance(chunk, int) else None, auto_chunk=chunk == "auto",
+                      kernels=opts.kernels, precision=opts.precision)  # fmt: skip
 
 
 def _model_config(name: str, opts):
@@ -43,15 +48,24 @@ def _model_config(name: str, opts):
     elif opts.preset is not None:  # small networks in the official layout (tests, demos)
         cfg = presets.get_preset(opts.preset)
         if name in presets.MODEL_NAMES:
-            cfg.heads.ptm = name.endswith("_ptm")
+            cfg = dataclasses.replace(cfg, heads=dataclasses.replace(cfg.heads, ptm=name.endswith("_ptm")))
     else:
-        cfg = presets.alphafold(name)
-    return _finish_config(cfg, opts)
+        return presets.alphafold(name)
+    if presets.is_multimer(name):  # a small network as the multimer (AF2's early stop included)
+        cfg = presets.as_multimer(cfg, recycle_early_stop_tolerance=0.5)
+    return cfg
 
 
 def _input_config(name: str, cfg, opts) -> InputConfig:
     from ferryman.apps.fastfold import presets
 
+    if cfg.multimer:
+        from ferryman.apps.fastfold.data.multimer_transforms import MultimerInputConfig
+
+        settings = presets.data_settings(name) if name in presets.MULTIMER_NAMES else {}
+        base = MultimerInputConfig(**{k: settings[k] for k in ("max_msa_clusters", "max_extra_msa") if k in settings})
+        names = {f.name for f in dataclasses.fields(MultimerInputConfig)}
+        return dataclasses.replace(base, **{k: v for k, v in opts.inputs.items() if k in names})
     base = InputConfig()
     if name in presets.MODEL_NAMES:
         settings = presets.data_settings(name)
@@ -67,22 +81,21 @@ def _input_config(name: str, cfg, opts) -> InputConfig:
 def _trained_model(source: ModelSource, opts) -> LoadedModel:
     """A `fastfold train` checkpoint: the network, input settings and recycling of its run."""
     from ferryman.apps.fastfold import presets
-    from ferryman.apps.fastfold.model import build_model
+    from ferryman.apps.fastfold.model import apply_run_options, build_model
     from ferryman.apps.fastfold.train.config import FastfoldTrainConfig
     from ferryman.apps.fastfold.weights import load_training_checkpoint
     from ferryman.core.config import load_config
 
     run = load_config(FastfoldTrainConfig, source.run_config)
-    cfg = _finish_config(presets.get_preset(source.network), opts)
-    model = build_model(cfg)
+    model = build_model(presets.get_preset(source.network))
     which = load_training_checkpoint(model, source.path)
     inputs = dataclasses.replace(run.preset.input_config(), **opts.inputs)  # what the model was trained on
-    return LoadedModel(name=source.name, model=model.apply_precision(), inputs=inputs,
+    return LoadedModel(name=source.name, model=apply_run_options(model, run_options(opts)), inputs=inputs,
                        num_recycle=run.preset.max_recycle, weights=f"{source.path} ({which} weights)")  # fmt: skip
 
 
 def _safetensors_model(source: ModelSource, opts) -> LoadedModel:
-    from ferryman.apps.fastfold.model import AlphaFoldConfig, build_model
+    from ferryman.apps.fastfold.model import AlphaFoldConfig, apply_run_options, build_model
     from ferryman.apps.fastfold.weights import load_checkpoint
     from ferryman.core.config import from_dict
     from ferryman.core.files import check_safetensors
@@ -91,15 +104,18 @@ def _safetensors_model(source: ModelSource, opts) -> LoadedModel:
     if "config" not in meta:
         raise UserError(f"--params {source.path}: a safetensors file without a fastfold model config in its "
                         "metadata (write it with ferryman.apps.fastfold.weights.save_checkpoint)")  # fmt: skip
-    cfg = _finish_config(from_dict(AlphaFoldConfig, json.loads(meta["config"]), where=str(source.path)), opts)
-    model = build_model(cfg)
+    sizes = json.loads(meta["config"])
+    if isinstance(sizes, dict):
+        sizes = {k: v for k, v in sizes.items() if k not in _FORMER_RUN_FIELDS}
+    model = build_model(from_dict(AlphaFoldConfig, sizes, where=str(source.path)))
     load_checkpoint(model, source.path)
-    return LoadedModel(name=source.name, model=model.apply_precision(), inputs=InputConfig(**opts.inputs),
+    return LoadedModel(name=source.name, model=apply_run_options(model, run_options(opts)), inputs=InputConfig(**opts.inputs),
                        weights=str(source.path))  # fmt: skip
 
 
 def load_models(sources: list[ModelSource], opts) -> list[LoadedModel]:
     """Build and load every model up front, so corrupt params fail before any output is written."""
+    from ferryman.apps.fastfold import multimer_weights
     from ferryman.apps.fastfold.model import random_weights_model
     from ferryman.apps.fastfold.weights import model_from_official_params
 
@@ -110,11 +126,13 @@ def load_models(sources: list[ModelSource], opts) -> list[LoadedModel]:
         elif source.kind == "safetensors":
             item = _safetensors_model(source, opts)
         else:
-            cfg = _model_config(source.name, opts)
+            cfg, run = _model_config(source.name, opts), run_options(opts)
             if source.path is None:
-                model = random_weights_model(cfg, seed=opts.seed + index)
+                model = random_weights_model(cfg, seed=opts.seed + index, run=run)
+            elif cfg.multimer:
+                model = multimer_weights.model_from_official_params(cfg, source.path, run=run)
             else:
-                model = model_from_official_params(cfg, source.path)
+                model = model_from_official_params(cfg, source.path, run=run)
             item = LoadedModel(name=source.name, model=model, inputs=_input_config(source.name, cfg, opts),
                                weights=str(source.path or "random"))  # fmt: skip
         if opts.dims is not None:
@@ -137,8 +155,10 @@ def _to_batch(feats: dict, use_templates: bool, device) -> dict:
 
     batch = {}
     for key, value in feats.items():
+        # No templates: the monomer skips the embedder instead of attending over nothing. (The
+        # multimer always has its template slots: empty ones count in its mean.)
         if key.startswith("template_") and (not use_templates or feats["template_aatype"].shape[0] == 0):
-            continue  # no templates: the model skips the embedder instead of attending over nothing
+            continue
         if isinstance(value, np.ndarray) and value.dtype != object:
             batch[key] = torch.from_numpy(np.ascontiguousarray(value)).to(device)
     if batch["extra_msa"].shape[0] == 0:  # AF2 pads to a fixed size; one masked row is enough
@@ -160,8 +180,10 @@ def run_model(loaded: LoadedModel, feats: dict, opts) -> dict:
         out = model(batch, num_recycle=num_recycle, pair_logits=False)  # no [N, N, 64] logits
     keys = ("final_atom_positions", "final_atom_mask", "plddt", "predicted_aligned_error")
     result = {k: out[k].float().cpu().numpy() for k in keys if k in out}
-    for key in ("max_predicted_aligned_error", "ptm"):
+    for key in ("max_predicted_aligned_error", "ptm", "iptm", "ranking_confidence"):
         if key in out:
             result[key] = float(out[key])
+    if "num_recycles" in out:
+        result["num_recycles"] = int(out["num_recycles"])
     loaded.model.to("cpu")
     return result

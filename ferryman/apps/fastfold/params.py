@@ -15,13 +15,16 @@ from pathlib import Path
 
 from ferryman.core.errors import UserError
 
-# AF2 run_alphafold.py --model_preset: monomer_casp14 runs the monomer files with 8 ensembles.
+# AF2 run_alphafold.py --model_preset: monomer_casp14 runs the monomer files with 8 ensembles;
+# multimer runs the v3 multimer files (AF2 v2.3) on complexes.
 MODEL_PRESETS = {
     "monomer": [f"model_{i}" for i in range(1, 6)],
     "monomer_casp14": [f"model_{i}" for i in range(1, 6)],
     "monomer_ptm": [f"model_{i}_ptm" for i in range(1, 6)],
+    "multimer": [f"model_{i}_multimer_v3" for i in range(1, 6)],
 }
-MULTIMER_NOTE = "--model-preset multimer is not supported yet; use monomer, monomer_ptm or monomer_casp14"
+OLD_MULTIMER = ("multimer parameters before v3 (params_model_*_multimer.npz, *_multimer_v2.npz) are not supported: "
+                "use the v3 files of alphafold_params_2022-12-06")  # fmt: skip
 _OFFICIAL = re.compile(r"^params_(model_[1-5](?:_ptm|_multimer(?:_v\d)?)?)\.npz$")
 NO_WEIGHTS = (
     "no weights given: pass --params with AlphaFold2 parameters (a params_model_*.npz file or the "
@@ -43,10 +46,8 @@ class ModelSource:
 
 
 def check_model_preset(preset: str) -> None:
-    if preset == "multimer":
-        raise UserError(MULTIMER_NOTE)
     if preset not in MODEL_PRESETS:
-        raise UserError(f"--model-preset {preset!r}: choose one of {', '.join(MODEL_PRESETS)} (multimer comes later)")
+        raise UserError(f"--model-preset {preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
 
 
 def official_files(folder: Path) -> dict[str, Path]:
@@ -62,6 +63,18 @@ def _is_multimer(name: str) -> bool:
     return "_multimer" in name
 
 
+def _check_kind(names: list[str], preset: str, flag: str) -> None:
+    """Multimer weights run on complexes (--model-preset multimer) and only there."""
+    for name in names:
+        if _is_multimer(name) and not name.endswith("_multimer_v3"):
+            raise UserError(f"{flag} {name}: {OLD_MULTIMER}")
+        if _is_multimer(name) != (preset == "multimer"):
+            hint = ("--model-preset multimer" if _is_multimer(name)
+                    else "a monomer --model-preset (monomer, monomer_ptm, monomer_casp14)")  # fmt: skip
+            raise UserError(f"{flag} {name} is a {'multimer' if _is_multimer(name) else 'monomer'} model; "
+                            f"run it with {hint}")  # fmt: skip
+
+
 def _from_folder(folder: Path, models: list[str] | None, preset: str) -> list[ModelSource]:
     found = official_files(folder)
     if not found:
@@ -70,13 +83,11 @@ def _from_folder(folder: Path, models: list[str] | None, preset: str) -> list[Mo
         missing = [n for n in models if n not in found]
         if missing:
             raise UserError(f"--models {', '.join(missing)}: no params_<name>.npz in {folder} (have: {', '.join(found)})")
-        multimer = [n for n in models if _is_multimer(n)]
-        if multimer:
-            raise UserError(f"--models {', '.join(multimer)}: multimer models are not supported yet")
+        _check_kind(models, preset, "--models")
         return [ModelSource(name=n, path=found[n]) for n in models]
     chosen = [n for n in MODEL_PRESETS[preset] if n in found]
     if not chosen:
-        wanted = "params_model_{1..5}" + ("_ptm" if preset == "monomer_ptm" else "") + ".npz"
+        wanted = "params_model_{1..5}" + {"monomer_ptm": "_ptm", "multimer": "_multimer_v3"}.get(preset, "") + ".npz"
         others = [p for p in MODEL_PRESETS if p != preset and any(n in found for n in MODEL_PRESETS[p])]
         hint = f"; try --model-preset {others[0]}" if others else ""
         raise UserError(f"--params {folder}: no files of model preset {preset} ({wanted}) in this folder "
@@ -85,17 +96,13 @@ def _from_folder(folder: Path, models: list[str] | None, preset: str) -> list[Mo
 
 
 def _checkpoint_in_run(run: Path) -> Path:
-    """The newest complete checkpoint of a training run folder (its `latest` pointer first)."""
-    root = run / "checkpoints"
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text(errors="replace").strip()
-        if (named / "trainer.json").is_file():
-            return named
-    complete = sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file())
-    if not complete:
-        raise UserError(f"--params {run}: a fastfold train run with no complete checkpoint under {root}")
-    return complete[-1]
+    """The newest complete checkpoint of a training run folder (as the training loop resumes)."""
+    from ferryman.core.training.checkpoint import CheckpointStore
+
+    newest = CheckpointStore(run / "checkpoints").newest()
+    if newest is None:
+        raise UserError(f"--params {run}: a fastfold train run with no complete checkpoint under {run / 'checkpoints'}")
+    return newest
 
 
 def _run_config_for(checkpoint: Path) -> Path | None:
@@ -129,13 +136,18 @@ def resolve_sources(params: Path | None, models: list[str] | None, preset: str, 
     if random_weights:
         if params is not None:
             raise UserError("give either --params or --random-weights, not both")
-        return [ModelSource(name=n, path=None, kind="random") for n in (models or ["model_1_ptm"])]
+        names = models or ["model_1_multimer_v3" if preset == "multimer" else "model_1_ptm"]
+        _check_kind(names, preset, "--models")
+        return [ModelSource(name=n, path=None, kind="random") for n in names]
     if params is None:
         raise UserError(NO_WEIGHTS)
     params = Path(params)
     if not params.exists():
         raise UserError(f"--params {params}: no such file or folder")
     if params.suffix == ".safetensors" or (params.is_dir() and ((params / RUN_CONFIG).is_file() or (params / "trainer.json").is_file())):
+        if preset == "multimer":
+            raise UserError(f"--params {params} is a trained monomer model; --model-preset multimer runs official "
+                            "multimer v3 parameters")  # fmt: skip
         if models:
             raise UserError(f"--params {params} is a trained model; --models names official files only")
         return [_trained(params)]
@@ -144,7 +156,6 @@ def resolve_sources(params: Path | None, models: list[str] | None, preset: str, 
         name = (models or [match.group(1) if match else params.stem.removeprefix("params_")])[0]
         if models and len(models) != 1:
             raise UserError(f"--params {params} is one model; name at most one with --models")
-        if _is_multimer(name):
-            raise UserError(f"--params {params}: multimer models are not supported yet")
+        _check_kind([name], preset, f"--params {params}:")
         return [ModelSource(name=name, path=params)]
     return _from_folder(params, models, preset)

@@ -6,7 +6,10 @@ outputs. Each output file is written under a temporary name and renamed, and eac
 assembled in `<out>/.tmp-<target>` and renamed into place when complete: a failed run leaves
 no half-written target folder (and no output folder it created itself). `msa_only` (the
 `fastfold msa` command) stops after the alignments and features, for a CPU node; a later
-`--use-precomputed-msas` run on a GPU node reads them from the same output folder.
+`--use-precomputed-msas` run on a GPU node reads them from the same output folder. With
+`--model-preset multimer` a target is a complex (a FASTA file, or a record with ':'-separated
+chains), each model runs `num_multimer_predictions_per_model` times with different MSA samples,
+and the outputs are ranked by 0.8 ipTM + 0.2 pTM (AF2 v2.3).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ferryman.apps.fastfold.data.fasta import FastaTarget, read_fastas
+from ferryman.apps.fastfold.data.fasta import ComplexTarget, FastaTarget, read_complexes, read_fastas
+from ferryman.apps.fastfold.data.multimer_pipeline import check_complex_sources, run_multimer_pipeline
+from ferryman.apps.fastfold.data.multimer_transforms import make_multimer_inputs
 from ferryman.apps.fastfold.data.pipeline import DataConfig, check_target_sources, run_pipeline
 from ferryman.apps.fastfold.data.transforms import InputConfig, make_model_inputs
 from ferryman.apps.fastfold.inference import LoadedModel, load_models, run_model
@@ -44,6 +49,8 @@ from ferryman.core.parallel import ParallelDims
 
 CASP14_NOTE = ("monomer_casp14 ran the monomer models without AF2's 8-fold ensembling (not implemented; "
                "AF2 reports it adds about 0.1 GDT at 8x the cost)")
+PAIRING_NOTE = ("no --uniprot-db: the chains of a heteromer are paired only where precomputed alignments hold "
+                "uniprot_hits (AF2 pairs UniProt hits by species)")  # fmt: skip
 __all__ = ["NO_WEIGHTS", "PredictOptions", "predict", "run", "validate"]
 
 
@@ -67,6 +74,7 @@ class PredictOptions:
     relax: bool = True
     relax_platform: str = "auto"  # auto | CPU | CUDA
     models_to_relax: str = "all"  # all | best (AF2 2.3's --models_to_relax)
+    num_multimer_predictions_per_model: int = 5  # AF2's flag: MSA samples (seeds) per multimer model
     # AF2: 3 violation-check rounds, minimise until converged. None = that, except with random
     # weights (no physical structure to relax: 1 round of 500 steps shows the step works).
     relax_max_outer_iterations: int | None = None
@@ -95,15 +103,18 @@ class PredictOptions:
         self.inputs = {k: coerce(v, types[k], f"inputs.{k}") for k, v in self.inputs.items()}
         if self.num_recycles is not None and self.num_recycles < 0:
             raise UserError(f"--num-recycles must be >= 0, got {self.num_recycles}")
-        if self.model_preset not in (*MODEL_PRESETS, "multimer"):
+        if self.model_preset not in MODEL_PRESETS:
             raise UserError(f"--model-preset {self.model_preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
+        if self.num_multimer_predictions_per_model < 1:
+            raise UserError(f"--num-multimer-predictions-per-model must be at least 1, got "
+                            f"{self.num_multimer_predictions_per_model}")  # fmt: skip
 
 
 def predict(fasta_paths: list[str | Path], out_dir: str | Path, **options) -> dict:
     """Predict every record of every FASTA with every model; returns a summary per target.
 
     Keyword options are the fields of `PredictOptions`, plus DataConfig fields (msa_dir,
-    uniref90_db, mgnify_db, bfd_db, uniref30_db, template_mmcif_dir, *_binary) and InputConfig
+    uniref90_db, mgnify_db, bfd_db, uniref30_db, uniprot_db, template_mmcif_dir, *_binary) and InputConfig
     fields (max_msa_clusters, max_extra_msa, max_templates) given flat.
     """
     data_keys = {f.name for f in dataclasses.fields(DataConfig)}
@@ -129,7 +140,8 @@ def run(fasta_paths: list[str | Path], out_dir: Path, opts: PredictOptions) -> d
     template_index = _template_index(opts) if _is_main(opts) else None
     summary = {}
     show = opts.progress and _is_main(opts)
-    bar = tqdm(total=len(targets) * max(len(models), 1), disable=not show, unit="model", desc="fastfold predict")
+    per_target = len(models) * (opts.num_multimer_predictions_per_model if opts.model_preset == "multimer" else 1)
+    bar = tqdm(total=len(targets) * max(per_target, 1), disable=not show, unit="model", desc="fastfold predict")
     try:
         if _is_main(opts):
             _write_run_config(out_dir, fasta_paths, opts, models)
@@ -187,11 +199,13 @@ def validate(fasta_paths: list[str | Path], out_dir: Path, opts: PredictOptions)
     """The cheap checks of every input (FASTA, databases, binaries, params paths, output folder),
     so bad input fails in one line before models load or processes start."""
     check_writable(out_dir, "--out folder")
-    targets = read_fastas([Path(p) for p in fasta_paths])
+    multimer = opts.model_preset == "multimer"
+    targets = (read_complexes if multimer else read_fastas)([Path(p) for p in fasta_paths])
     sources = [] if opts.msa_only else resolve_sources(opts.params, opts.models, opts.model_preset, opts.random_weights)
     opts.data.check()
     for target in targets:
-        check_target_sources(target, opts.data, out_dir / target.name / "msas")
+        check = check_complex_sources if multimer else check_target_sources
+        check(target, opts.data, out_dir / target.name / "msas")
     return targets, sources
 
 
@@ -215,6 +229,8 @@ def _write_run_config(out_dir: Path, fasta_paths, opts: PredictOptions, models: 
         info["warning"] = confidence.RANDOM_WEIGHTS_NOTE
     if opts.model_preset == "monomer_casp14" and not opts.models:
         info["note"] = CASP14_NOTE
+    if opts.model_preset == "multimer" and opts.data.uniprot_db is None and opts.data.search_mode() != "mmseqs2":
+        info["note"] = PAIRING_NOTE
     write_text(out_dir / "run_info.json", json.dumps(info, indent=1) + "\n")
 
 
@@ -224,7 +240,8 @@ def _features(target: FastaTarget, folder: Path, opts: PredictOptions, previous:
     payload: tuple = ()
     if _is_main(opts):
         try:
-            raw, report = run_pipeline(target, opts.data, folder, previous_msas=previous, template_index=template_index)
+            pipeline = run_multimer_pipeline if isinstance(target, ComplexTarget) else run_pipeline
+            raw, report = pipeline(target, opts.data, folder, previous_msas=previous, template_index=template_index)
             write_features(raw, folder / "features.npz")
             payload = ("ok", raw, report)
         except UserError as exc:
@@ -252,7 +269,8 @@ def predict_target(target: FastaTarget, models: list[LoadedModel], folder: Path,
     raw, data_report = _features(target, folder, opts, previous, template_index)
     timings["features"] = time.perf_counter() - start
     if opts.plots and main:
-        plots.plot_msa_coverage(raw["msa"], folder / "msa_coverage.png", gap_index=21, title=target.name)
+        rows = raw["msa"] if "msa_mask" not in raw else raw["msa"][raw["msa_mask"].any(-1)]  # not the padding
+        plots.plot_msa_coverage(rows, folder / "msa_coverage.png", gap_index=21, title=target.name)
     if opts.msa_only:
         if main:
             confidence.write_json(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
@@ -260,15 +278,16 @@ def predict_target(target: FastaTarget, models: list[LoadedModel], folder: Path,
         return data_report
     remarks = [confidence.RANDOM_WEIGHTS_NOTE] if opts.random_weights else []
     results = []
-    for index, loaded in enumerate(models):
-        bar.set_postfix_str(f"{target.name}: {loaded.name}")
+    for index, (loaded, name) in enumerate(_runs(models, target, opts)):
+        bar.set_postfix_str(f"{target.name}: {name}")
         t0 = time.perf_counter()
-        feats = make_model_inputs(raw, loaded.inputs, seed=opts.seed + index)
-        timings[f"process_features_{loaded.name}"] = time.perf_counter() - t0
+        make_inputs = make_multimer_inputs if isinstance(target, ComplexTarget) else make_model_inputs
+        feats = make_inputs(raw, loaded.inputs, seed=opts.seed + index)
+        timings[f"process_features_{name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = run_model(loaded, feats, opts)
-        timings[f"predict_and_compile_{loaded.name}"] = time.perf_counter() - t0
-        result = _to_result(loaded.name, feats, out, remarks)
+        timings[f"predict_and_compile_{name}"] = time.perf_counter() - t0
+        result = _to_result(name, feats, out, remarks, target)
         if main:
             write_model_files(result, folder, target=target.name, random_weights=opts.random_weights, plot=opts.plots)
         results.append(result)
@@ -288,7 +307,20 @@ def predict_target(target: FastaTarget, models: list[LoadedModel], folder: Path,
     return {"order": order, "mean_plddt": {r.name: r.mean_plddt for r in results}, **data_report}
 
 
-def _to_result(name: str, feats: dict, out: dict, remarks: list[str]) -> ModelResult:
+def _runs(models: list[LoadedModel], target, opts: PredictOptions) -> list[tuple[LoadedModel, str]]:
+    """(model, output name) per prediction: AF2 runs each multimer model several times
+    (``<model>_pred_<k>``), each with its own MSA sample."""
+    if not isinstance(target, ComplexTarget):
+        return [(loaded, loaded.name) for loaded in models]
+    count = opts.num_multimer_predictions_per_model
+    return [(loaded, f"{loaded.name}_pred_{k}") for loaded in models for k in range(count)]
+
+
+def _to_result(name: str, feats: dict, out: dict, remarks: list[str], target=None) -> ModelResult:
+    if isinstance(target, ComplexTarget):
+        from ferryman.apps.fastfold.output.complex import complex_result
+
+        return complex_result(name, feats, out, target, remarks)
     plddt = np.asarray(out["plddt"], np.float32)
     prot = protein.from_prediction(
         aatype=feats["aatype"], residue_index=feats["residue_index"], atom_positions=out["final_atom_positions"],

@@ -123,7 +123,7 @@ def official_table(model: nn.Module) -> dict[str, Entry]:
     return table
 
 
-def _to_official(entry: Entry) -> np.ndarray:
+def to_official(entry: Entry) -> np.ndarray:
     arrays = []
     for p in entry.params:
         t = p.detach().float().cpu()
@@ -132,7 +132,7 @@ def _to_official(entry: Entry) -> np.ndarray:
     return np.stack(arrays) if entry.stacked else arrays[0]
 
 
-def _from_official(entry: Entry, array: np.ndarray) -> None:
+def from_official(entry: Entry, array: np.ndarray) -> None:
     layers = list(array) if entry.stacked else [array]
     with torch.no_grad():
         for p, a in zip(entry.params, layers):
@@ -141,7 +141,7 @@ def _from_official(entry: Entry, array: np.ndarray) -> None:
             p.copy_(t.to(p.dtype))
 
 
-def _describe(keys: list[str], limit: int = 5) -> str:
+def describe_keys(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(k.removeprefix(PREFIX) for k in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
@@ -152,42 +152,48 @@ def load_official_params(model: nn.Module, path: str | os.PathLike) -> None:
     from ferryman.core.files import load_npz
 
     arrays = load_npz(path, "AlphaFold parameter file")  # every member's CRC checked: bit flips fail here
-    table = official_table(model)
+    load_table(official_table(model), arrays, f"{path}: parameters do not fit this model preset")
+
+
+def load_table(table: dict[str, Entry], arrays: dict[str, np.ndarray], failure: str) -> None:
+    """Copy ``arrays`` into the parameters of ``table`` strictly: every key mapped, none left over,
+    every shape checked first; any mismatch is one UserError (``failure``: what, and where)."""
     missing = sorted(set(table) - set(arrays))
     unexpected = sorted(set(arrays) - set(table))
     bad_shape = [k for k in sorted(set(table) & set(arrays)) if tuple(arrays[k].shape) != table[k].full_shape]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing key(s): {_describe(missing)}")
+        problems.append(f"{len(missing)} missing key(s): {describe_keys(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_describe(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected key(s): {describe_keys(unexpected)}")
     if bad_shape:
         detail = [f"{k.removeprefix(PREFIX)} {tuple(arrays[k].shape)} != {table[k].full_shape}" for k in bad_shape]
-        problems.append(f"{len(bad_shape)} shape mismatch(es): {_describe(detail)}")
+        problems.append(f"{len(bad_shape)} shape mismatch(es): {describe_keys(detail)}")
     if problems:
-        raise UserError(f"{path}: parameters do not fit this model preset; " + "; ".join(problems))
+        raise UserError(f"{failure}; " + "; ".join(problems))
     for key, entry in table.items():
-        _from_official(entry, arrays[key])
+        from_official(entry, arrays[key])
 
 
-def model_from_official_params(preset_or_config, path: str | os.PathLike, **overrides) -> nn.Module:
-    """Build the model for a preset without initialising it, then load the official ``.npz``.
+def model_from_official_params(preset_or_config, path: str | os.PathLike, *, run=None, **overrides) -> nn.Module:
+    """Build the model for a preset without initialising it, then load the official ``.npz`` and
+    set it up to run as ``run`` (a ``RunOptions``; default: as ``build_model`` chooses) says.
 
     The strict load writes every parameter, so the random initialisation (seconds for the 93M
     parameters) is skipped.
     """
-    from ferryman.apps.fastfold.model import build_model
+    from ferryman.apps.fastfold.model import apply_run_options, build_model
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = build_model(preset_or_config, **overrides)
     model = model.to_empty(device="cpu")
-    load_official_params(model, path)
-    return model.apply_precision().eval()
+    load_official_params(model, path)  # into fp32 parameters: a bf16 trunk is rounded once, after
+    return apply_run_options(model, run or model.run_options).eval()
 
 
 def official_params(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's parameters as the official key -> array dict."""
-    return {key: _to_official(entry) for key, entry in official_table(model).items()}
+    return {key: to_official(entry) for key, entry in official_table(model).items()}
 
 
 def save_official_params(model: nn.Module, path: str | os.PathLike) -> None:
@@ -228,8 +234,8 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path, *, tied
     resized = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if missing or unexpected or resized:
         raise UserError(
-            f"{path}: checkpoint does not fit this model; missing: {_describe(missing) or 'none'}; "
-            f"unexpected: {_describe(unexpected) or 'none'}; different shape: {_describe(resized) or 'none'}"
+            f"{path}: checkpoint does not fit this model; missing: {describe_keys(missing) or 'none'}; "
+            f"unexpected: {describe_keys(unexpected) or 'none'}; different shape: {describe_keys(resized) or 'none'}"
         )
     model.load_state_dict(state, strict=False)
 
@@ -251,6 +257,6 @@ def load_training_checkpoint(model: nn.Module, folder: str | os.PathLike) -> str
     state = load_safetensors(ema, "fastfold checkpoint EMA weights")
     unknown = sorted(set(state) - set(model.state_dict()))
     if unknown:
-        raise UserError(f"{ema}: EMA weights that this model does not have: {_describe(unknown)}")
+        raise UserError(f"{ema}: EMA weights that this model does not have: {describe_keys(unknown)}")
     model.load_state_dict(state, strict=False)
     return "ema"

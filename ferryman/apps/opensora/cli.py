@@ -117,8 +117,8 @@ def train(csv, text_encoder, vae, preset, buckets, frame_stride, backend, grad_c
           --preset debug --bucket 32:8:2 --set data.size_multiple=8 --max-steps 20 --out run
       opensora train --out run --resume latest --max-steps 40
       opensora train --config run/opensora.yaml --set preset=tiny --memory gemini-offload --out run-tiny
-      torchrun --nproc-per-node 2 -m ferryman.apps.opensora.cli train --sp 2 --config run/opensora.yaml
-      torchrun --nproc-per-node 4 -m ferryman.apps.opensora.cli train --sp 2 --config run/opensora.yaml
+      torchrun --nproc-per-node 2 -m ferryman.apps.opensora.cli train --sp 2 --config run/opensora.yaml --out run-sp
+      torchrun --nproc-per-node 4 -m ferryman.apps.opensora.cli train --sp 2 --config run/opensora.yaml --out run-dp-sp
         (2 data-parallel groups of 2 sequence-parallel ranks; the global batch is 2 x the bucket batch)
     \b
     --resume latest (or a checkpoint folder) continues a run; its saved opensora.yaml supplies every

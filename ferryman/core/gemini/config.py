@@ -37,7 +37,7 @@ class GeminiConfig:
     prefetch: int = 2  # chunks fetched ahead on a side stream (CUDA only)
     reorder_after_warmup: bool = True  # repack chunks in the order the warm-up step used them
     initial_loss_scale: float = 2.0**16
-    loss_scale_growth_interval: int = 1000
+    loss_scale_growth_interval: int = 2000  # torch.amp.GradScaler's: the two engines scale alike
     min_loss_scale: float = 1.0
 
     def __post_init__(self) -> None:

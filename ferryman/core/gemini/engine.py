@@ -20,14 +20,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
+from ferryman.core import pretrained
 from ferryman.core.gemini import hooks
 from ferryman.core.gemini.adam import ShardAdamW
 from ferryman.core.gemini.checkpoint import check_fits, read_full, save_sharded
 from ferryman.core.gemini.chunk import Chunk
 from ferryman.core.gemini.config import GeminiConfig
 from ferryman.core.gemini.layout import Layout, plan_layout
+from ferryman.core.gemini.lazy import InitialValues
 from ferryman.core.gemini.manager import ChunkManager
 from ferryman.core.gemini.optim import GradReducer, LossScaler, optimizer_step
 from ferryman.core.gemini.state import Ranks, export_full, gather_full, import_optim_state
@@ -89,7 +90,7 @@ class GeminiEngine:
         self._tokens: list[hooks.CallToken] = []
         self._tracked: list[list[torch.Tensor]] = []
         self._backward_pending = False  # a forward built a graph whose backward is not finished
-        values = {n: p.detach() for n, p in self.params.items()}
+        values = InitialValues(self.params)  # weights left in files (lazy.py) are read chunk by chunk
         self._install(self._plan(list(self.params)), values, {}, _Carry(lr=ocfg.lr, tracer=MemTracer()))
         self._handles = hooks.install(self, self.hook_modules)
         self._handles += [p.register_post_accumulate_grad_hook(self._grad_hook(n)) for n, p in self.params.items() if p.requires_grad]
@@ -143,15 +144,14 @@ class GeminiEngine:
 
     # -- forward ----------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.dtype != torch.float32:
-            cast = lambda x: x.to(self.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
-            args, kwargs = tree_map(cast, (args, kwargs))
         warmup = self.manager.tracer.recording and self.device.type == "cpu"
         probe = self.manager.tracer.saved_tensor_hooks(self._is_model_data) if warmup else contextlib.nullcontext()
         # A forward without grad (evaluation between steps) must not move the clock that indexes
         # the warm-up trace: the next training forward would read another step's memory plan.
         clock = self.manager.clock
-        with probe:
+        # autocast as the plain engine does, not a cast of the inputs: inputs such as timesteps or
+        # coordinates keep their fp32 values, and each op runs in the precision autocast gives it
+        with probe, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self.module(*args, **kwargs)
         # Every collective after the forward comes after complete_gathers: a rank that used a
         # chunk others skipped must not be inside a gather while the others broadcast the layout.
@@ -333,6 +333,20 @@ class GeminiEngine:
                 named[name].copy_(value)
         self.scaler.scale = float(layout["loss_scale"])
         self.scaler.calm_steps = int(layout["calm_steps"])
+
+    def save_pretrained(self, folder: str | Path, *, max_shard_bytes: int = pretrained.DEFAULT_SHARD_BYTES,
+                        dtype: torch.dtype | None = None) -> None:
+        """Consolidated weights in transformers' layout, gathered and written one chunk at a time
+        (a collective; rank 0 writes): fp32 masters, compute copies of frozen chunks."""
+
+        def pieces():
+            for chunk in self.chunks:
+                source = chunk.master.data if chunk.master is not None else chunk.shard
+                yield chunk.unflatten(gather_full(self.ranks, chunk, source))
+            yield pretrained.persistent_buffers(self.module)
+
+        pretrained.save_pretrained(folder, pieces(), module=self.module, write=self.rank == 0,
+                                   max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     def export_trainable(self) -> TrainableState:
         """The trainable parameters' weights and Adam state (a collective under data parallelism)."""

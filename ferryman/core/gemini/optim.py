@@ -213,10 +213,11 @@ class LossScaler:
         if overflow:
             self.scale = max(self.min_scale, self.scale / 2)
             self.calm_steps = 0
-        else:
+        else:  # counted as torch.amp.GradScaler's growth tracker is, so the state moves between engines
             self.calm_steps += 1
-            if self.calm_steps % self.growth_interval == 0:
+            if self.calm_steps == self.growth_interval:
                 self.scale *= 2
+                self.calm_steps = 0
 
 
 def all_reduce_small(t: torch.Tensor, group, device: torch.device, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -9,7 +9,8 @@ The protocol is structural: core/gemini does not import core/training (which bui
 engines), and a test checks that both classes define every member.
 
 Calls that are collectives under data parallelism (every rank must make them): Gemini's
-``state_dict``, ``param_values``, ``export_trainable``, ``named_from``, ``save``.
+``state_dict``, ``param_values``, ``export_trainable``, ``named_from``, ``save``,
+``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class Engine(Protocol):
 
     def load(self, folder: str | Path) -> None:
         """Read what ``save`` wrote (a ``UserError`` if the folder does not fit this model)."""
+
+    def save_pretrained(self, folder: str | Path, *, max_shard_bytes: int = ..., dtype: torch.dtype | None = None) -> None:
+        """Consolidated weights (and the module's config) in transformers' sharded safetensors
+        layout (``core/pretrained.py``); rank 0 writes."""
 
     def export_trainable(self) -> TrainableState:
         """The trainable parameters' weights and AdamW state, engine-neutral."""

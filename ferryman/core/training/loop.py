@@ -36,7 +36,7 @@ from ferryman.core.errors import UserError
 from ferryman.core.gemini import gemini
 from ferryman.core.parallel import ParallelDims
 from ferryman.core.runtime import parse_dtype, pick_device
-from ferryman.core.training.checkpoint import CheckpointStore
+from ferryman.core.training.checkpoint import CheckpointStore, rng_state, set_rng_state
 from ferryman.core.training.config import TrainConfig
 from ferryman.core.training.engine import Engine
 from ferryman.core.training.metrics import MetricsLog, plot_losses
@@ -181,6 +181,9 @@ def train(
     engine = build_engine(model, cfg, dims)
     step, trainer, ema_named = 0, {}, None
     folder = store.resolve(cfg.resume) if cfg.resume else None
+    if folder is None and not cfg.resume and (earlier := store.complete()):
+        raise UserError(f"{store.root} holds checkpoints of an earlier run (newest {earlier[-1].name}); continue it "
+                        "with resume=latest (--resume latest), or write this run elsewhere (--out)")
     if folder is not None:
         trainer, ema_named = store.load(folder, engine, rank=rank)
         step = trainer["step"]
@@ -191,8 +194,11 @@ def train(
         ema.shadow = engine.flat_from(ema_named)
     if ema is not None:
         engine.track(ema.shadow)  # Gemini repacks its chunks after the first forward
+    restored = rng_state() if folder is not None else None
     batches = _Batches(build_loader(), cfg.seed, trainer.get("epoch", 0), trainer.get("batch_in_epoch", 0),
                        trainer.get("loader"))
+    if restored is not None:  # replaying the epoch's batches drew from the global RNG (augmentation)
+        set_rng_state(*restored)
     log = MetricsLog(out / "metrics.jsonl", start_step=step) if rank == 0 else None
     bar = _progress(cfg, step, rank)
     losses, last = [], None

@@ -6,18 +6,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ferryman.core.io import atomic_path
+from ferryman.core.io import atomic_path, write_text
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step; on resume, drops lines past the resumed step."""
+    """Appends one JSON object per logged step; on resume, drops lines past the resumed step.
+
+    A line cut short (a kill or a full disk in the middle of an append) is dropped when read.
+    """
 
     def __init__(self, path: Path, *, start_step: int = 0) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file():  # keep the history up to the checkpoint, forget the steps redone
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in self.read() if r.get("step", 0) <= start_step]
+            write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
@@ -26,7 +29,15 @@ class MetricsLog:
     def read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [r for r in map(_parse, self.path.read_text(encoding="utf-8", errors="replace").splitlines()) if r]
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def plot_losses(records: list[dict[str, Any]], png: Path, title: str = "training loss") -> Path | None:

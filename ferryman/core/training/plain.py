@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from ferryman.core import pretrained
 from ferryman.core.errors import UserError
+from ferryman.core.gemini.lazy import materialize
 from ferryman.core.io import atomic_path, write_text
 from ferryman.core.optim import OptimConfig, TrainableState
 from ferryman.core.parallel import ParallelDims
@@ -30,6 +32,7 @@ class PlainEngine:
         self, module: nn.Module, ocfg: OptimConfig, dtype: torch.dtype, device: torch.device, dims: ParallelDims | None = None
     ) -> None:
         self.ocfg, self.dtype, self.device = ocfg, dtype, device
+        materialize(module, device)  # weights left in files (gemini/lazy.py) go straight to the device
         self.module = module.to(device)
         self.rank = dims.rank if dims is not None else 0
         self.world = dims.world_size if dims is not None else 1
@@ -151,6 +154,12 @@ class PlainEngine:
             save_file(tensors, str(tmp))
         meta = {"names": [n for n, _ in self.named], "steps": steps, "scaler": self.scaler.state_dict()}
         write_text(folder / "optimizer.json", json.dumps(meta))
+
+    def save_pretrained(self, folder: str | Path, *, max_shard_bytes: int = pretrained.DEFAULT_SHARD_BYTES,
+                        dtype: torch.dtype | None = None) -> None:
+        weights = dict(self.module.named_parameters()) | pretrained.persistent_buffers(self.module)
+        pretrained.save_pretrained(folder, [weights], module=self.module, write=self.rank == 0,
+                                   max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     def load(self, folder: str | Path) -> None:
         folder = Path(folder)

@@ -6,6 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from ferryman.apps.fastfold.common import residue_constants as rc
+from ferryman.apps.fastfold.model.options import RunOptions
+
+
+def ref_run(**options) -> RunOptions:
+    """Run options on the PyTorch reference ops (the Triton interpreter that CPU test runs switch on
+    would take minutes at these sizes), with ``options`` laid over."""
+    return RunOptions(**{"kernels": "torch", **options})
 
 
 def random_features(n_res: int = 11, n_seq: int = 5, n_extra: int = 7, n_templ: int = 2, seed: int = 0) -> dict:

@@ -76,8 +76,9 @@ def unknown_model_preset(t):
     return _predict(t, "--random-weights", "--model-preset", "monomer_big", *SINGLE), "--model-preset 'monomer_big'"
 
 
-def multimer_preset(t):
-    return _predict(t, "--random-weights", "--model-preset", "multimer", *SINGLE), "multimer is not supported yet"
+def multimer_model_with_monomer_preset(t):
+    args = _predict(t, "--random-weights", "--models", "model_1_multimer_v3", *SINGLE)
+    return args, "is a multimer model; run it with --model-preset multimer"
 
 
 def malformed_msa(t):
@@ -176,7 +177,7 @@ def train_garbage_resume(t):
 
 
 CASES = [
-    truncated_npz, bit_flipped_npz, pickle_renamed_npz, no_monomer_files, unknown_model_preset, multimer_preset,
+    truncated_npz, bit_flipped_npz, pickle_renamed_npz, no_monomer_files, unknown_model_preset, multimer_model_with_monomer_preset,
     malformed_msa, empty_record, dna_record, unknown_letters, unwritable_out, file_as_out, missing_database,
     missing_mmseqs, missing_mmseqs_db, bad_template_date, bad_msa_mode, no_msa_source, train_no_structures,
     train_garbage_resume,

@@ -1,21 +1,37 @@
 """DAP parity on 2 gloo ranks against one process: the Evoformer, extra-MSA and template stacks
-forward and backward, and the whole model forward."""
+forward and backward (gradients tagged by ``parallelize`` with ``mark_partial_grads`` and summed by
+``reduce_partial_grads``, as the engines do),
+and the whole model forward; and what ``parallelize`` leaves unchanged."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import pytest
 import torch
 
+import ferryman.apps.fastfold.model as model_package
 from ferryman.apps.fastfold.model import random_weights_model
-from ferryman.apps.fastfold.parallelize import allreduce_dap_grads, parallelize
+from ferryman.apps.fastfold.model.evoformer import (
+    EvoformerBlock,
+    EvoformerStack,
+    PairStackBlock,
+    TemplatePairStack,
+)
+from ferryman.apps.fastfold.parallelize import (
+    DAPEvoformerBlock,
+    DAPEvoformerStack,
+    DAPPairStackBlock,
+    parallelize,
+)
 from ferryman.apps.fastfold.presets import tiny
-from ferryman.core.parallel import run_distributed
+from ferryman.core.parallel import partial_grad_group, reduce_partial_grads, run_distributed
 
-from ._model_inputs import random_features
+from ._model_inputs import random_features, ref_run
 
 N_RES, N_SEQ = 11, 5  # both odd: each rank's shard is padded
 STACKS = ("evoformer", "extra", "template")
-
 
 
 def _inputs():
@@ -47,11 +63,21 @@ def _stack_result(model, stack_name: str) -> dict:
 
 
 def _run(rank: int, world: int) -> dict:
-    model = random_weights_model(tiny(), seed=3)
+    model = random_weights_model(tiny(), seed=3, run=ref_run())
+    names = {k: v.shape for k, v in model.state_dict().items()}
     group = torch.distributed.group.WORLD if world > 1 else None
     parallelize(model, group)
+    assert {k: v.shape for k, v in model.state_dict().items()} == names  # one checkpoint loads in both
+    if world > 1:
+        assert type(model.evoformer) is DAPEvoformerStack and type(model.evoformer.blocks[0]) is DAPEvoformerBlock
+        assert type(model.template_embedder.template_pair_stack.blocks[0]) is DAPPairStackBlock
+        sharded = {n for n, p in model.named_parameters() if partial_grad_group(p) is group}
+        assert {"evoformer.blocks.0.pair_stack.pair_transition.transition1.weight",
+                "template_embedder.template_pair_stack.blocks.0.pair_transition.transition1.weight"} <= sharded
+        assert not sharded & {"evoformer.single_activations.weight",
+                              "template_embedder.template_pair_stack.output_layer_norm.weight"}  # fmt: skip
     results = {name: _stack_result(model, name) for name in STACKS}
-    allreduce_dap_grads(model, group)
+    reduce_partial_grads(model.parameters())  # what an engine does before it steps
     results["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     with torch.no_grad():
         results["model"] = model(random_features(n_res=N_RES, n_seq=N_SEQ, n_extra=3, n_templ=1), num_recycle=1)
@@ -74,6 +100,19 @@ def test_dap_two_ranks_match_one():
 
 
 def test_parallelize_single_rank_is_identity():
-    model = random_weights_model(tiny())
-    parallelize(model, None)
-    assert all(block.dap is None for block in model.evoformer.blocks)
+    model = random_weights_model(tiny(), run=ref_run())
+    assert parallelize(model, None) is model
+    plain = (EvoformerStack, EvoformerBlock, PairStackBlock, TemplatePairStack)
+    assert all(type(m) in plain for m in model.modules() if isinstance(m, plain))
+    assert not any(partial_grad_group(p) for p in model.parameters())
+
+
+def test_model_code_holds_no_parallelism():
+    """No module of model/ has a ``dap`` attribute, reads one, or branches on parallelism: the
+    layering test keeps collectives out of its imports, this keeps the dispatch out of its code."""
+    model = random_weights_model(tiny(), run=ref_run())
+    assert not any(hasattr(m, "dap") for m in model.modules())
+    for path in Path(model_package.__file__).parent.glob("*.py"):
+        names = {n.attr for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Attribute)}
+        names |= {n.id for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Name)}
+        assert not {n for n in names if "dap" in n.lower() or n in ("dist", "distributed")}, path.name

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from ferryman.apps.fastfold.model import build_model, random_weights_model
+from ferryman.apps.fastfold.model import (
+    AlphaFoldConfig,
+    RunOptions,
+    apply_run_options,
+    build_model,
+    random_weights_model,
+)
 from ferryman.apps.fastfold.model.alphafold import auto_chunk_size
 from ferryman.apps.fastfold.presets import tiny
 from ferryman.core.errors import ConfigError, UserError
 
-from ._model_inputs import random_features
+from ._model_inputs import random_features, ref_run
 
 FLOAT_KEYS = ("final_atom_positions", "plddt", "distogram_logits", "pae_logits", "masked_msa_logits", "pair", "single")
 
 
 @pytest.fixture(scope="module")
 def tiny_run():
-    model = random_weights_model(tiny(), seed=1)
+    model = random_weights_model(tiny(), seed=1, run=ref_run())
     batch = random_features()
     with torch.no_grad():
         out = model(batch)
@@ -50,26 +58,28 @@ def _max_diff(a: dict, b: dict) -> dict:
     return {k: (a[k] - b[k]).abs().max().item() for k in FLOAT_KEYS}
 
 
-def test_chunked_equals_unchunked(tiny_run):
-    model, batch, out = tiny_run
-    model.cfg.chunk_size = 3
+def _run_as(model, run: RunOptions, batch: dict) -> dict:
+    """The model's outputs under ``run``, its own options restored afterwards."""
+    before = model.run_options
+    apply_run_options(model, run)
     try:
         with torch.no_grad():
-            chunked = model(batch)
+            return model(batch)
     finally:
-        model.cfg.chunk_size = None
+        apply_run_options(model, before)
+
+
+def test_chunked_equals_unchunked(tiny_run):
+    model, batch, out = tiny_run
+    chunked = _run_as(model, ref_run(chunk_size=3), batch)
     for key in FLOAT_KEYS:
         torch.testing.assert_close(chunked[key], out[key], rtol=1e-5, atol=2e-5, msg=key)
 
 
 def test_inplace_updates_change_nothing(tiny_run):
     model, batch, out = tiny_run
-    model.cfg.inplace = False
-    try:
-        with torch.no_grad():
-            plain = model(batch)
-    finally:
-        model.cfg.inplace = True
+    assert model.run_options.inplace
+    plain = _run_as(model, ref_run(inplace=False), batch)
     assert max(_max_diff(plain, out).values()) == 0.0
 
 
@@ -88,12 +98,12 @@ def test_triton_kernels_match_torch(monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(module, f"{op}_triton", counting)
-    model = random_weights_model(tiny(num_recycle=0, num_evoformer_blocks=1), seed=2)
+    model = random_weights_model(tiny(num_recycle=0, num_evoformer_blocks=1), seed=2, run=ref_run())
     batch = random_features(n_res=8, n_seq=3, n_extra=3, n_templ=1)
     with torch.no_grad():
         ref = model(batch)
-        assert not calls  # kernels='torch' in tiny()
-        model.set_kernels("triton")
+        assert not calls  # kernels='torch': the tiny preset's run options
+        apply_run_options(model, dataclasses.replace(model.run_options, kernels="triton"))
         fused = model(batch)
     assert all(m.backend == "triton" for m in model.modules() if hasattr(m, "backend"))
     assert set(calls) == {"attention", "softmax", "layer_norm"}
@@ -103,12 +113,11 @@ def test_triton_kernels_match_torch(monkeypatch):
 
 def test_bf16_trunk_runs_and_tracks_fp32():
     cfg = tiny(num_recycle=0)
-    model = random_weights_model(cfg, seed=4)
+    model = random_weights_model(cfg, seed=4, run=ref_run())
     batch = random_features(seed=5)
     with torch.no_grad():
         ref = model(batch)
-        model.cfg.precision = "bf16"
-        model.apply_precision()
+        apply_run_options(model, ref_run(precision="bf16"))
         low = model(batch)
     assert model.evoformer.blocks[0].msa_transition.transition1.weight.dtype == torch.bfloat16
     assert model.structure_module.initial_projection.weight.dtype == torch.float32
@@ -119,7 +128,7 @@ def test_bf16_trunk_runs_and_tracks_fp32():
 
 
 def test_training_gradients_with_and_without_checkpointing():
-    model = random_weights_model(tiny(num_recycle=1), seed=6).train()
+    model = random_weights_model(tiny(num_recycle=1), seed=6, run=ref_run()).train()
     batch = random_features(n_res=8, n_seq=3, n_extra=4, n_templ=1)
 
     def grads():
@@ -137,9 +146,9 @@ def test_training_gradients_with_and_without_checkpointing():
 
 
 def test_auto_chunk_size_follows_memory():
-    cfg = tiny()
-    assert auto_chunk_size(cfg, 16, 8, torch.device("cpu"), fraction=1.0) is None
-    small = auto_chunk_size(cfg, 4096, 512, torch.device("cpu"), fraction=1e-6)
+    cfg, run = tiny(), ref_run(auto_chunk=True)
+    assert auto_chunk_size(cfg, run, 16, 8, torch.device("cpu"), fraction=1.0) is None
+    small = auto_chunk_size(cfg, run, 4096, 512, torch.device("cpu"), fraction=1e-6)
     assert small is not None and small >= 1 and small & (small - 1) == 0
 
 
@@ -150,9 +159,26 @@ def test_missing_features_and_bad_config_fail_clearly():
     with pytest.raises(UserError, match="extra_msa"):
         model(batch)
     with pytest.raises(ConfigError, match="kernels"):
-        tiny(kernels="cuda")
+        RunOptions(kernels="cuda")
+    with pytest.raises(ConfigError, match="chunk_size"):
+        RunOptions(chunk_size=0)
     with pytest.raises(ConfigError, match="unknown model preset"):
         build_model("model_9")
+
+
+def test_config_holds_sizes_and_run_options_leave_parameters_alone():
+    """AlphaFoldConfig is the network alone; no run option changes a parameter name or shape, and
+    applying one changes nothing about the config."""
+    assert not {"chunk_size", "auto_chunk", "kernels", "inplace", "precision"} & set(AlphaFoldConfig.__dataclass_fields__)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tiny().num_recycle = 2
+    cfg = tiny()
+    plain = build_model(cfg, run=ref_run())
+    shapes = {k: v.shape for k, v in plain.state_dict().items()}
+    for run in (ref_run(chunk_size=4), ref_run(precision="bf16"), RunOptions(kernels="triton", inplace=False)):
+        model = build_model(cfg, run=run)
+        assert model.run_options is run and model.cfg == cfg
+        assert {k: v.shape for k, v in model.state_dict().items()} == shapes
 
 
 def _pad_residues(batch: dict, pad: int) -> dict:

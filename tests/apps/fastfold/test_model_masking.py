@@ -18,7 +18,7 @@ from ferryman.apps.fastfold.model import random_weights_model
 from ferryman.apps.fastfold.presets import tiny
 from ferryman.kernels import attention, attention_ref, softmax_ref
 
-from ._model_inputs import random_features
+from ._model_inputs import random_features, ref_run
 from .test_model_alphafold import _pad_residues
 
 
@@ -58,7 +58,7 @@ def _pad_msa_rows(batch: dict, rows: int) -> dict:
 def test_real_residues_do_not_depend_on_the_masked_row_convention(monkeypatch):
     """Padded residues and MSA rows (whole rows masked in every attention): the real residues'
     outputs agree between the two conventions, while the padded positions do not."""
-    model = random_weights_model(tiny(num_recycle=1, chunk_size=4), seed=11)
+    model = random_weights_model(tiny(num_recycle=1), seed=11, run=ref_run(chunk_size=4))
     batch = random_features(n_res=10, seed=12)
     n = batch["aatype"].shape[0]
     padded = _pad_msa_rows(_pad_residues(batch, 3), 2)

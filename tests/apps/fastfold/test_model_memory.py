@@ -6,16 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ferryman.apps.fastfold.model import random_weights_model, randomize_
+from ferryman.apps.fastfold.model import apply_run_options, random_weights_model, randomize_
 from ferryman.apps.fastfold.model.config import AlphaFoldConfig, TemplateConfig
 from ferryman.apps.fastfold.model.evoformer import EvoformerBlock, _block_kwargs
 from ferryman.apps.fastfold.model.heads import compute_predicted_aligned_error, compute_tm
+from ferryman.apps.fastfold.model.options import set_kernels
 from ferryman.apps.fastfold.model.pair import TriangleMultiplication
 from ferryman.apps.fastfold.model.template import TemplateEmbedder
 from ferryman.apps.fastfold.presets import tiny
 
 from ._live_bytes import LiveBytes
-from ._model_inputs import random_features
+from ._model_inputs import random_features, ref_run
 
 
 def _block_inputs(cfg: AlphaFoldConfig, n: int, s: int, seed: int = 0, c_m: int | None = None):
@@ -32,7 +33,7 @@ def _block_inputs(cfg: AlphaFoldConfig, n: int, s: int, seed: int = 0, c_m: int 
 @pytest.mark.parametrize("chunk_size", [1, 4, 100])
 def test_lean_block_equals_plain_block(extra, chunk_size):
     cfg = tiny(c_z=12, c_hidden_mul=10, c_hidden_opm=3)
-    block = randomize_(EvoformerBlock(**_block_kwargs(cfg, extra)), seed=3).eval()
+    block = randomize_(EvoformerBlock(**_block_kwargs(cfg, extra), backend="torch"), seed=3).eval()
     m, z, msa_mask, pair_mask = _block_inputs(cfg, n=13, s=5, c_m=cfg.c_e if extra else cfg.c_m)
     with torch.no_grad():
         m_ref, z_ref = block(m, z, msa_mask, pair_mask, None, False)
@@ -63,8 +64,8 @@ def test_lean_evoformer_block_holds_one_extra_pair_tensor():
     """Full-width block (c_z=128, c_m=256) at N=96, single-sequence MSA: the chunked in-place path
     holds at most ~1.5 pair tensors beyond z (the triangle product, its projection blocks and
     row-block transients); the eager path holds many (N^3 attention logits, whole updates)."""
-    cfg = AlphaFoldConfig(kernels="torch")
-    block = randomize_(EvoformerBlock(**_block_kwargs(cfg, False)), seed=0).eval()
+    cfg = AlphaFoldConfig()
+    block = randomize_(EvoformerBlock(**_block_kwargs(cfg, False), backend="torch"), seed=0).eval()
     m, z, msa_mask, pair_mask = _block_inputs(cfg, n=96, s=1)
     pair_bytes = z.numel() * z.element_size()
     lean_peak, lean_sizes = _peak_and_sizes(block, m.clone(), z.clone(), msa_mask, pair_mask, 12, True)
@@ -80,7 +81,7 @@ def test_lean_evoformer_block_holds_one_extra_pair_tensor():
 def _template_setup(n_templ: int):
     cfg = tiny(c_z=16, template=TemplateConfig(enabled=True, c_t=16, num_blocks=1, num_heads=2, c_hidden_att=4,
                                                 c_hidden_mul=16, pointwise_heads=2, c_hidden_pointwise=8))  # fmt: skip
-    emb = randomize_(TemplateEmbedder(cfg), seed=2).eval()
+    emb = set_kernels(randomize_(TemplateEmbedder(cfg), seed=2), "torch").eval()
     batch = random_features(n_res=24, n_templ=n_templ, seed=4)
     z = torch.randn(24, 24, cfg.c_z)
     return emb, batch, z, torch.ones(24, 24)
@@ -104,7 +105,7 @@ def test_recycling_does_not_keep_the_previous_pair():
     """On entering the Evoformer, the lean path holds one pair tensor (z) whatever the iteration:
     no zeros stand in for the first iteration's previous pair, and the previous pair is released
     as soon as the recycling embedder has read it."""
-    model = random_weights_model(tiny(c_z=32, chunk_size=4, num_evoformer_blocks=1), seed=5)
+    model = random_weights_model(tiny(c_z=32, num_evoformer_blocks=1), seed=5, run=ref_run(chunk_size=4))
     batch = random_features(n_res=24, n_seq=2, n_extra=2, n_templ=1, seed=6)
     pair_bytes = 24 * 24 * model.cfg.c_z * 4
     for num_recycle in (0, 2):
@@ -121,7 +122,7 @@ def test_recycling_does_not_keep_the_previous_pair():
 
 
 def test_confidence_without_pair_logits_matches():
-    model = random_weights_model(tiny(num_recycle=0, chunk_size=5), seed=7)
+    model = random_weights_model(tiny(num_recycle=0), seed=7, run=ref_run(chunk_size=5))
     batch = random_features(n_res=12, seed=8)
     with torch.no_grad():
         full = model(batch)
@@ -138,11 +139,11 @@ def test_lean_path_triton_kernels_match_torch():
     """The lean path through the fused kernels (interpreter on CPU): no query blocks, strided
     column views and permuted biases go to the kernels as they are."""
     pytest.importorskip("triton")
-    model = random_weights_model(tiny(num_recycle=0, num_evoformer_blocks=1, chunk_size=3), seed=2)
+    model = random_weights_model(tiny(num_recycle=0, num_evoformer_blocks=1), seed=2, run=ref_run(chunk_size=3))
     batch = random_features(n_res=8, n_seq=3, n_extra=3, n_templ=2)
     with torch.no_grad():
         ref = model(batch)
-        model.set_kernels("triton")
+        apply_run_options(model, ref_run(chunk_size=3, kernels="triton"))
         fused = model(batch)
     for key in ("final_atom_positions", "pair", "pae_logits", "msa_first_row"):
         torch.testing.assert_close(fused[key], ref[key], rtol=1e-3, atol=1e-3, msg=key)

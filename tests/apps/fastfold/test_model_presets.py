@@ -51,12 +51,14 @@ def test_each_preset_picks_its_files(release, preset, expected):
     assert [s.path.name for s in sources] == [f"params_{n}.npz" for n in expected]
 
 
-def test_explicit_models_and_multimer_refusal(release):
+def test_explicit_models_and_multimer_files(release):
     assert [s.name for s in resolve_sources(release, ["model_2_ptm", "model_4"], "monomer", False)] == ["model_2_ptm", "model_4"]
-    with pytest.raises(UserError, match="multimer is not supported yet"):
-        resolve_sources(release, None, "multimer", False)
-    with pytest.raises(UserError, match="multimer models are not supported yet"):
+    multimer = [f"model_{i}_multimer_v3" for i in range(1, 6)]
+    assert [s.name for s in resolve_sources(release, None, "multimer", False)] == multimer
+    with pytest.raises(UserError, match="is a multimer model; run it with --model-preset multimer"):
         resolve_sources(release, ["model_1_multimer_v3"], "monomer", False)
+    with pytest.raises(UserError, match="is a monomer model; run it with a monomer --model-preset"):
+        resolve_sources(release, ["model_1_ptm"], "multimer", False)
 
 
 def _predict(release: Path, out: Path, *args: str) -> tuple[dict, dict]:

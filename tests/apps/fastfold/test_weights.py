@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ferryman.apps.fastfold.model import build_model, random_weights_model
+from ferryman.apps.fastfold.model import RunOptions, build_model, random_weights_model
 from ferryman.apps.fastfold.weights import (
     PREFIX,
     load_checkpoint,
@@ -138,7 +138,7 @@ def test_full_size_npz_loads_runs_and_exports(tmp_path):
     arrays = {k: (rng.standard_normal(e.full_shape, dtype=np.float32) * 0.02) for k, e in table.items()}
     src = tmp_path / "params_model_1_ptm.npz"
     np.savez(src, **arrays)
-    model = model_from_official_params("model_1_ptm", src, kernels="torch")  # the interpreter is slow
+    model = model_from_official_params("model_1_ptm", src, run=RunOptions(kernels="torch"))  # the interpreter is slow
     assert sum(p.numel() for p in model.parameters()) == sum(a.size for a in arrays.values())
     batch = random_features(n_res=6, n_seq=2, n_extra=2, n_templ=1)
     with torch.no_grad():

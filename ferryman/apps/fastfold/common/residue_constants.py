@@ -112,13 +112,6 @@ residue_atom_renaming_swaps = {
 van_der_waals_radius = {"C": 1.7, "N": 1.55, "O": 1.52, "S": 1.8}
 
 
-def atom_id_to_type(atom_id: str) -> str:
-    """Element of a standard protein atom name ('CA' -> 'C')."""
-    if atom_id[:1] in ("C", "N", "O", "H", "S"):
-        return atom_id[0]
-    raise ValueError(f"atom name {atom_id!r} not recognised")
-
-
 # --- chi angles ----------------------------------------------------------------------------------
 
 _CHI = {

@@ -1,4 +1,9 @@
-"""FASTA input for `fastfold predict`: one target per record, validated before any work starts.
+"""FASTA input for `fastfold predict`, validated before any work starts.
+
+Monomer presets: one target per record. The multimer preset (``read_complexes``): a file is one
+complex with one chain per record (AlphaFold2's convention), or, when its records use ColabFold's
+``A:B`` notation, each record is one complex whose chains the colons separate. Chains are named
+A, B, ... in order (AF2's PDB chain alphabet: A-Z, a-z, 0-9, so at most 62 chains).
 
 Parsing uses Biopython's strict 'fasta' reader; every rejection is a UserError naming the file and
 the record so the user can fix the input without reading a traceback.
@@ -14,6 +19,7 @@ from pathlib import Path
 from ferryman.core.errors import UserError
 
 STANDARD_AA = "ARNDCQEGHILKMFPSTWYV"
+CHAIN_IDS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"  # AF2's PDB_CHAIN_IDS
 
 # Ambiguity and rare codes a user may meet in UniProt records, with the usual substitution.
 _SUBSTITUTES = {
@@ -63,14 +69,17 @@ def validate_sequence(sequence: str, *, where: str) -> str:
             )
         if letter in _SUBSTITUTES:
             raise UserError(f"{where}: {letter!r} at position {pos} is {_SUBSTITUTES[letter]}")
+        if letter == ":":
+            raise UserError(f"{where}: ':' at position {pos} separates the chains of a complex (ColabFold's "
+                            "notation); predict complexes with --model-preset multimer")  # fmt: skip
         if letter == "-" or letter == ".":
             raise UserError(f"{where}: gap {letter!r} at position {pos}; give the unaligned sequence")
         raise UserError(f"{where}: {letter!r} at position {pos} is not an amino-acid letter ({STANDARD_AA})")
     return sequence
 
 
-def read_fasta(path: str | Path) -> list[FastaTarget]:
-    """Parse and validate one FASTA file; at least one record is required."""
+def _records(path: Path) -> list:
+    """Biopython records of a FASTA file that must hold at least one."""
     from Bio import SeqIO
 
     path = Path(path)
@@ -88,12 +97,19 @@ def read_fasta(path: str | Path) -> list[FastaTarget]:
         raise UserError(f"{path}: malformed FASTA: {str(exc).splitlines()[0]}") from None
     if not records:
         raise UserError(f"{path}: no FASTA records found")
-    targets = []
     for index, record in enumerate(records, start=1):
-        record_id = record.id or f"record_{index}"
-        where = f"{path}: record {index} ({record_id!r})"
         if not record.id:
-            raise UserError(f"{where}: the header line has no id after '>'")
+            raise UserError(f"{path}: record {index}: the header line has no id after '>'")
+    return records
+
+
+def read_fasta(path: str | Path) -> list[FastaTarget]:
+    """Parse and validate one FASTA file; at least one record is required."""
+    path = Path(path)
+    targets = []
+    for index, record in enumerate(_records(path), start=1):
+        record_id = record.id
+        where = f"{path}: record {index} ({record_id!r})"
         sequence = validate_sequence(str(record.seq), where=where)
         targets.append(
             FastaTarget(
@@ -121,6 +137,75 @@ def read_fastas(paths: list[str | Path]) -> list[FastaTarget]:
                     f"{target.source}: duplicate record id {target.record_id!r} (first seen in {first.source} "
                     f"as {first.record_id!r}); every record needs a unique id because it names the output folder"
                 )
+            seen[target.name] = target
+            targets.append(target)
+    return targets
+
+
+@dataclass(frozen=True, kw_only=True)
+class FastaChain:
+    """One chain of a complex: its id in the outputs (A, B, ...) and where it came from."""
+
+    chain_id: str
+    sequence: str
+    description: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComplexTarget:
+    """One complex for the multimer model: ``name`` names its output folder."""
+
+    name: str
+    record_id: str
+    chains: tuple[FastaChain, ...]
+    source: Path
+
+    @property
+    def sequence(self) -> str:
+        """ColabFold's notation of the complex: the chains joined by ':'."""
+        return ":".join(c.sequence for c in self.chains)
+
+
+def _complex(name: str, parts: list[tuple[str, str, str]], source: Path) -> ComplexTarget:
+    """``parts``: (raw sequence, description, where) per chain, in order."""
+    if len(parts) > len(CHAIN_IDS):
+        raise UserError(f"{source}: {name!r} has {len(parts)} chains; at most {len(CHAIN_IDS)} can be named "
+                        f"(PDB chain ids A-Z, a-z, 0-9), as in AlphaFold2")  # fmt: skip
+    chains = tuple(
+        FastaChain(chain_id=chain_id, sequence=validate_sequence(raw, where=where), description=description)
+        for chain_id, (raw, description, where) in zip(CHAIN_IDS, parts)
+    )
+    return ComplexTarget(name=safe_name(name), record_id=name, chains=chains, source=source)
+
+
+def read_complex_fasta(path: str | Path) -> list[ComplexTarget]:
+    """The complexes of one FASTA file: the whole file (one chain per record), or one per record
+    when records separate chains with ':' (ColabFold)."""
+    path = Path(path)
+    records = _records(path)
+    if any(":" in str(r.seq) for r in records):
+        complexes = []
+        for i, r in enumerate(records, start=1):
+            pieces = str(r.seq).split(":")
+            where = [f"{path}: record {i} ({r.id!r}) chain {k} of {len(pieces)}" for k in range(1, len(pieces) + 1)]
+            complexes.append(_complex(r.id, [(raw, r.description, w) for raw, w in zip(pieces, where)], path))
+        return complexes
+    parts = [(str(r.seq), r.description, f"{path}: record {i} ({r.id!r})") for i, r in enumerate(records, start=1)]
+    return [_complex(path.stem, parts, path)]
+
+
+def read_complexes(paths: list[str | Path]) -> list[ComplexTarget]:
+    """Every complex of every file; names must be unique since they name output folders."""
+    if not paths:
+        raise UserError("no FASTA file given")
+    targets: list[ComplexTarget] = []
+    seen: dict[str, ComplexTarget] = {}
+    for path in paths:
+        for target in read_complex_fasta(path):
+            if target.name in seen:
+                raise UserError(f"{target.source}: complex {target.record_id!r} has the name of one in "
+                                f"{seen[target.name].source}; every complex needs a unique name (the file name, "
+                                "or the record id with ':' chains) because it names the output folder")  # fmt: skip
             seen[target.name] = target
             targets.append(target)
     return targets

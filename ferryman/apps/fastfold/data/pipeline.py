@@ -62,7 +62,9 @@ class DataConfig:
     hhsearch_binary: Path | None = None
     kalign_binary: Path | None = None
     mmseqs_binary: Path | None = None
+    uniprot_db: Path | None = None  # multimer: UniProt FASTA searched per chain for MSA pairing (AF2's)
     uniref90_max_hits: int = 10000
+    uniprot_max_hits: int = 50000  # AF2 multimer's max_uniprot_hits
     mgnify_max_hits: int = 501
     max_templates: int = 4
     hhblits_n_iter: int = 3  # AF2's hhblits -n 3
@@ -112,10 +114,12 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and not Path(value).is_dir():
                 raise UserError(f"--{name.replace('_', '-')}: {value} is not a folder")
-        for name in ("uniref90_db", "mgnify_db"):
+        for name in ("uniref90_db", "mgnify_db", "uniprot_db"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise UserError(f"--{name.replace('_', '-')}: {value} not found")
+        if self.uniprot_db is not None:
+            tools.find_binary("jackhmmer", self.jackhmmer_binary)
         for name in ("bfd_db", "uniref30_db"):  # HH-suite databases are path prefixes (<prefix>_a3m.ffdata ...)
             value = getattr(self, name)
             if value is not None and not any(Path(value).parent.glob(Path(value).name + "*")):
@@ -166,12 +170,14 @@ def in_merge_order(files: list[Path]) -> list[Path]:
 
 def precomputed_alignments(msa_dir: Path, name: str) -> list[Path]:
     """<msa_dir>/<name>/msas/ (an earlier run's output folder), <msa_dir>/<name>/, or
-    <msa_dir>/<name>.sto|.a3m; template hits (pdb_hits.*) are not alignments."""
+    <msa_dir>/<name>.sto|.a3m; template hits (pdb_hits.*) are not alignments, and a multimer
+    chain's UniProt hits (uniprot_hits.*) are for pairing only, as in AF2."""
     folder = msa_dir / name
     if (folder / "msas").is_dir():
         folder = folder / "msas"
     if folder.is_dir():
-        files = [p for p in folder.iterdir() if p.suffix in (".sto", ".a3m") and not p.name.startswith("pdb_hits")]
+        skip = ("pdb_hits", "uniprot_hits")
+        files = [p for p in folder.iterdir() if p.suffix in (".sto", ".a3m") and not p.name.startswith(skip)]
     else:
         files = [p for p in (msa_dir / f"{name}.sto", msa_dir / f"{name}.a3m") if p.is_file()]
     return in_merge_order(files)

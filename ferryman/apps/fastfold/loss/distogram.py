@@ -5,14 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# AF2 model config: 64 bins, 62 inner edges evenly spaced from 2.3125 to 21.6875 Angstrom.
-FIRST_BREAK, LAST_BREAK, NUM_BINS = 2.3125, 21.6875, 64
+from ferryman.apps.fastfold.model.config import HeadsConfig
+from ferryman.apps.fastfold.model.heads import bin_edges
+
+# The distogram head's binning (AF2 config: 64 bins, 63 inner edges from 2.3125 to 21.6875 Angstrom).
+_HEADS = HeadsConfig()
+FIRST_BREAK, LAST_BREAK, NUM_BINS = _HEADS.distogram_first_break, _HEADS.distogram_last_break, _HEADS.distogram_bins
 
 
 def distogram_bins(pseudo_beta: Tensor, *, first_break: float = FIRST_BREAK, last_break: float = LAST_BREAK,
                    num_bins: int = NUM_BINS) -> Tensor:  # fmt: skip
     """True bin index ``[*, N, N]`` of every pairwise distance of ``pseudo_beta`` ``[*, N, 3]``."""
-    edges = torch.linspace(first_break, last_break, num_bins - 1, device=pseudo_beta.device, dtype=pseudo_beta.dtype)
+    edges = bin_edges(first_break, last_break, num_bins, device=pseudo_beta.device, dtype=pseudo_beta.dtype)
     d2 = ((pseudo_beta[..., :, None, :] - pseudo_beta[..., None, :, :]) ** 2).sum(-1, keepdim=True)
     return (d2 > edges**2).sum(-1)
 

@@ -7,9 +7,11 @@ import torch
 from torch import Tensor
 
 from ferryman.apps.fastfold.common.rigid import Rigid
+from ferryman.apps.fastfold.model.config import HeadsConfig
+from ferryman.apps.fastfold.model.heads import bin_edges
 
-# AF2 config: 64 bins, 63 inner edges evenly spaced from 0 to 31 Angstrom.
-MAX_ERROR_BIN, NUM_BINS = 31.0, 64
+# The PAE head's binning (AF2 config: 64 bins, 63 inner edges evenly spaced from 0 to 31 Angstrom).
+MAX_ERROR_BIN, NUM_BINS = HeadsConfig().pae_max_error_bin, HeadsConfig().pae_bins
 
 
 def aligned_error_bins(pred_frames: Rigid, true_frames: Rigid, num_bins: int = NUM_BINS,
@@ -19,7 +21,7 @@ def aligned_error_bins(pred_frames: Rigid, true_frames: Rigid, num_bins: int = N
     local_pred = pred_frames.unsqueeze(-1).invert_apply(pred_frames.trans[..., None, :, :])  # [*, N, N, 3]
     local_true = true_frames.unsqueeze(-1).invert_apply(true_frames.trans[..., None, :, :])
     sq_err = ((local_pred - local_true) ** 2).sum(-1, keepdim=True)
-    edges = torch.linspace(0.0, max_error_bin, num_bins - 1, device=sq_err.device, dtype=sq_err.dtype)
+    edges = bin_edges(0.0, max_error_bin, num_bins, device=sq_err.device, dtype=sq_err.dtype)
     return (sq_err > edges**2).sum(-1)
 
 

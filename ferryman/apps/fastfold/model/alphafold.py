@@ -60,6 +60,7 @@ from ferryman.apps.fastfold.model.heads import (
     compute_tm,
     confidence_from_pair,
 )
+from ferryman.apps.fastfold.model.options import RunOptions
 from ferryman.apps.fastfold.model.primitives import add_, lean
 from ferryman.apps.fastfold.model.structure_module import StructureModule
 from ferryman.apps.fastfold.model.template import TemplateEmbedder
@@ -74,7 +75,8 @@ REQUIRED_FEATURES = (
 TEMPLATE_FEATURES = ("template_aatype", "template_all_atom_positions", "template_mask")
 
 
-def auto_chunk_size(cfg: AlphaFoldConfig, n_res: int, n_seq: int, device: torch.device, fraction: float = 0.4):
+def auto_chunk_size(cfg: AlphaFoldConfig, run: RunOptions, n_res: int, n_seq: int, device: torch.device,
+                    fraction: float = 0.4) -> int | None:  # fmt: skip
     """The largest power-of-two chunk whose per-chunk transients fit ``fraction`` of the memory
     left once the chunked path's resident pair buffers are counted (None: run every op whole).
 
@@ -83,20 +85,23 @@ def auto_chunk_size(cfg: AlphaFoldConfig, n_res: int, n_seq: int, device: torch.
     c_hidden_opm^2 channels or the pair transition's hidden layer) and, where the PyTorch
     reference attention runs, three copies of a row's logits (heads x N x N).
     """
-    itemsize = 2 if cfg.precision == "bf16" else 4
+    itemsize = run.trunk_dtype.itemsize
     pair_bytes = n_res * n_res * cfg.c_z * itemsize
     free = free_memory_bytes(device)
     budget = int(max(free - 2.5 * pair_bytes, free * 0.05) * fraction)
     heads = max(cfg.msa_heads, cfg.pair_heads, cfg.extra_msa_heads)
     widest = max(n_res, n_seq)
     bytes_per_row = 4 * widest * max(cfg.c_hidden_opm**2, cfg.c_z * cfg.transition_factor)
-    if resolve_backend(cfg.kernels, torch.empty(0, device=device)) == "torch":
+    if resolve_backend(run.kernels, torch.empty(0, device=device)) == "torch":
         bytes_per_row += 3 * 4 * heads * widest * widest
     return chunk_size_for_budget(num_rows=widest, bytes_per_row=bytes_per_row, budget_bytes=budget, minimum=1)
 
 
 class AlphaFold(nn.Module):
-    """AlphaFold2 monomer: embedders, extra-MSA stack, Evoformer, structure module and heads."""
+    """AlphaFold2 monomer: embedders, extra-MSA stack, Evoformer, structure module and heads.
+
+    Built in fp32 with ``RunOptions()``; ``options.apply_run_options`` changes how it runs.
+    """
 
     TRUNK = ("input_embedder", "recycling_embedder", "template_embedder", "extra_msa_embedder",
              "extra_msa_stack", "evoformer")  # fmt: skip
@@ -105,7 +110,7 @@ class AlphaFold(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.input_embedder = InputEmbedder(cfg)
-        self.recycling_embedder = RecyclingEmbedder(cfg, cfg.kernels)
+        self.recycling_embedder = RecyclingEmbedder(cfg)
         self.template_embedder = TemplateEmbedder(cfg) if cfg.template.enabled else None
         self.extra_msa_embedder = ExtraMSAEmbedder(cfg)
         self.extra_msa_stack = EvoformerStack(cfg, extra=True)
@@ -116,38 +121,22 @@ class AlphaFold(nn.Module):
         self.masked_msa_head = MaskedMsaHead(cfg)
         self.experimentally_resolved_head = ExperimentallyResolvedHead(cfg)
         self.predicted_aligned_error_head = PredictedAlignedErrorHead(cfg) if cfg.heads.ptm else None
-        self.apply_precision()
+        self.run_options = RunOptions()  # replaced by options.apply_run_options
 
     @property
     def trunk_dtype(self) -> torch.dtype:
         return self.evoformer.blocks[0].msa_transition.transition1.weight.dtype
 
-    def apply_precision(self) -> AlphaFold:
-        """bf16 trunk (embedders and stacks), fp32 structure module and heads, as ``cfg.precision``."""
-        self.float()
-        if self.cfg.precision == "bf16":
-            for name in self.TRUNK:
-                module = getattr(self, name)
-                if module is not None:
-                    module.to(torch.bfloat16)
-        return self
-
-    def set_kernels(self, backend: str) -> None:
-        """Switch every fused op to ``backend`` (auto|triton|torch)."""
-        self.cfg.kernels = backend
-        for module in self.modules():
-            if hasattr(module, "backend"):
-                module.backend = backend
-
     def _chunk_size(self, batch: dict[str, Tensor]) -> int | None:
-        if not self.cfg.auto_chunk:
-            return self.cfg.chunk_size
+        run = self.run_options
+        if not run.auto_chunk:
+            return run.chunk_size
         n_seq = max(batch["msa_feat"].shape[0], batch["extra_msa"].shape[0])
-        return auto_chunk_size(self.cfg, batch["aatype"].shape[0], n_seq, batch["aatype"].device)
+        return auto_chunk_size(self.cfg, run, batch["aatype"].shape[0], n_seq, batch["aatype"].device)
 
     def iteration(self, batch: dict[str, Tensor], prev: dict[str, Tensor], chunk_size: int | None) -> dict:
         """One recycling iteration (AF2 Suppl. Alg. 2 lines 5-19)."""
-        dt, inplace = self.trunk_dtype, self.cfg.inplace
+        dt, inplace = self.trunk_dtype, self.run_options.inplace
         seq_mask = batch["seq_mask"].to(dt)
         pair_mask = seq_mask[:, None] * seq_mask[None, :]
         m, z = self.input_embedder(

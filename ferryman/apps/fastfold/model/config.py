@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 
 from ferryman.core.errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16")
 
-
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class TemplateConfig:
     """Template embedder (AF2 Suppl. Alg. 16-17 and 1.7.1)."""
 
@@ -34,7 +32,7 @@ class TemplateConfig:
     use_unit_vector: bool = False  # AF2 monomer models zero the unit-vector features
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class StructureConfig:
     """Structure module (AF2 Suppl. Alg. 20-24)."""
 
@@ -49,7 +47,7 @@ class StructureConfig:
     num_resnet_blocks: int = 2
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class HeadsConfig:
     """Output heads (AF2 Suppl. 1.9.6-1.9.10)."""
 
@@ -64,18 +62,13 @@ class HeadsConfig:
     ptm: bool = False  # the predicted-aligned-error / pTM head of the *_ptm models
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class AlphaFoldConfig:
-    """The AlphaFold2 monomer network and how it runs.
+    """The AlphaFold2 monomer network: every size that decides its parameters, nothing about how
+    it runs (that is ``options.RunOptions``, applied to a built model from outside).
 
-    Network sizes default to the published model (AF2 Suppl. Table 5 / ``config.py``). The last
-    group of fields chooses how it runs without changing its math: ``chunk_size`` splits every
-    N_res x N_res and N_seq x N_res computation into pieces of that many rows (None = whole),
-    ``auto_chunk`` picks the chunk size from free memory at each call, ``kernels`` selects the
-    fused Triton kernels or the PyTorch reference, ``inplace`` adds residual updates in place
-    when no gradient is recorded, and ``precision`` is the dtype of the trunk. A chunk size with
-    ``inplace`` and no gradient selects the memory-lean path: updates are added into the
-    representations chunk by chunk and never exist whole (``primitives.lean``).
+    Defaults are the published model (AF2 Suppl. Table 5 / ``config.py``). Frozen: a variant is
+    made with ``dataclasses.replace``.
     """
 
     c_m: int = 256
@@ -98,27 +91,22 @@ class AlphaFoldConfig:
     prev_pos_max_bin: float = 20.75
     prev_pos_num_bins: int = 15
     num_recycle: int = 3
+    # AlphaFold-Multimer (Evans et al. 2021; AF2 modules_multimer): chain-relative encoding, the
+    # multimer template embedding and structure module, the outer product mean first in each
+    # Evoformer block; its recycling stops early once CA distances move less than the tolerance.
+    multimer: bool = False
+    max_relative_chain: int = 2
+    recycle_early_stop_tolerance: float = 0.0
     template: TemplateConfig = field(default_factory=TemplateConfig)
     structure: StructureConfig = field(default_factory=StructureConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
 
-    chunk_size: int | None = None
-    auto_chunk: bool = False
-    kernels: str = "auto"
-    inplace: bool = True
-    precision: str = "fp32"
-
     def __post_init__(self) -> None:
-        from ferryman.kernels.backend import BACKENDS  # here: importing the kernels loads torch
-
-        if self.kernels not in BACKENDS:
-            raise ConfigError(f"kernels must be one of {', '.join(BACKENDS)}, got {self.kernels!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ConfigError(f"chunk_size must be a positive integer or None, got {self.chunk_size}")
         for name in ("c_m", "c_z", "c_s", "c_e", "msa_heads", "pair_heads", "num_evoformer_blocks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_recycle < 0:
             raise ConfigError(f"num_recycle must be >= 0, got {self.num_recycle}")
+        if self.max_relative_chain < 0 or self.recycle_early_stop_tolerance < 0:
+            raise ConfigError("max_relative_chain and recycle_early_stop_tolerance must be >= 0, got "
+                              f"{self.max_relative_chain} and {self.recycle_early_stop_tolerance}")  # fmt: skip

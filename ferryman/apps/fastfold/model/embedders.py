@@ -12,13 +12,14 @@ from ferryman.apps.fastfold.model.primitives import Linear, layer_norm
 from ferryman.core.chunking import chunk_layer
 
 
-def dgram_from_positions(positions: Tensor, num_bins: int, min_bin: float, max_bin: float) -> Tensor:
-    """One-hot distance bins ``[N, N, num_bins]`` of ``positions`` ``[N, 3]``; the last bin is open."""
-    lower = torch.linspace(min_bin, max_bin, num_bins, device=positions.device, dtype=torch.float32) ** 2
+def dgram_from_positions(rows: Tensor, cols: Tensor, num_bins: int, min_bin: float, max_bin: float) -> Tensor:
+    """One-hot fp32 distance bins ``[R, C, num_bins]`` between positions ``rows`` ``[R, 3]`` and
+    ``cols`` ``[C, 3]`` (AF2 ``dgram_from_positions``): ``num_bins`` lower edges evenly spaced from
+    ``min_bin`` to ``max_bin`` Angstrom; the last bin is open."""
+    lower = torch.linspace(min_bin, max_bin, num_bins, device=rows.device, dtype=torch.float32) ** 2
     upper = torch.cat([lower[1:], lower.new_tensor([1e8])])
-    pos = positions.float()
-    dist2 = ((pos[:, None, :] - pos[None, :, :]) ** 2).sum(-1, keepdim=True)
-    return ((dist2 > lower) & (dist2 < upper)).to(positions.dtype)
+    d2 = ((rows[:, None, :].float() - cols[None, :, :].float()) ** 2).sum(-1, keepdim=True)  # [R, C, 1]
+    return ((d2 > lower) & (d2 < upper)).float()
 
 
 class InputEmbedder(nn.Module):
@@ -61,12 +62,12 @@ class RecyclingEmbedder(nn.Module):
     """AF2 Suppl. Alg. 32: add the previous iteration's first MSA row, pair representation and
     pseudo-beta distogram to this iteration's inputs."""
 
-    def __init__(self, cfg: AlphaFoldConfig, backend: str = "auto"):
+    def __init__(self, cfg: AlphaFoldConfig):
         super().__init__()
         self.bins = (cfg.prev_pos_num_bins, cfg.prev_pos_min_bin, cfg.prev_pos_max_bin)
         self.prev_pos_linear = Linear(cfg.prev_pos_num_bins, cfg.c_z)
-        self.prev_msa_first_row_norm = layer_norm(cfg.c_m, backend)
-        self.prev_pair_norm = layer_norm(cfg.c_z, backend)
+        self.prev_msa_first_row_norm = layer_norm(cfg.c_m)
+        self.prev_pair_norm = layer_norm(cfg.c_z)
 
     def forward(self, z: Tensor, aatype: Tensor, prev_pos: Tensor, prev_msa_first_row: Tensor,
                 prev_pair: Tensor | None, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
@@ -77,10 +78,7 @@ class RecyclingEmbedder(nn.Module):
         num_bins, min_bin, max_bin = self.bins
 
         def pair_rows(z: Tensor, cb_rows: Tensor, prev: Tensor | None = None) -> Tensor:
-            lower = torch.linspace(min_bin, max_bin, num_bins, device=z.device) ** 2
-            upper = torch.cat([lower[1:], lower.new_tensor([1e8])])
-            d2 = ((cb_rows[:, None, :].float() - cb[None, :, :].float()) ** 2).sum(-1, keepdim=True)
-            dgram = ((d2 > lower) & (d2 < upper)).to(dtype)
+            dgram = dgram_from_positions(cb_rows, cb, num_bins, min_bin, max_bin).to(dtype)
             prev = torch.zeros_like(z, dtype=dtype) if prev is None else prev.to(dtype)
             return z + self.prev_pos_linear(dgram) + self.prev_pair_norm(prev)
 

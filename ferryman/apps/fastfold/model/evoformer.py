@@ -1,9 +1,8 @@
 """Evoformer blocks and stacks (AF2 Suppl. Alg. 6), the extra-MSA stack (Alg. 18) and the
 template pair stack (Alg. 16).
 
-Blocks and stacks carry a ``dap`` attribute, ``None`` by default. ``parallelize`` (outside the
-model) sets it to a runner that executes the same block on shards across ranks; the math lives
-here, the placement there.
+Plain math on whole tensors; ``ferryman.apps.fastfold.parallelize`` runs the same modules on
+shards across ranks from outside.
 """
 
 from __future__ import annotations
@@ -59,13 +58,15 @@ class PairStackBlock(nn.Module):
 
 class EvoformerBlock(nn.Module):
     """One Evoformer block (AF2 Suppl. Alg. 6); with ``extra=True`` an extra-MSA block whose
-    column attention is global (Alg. 18-19)."""
+    column attention is global (Alg. 18-19). ``outer_product_first`` moves the outer product mean
+    to the start of the block, where AlphaFold-Multimer has it (AF2 ``outer_product_mean.first``)."""
 
     def __init__(self, *, c_m: int, c_z: int, c_hidden_msa: int, msa_heads: int, c_hidden_opm: int,
                  c_hidden_mul: int, c_hidden_pair: int, pair_heads: int, transition_factor: int,
-                 extra: bool = False, backend: str = "auto"):  # fmt: skip
+                 extra: bool = False, outer_product_first: bool = False, backend: str = "auto"):  # fmt: skip
         super().__init__()
         self.extra = extra
+        self.outer_product_first = outer_product_first
         self.msa_row_attention_with_pair_bias = MSARowAttentionWithPairBias(c_m, c_z, c_hidden_msa, msa_heads, backend)
         if extra:
             self.msa_column_global_attention = MSAColumnGlobalAttention(c_m, c_hidden_msa, msa_heads, backend)
@@ -81,7 +82,6 @@ class EvoformerBlock(nn.Module):
             transition_factor=transition_factor,
             backend=backend,
         )
-        self.dap = None  # set by ferryman.apps.fastfold.parallelize
 
     @property
     def column_attention(self) -> nn.Module:
@@ -89,24 +89,28 @@ class EvoformerBlock(nn.Module):
 
     def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
                 chunk_size: int | None = None, inplace: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
-        if self.dap is not None:
-            return self.dap.block_forward(self, m, z, msa_mask, pair_mask, chunk_size, inplace)
         if lean(chunk_size, inplace):
             return self._lean_forward(m, z, msa_mask, pair_mask, chunk_size)
+        if self.outer_product_first:
+            z = add_(z, self.outer_product_mean(m, msa_mask, chunk_size), inplace)
         m = add_(m, self.msa_row_attention_with_pair_bias(m, z, msa_mask, chunk_size), inplace)
         m = add_(m, self.column_attention(m, msa_mask, chunk_size), inplace)
         m = add_(m, self.msa_transition(m, msa_mask, chunk_size), inplace)
-        z = add_(z, self.outer_product_mean(m, msa_mask, chunk_size), inplace)
+        if not self.outer_product_first:
+            z = add_(z, self.outer_product_mean(m, msa_mask, chunk_size), inplace)
         z = self.pair_stack(z, pair_mask, chunk_size, inplace)
         return m, z
 
     def _lean_forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
                       chunk_size: int) -> tuple[Tensor, Tensor]:  # fmt: skip
         """Alg. 6 with every update added into m or z in place, block by block."""
+        if self.outer_product_first:
+            z = self.outer_product_mean.update_(z, m, msa_mask, chunk_size)
         m = self.msa_row_attention_with_pair_bias.update_(m, z, msa_mask, chunk_size)
         m = self.column_attention.update_(m, msa_mask, chunk_size)
         m = self.msa_transition.update_(m, chunk_size)
-        z = self.outer_product_mean.update_(z, m, msa_mask, chunk_size)
+        if not self.outer_product_first:
+            z = self.outer_product_mean.update_(z, m, msa_mask, chunk_size)
         z = self.pair_stack(z, pair_mask, chunk_size, True)
         return m, z
 
@@ -123,7 +127,7 @@ def _block_kwargs(cfg: AlphaFoldConfig, extra: bool) -> dict:
         pair_heads=cfg.pair_heads,
         transition_factor=cfg.transition_factor,
         extra=extra,
-        backend=cfg.kernels,
+        outer_product_first=cfg.multimer,
     )
 
 
@@ -138,7 +142,6 @@ class EvoformerStack(nn.Module):
         self.blocks = nn.ModuleList(EvoformerBlock(**_block_kwargs(cfg, extra)) for _ in range(count))
         self.single_activations = None if extra else Linear(cfg.c_m, cfg.c_s)
         self.activation_checkpointing = False
-        self.dap = None  # set by ferryman.apps.fastfold.parallelize
 
     def run_blocks(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
                    chunk_size: int | None, inplace: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
@@ -152,16 +155,18 @@ class EvoformerStack(nn.Module):
     def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
                 chunk_size: int | None = None, inplace: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
         """m ``[S, N, c]``, z ``[N, N, c_z]`` -> updated (m, z)."""
-        if self.dap is not None:
-            return self.dap.stack_forward(self, m, z, msa_mask, pair_mask, chunk_size, inplace)
         return self.run_blocks(m, z, msa_mask, pair_mask, chunk_size, inplace)
 
 
 class TemplatePairStack(nn.Module):
-    """AF2 Suppl. Alg. 16: pair blocks over one template's pair features, then LayerNorm."""
+    """AF2 Suppl. Alg. 16: pair blocks over one template's pair features, then LayerNorm.
 
-    def __init__(self, cfg: TemplateConfig, backend: str = "auto"):
+    The monomer runs each block's triangle attention before its triangle products
+    (``attention_first``); AlphaFold-Multimer runs them in the Evoformer's order."""
+
+    def __init__(self, cfg: TemplateConfig, backend: str = "auto", *, attention_first: bool = True):
         super().__init__()
+        self.attention_first = attention_first
         self.blocks = nn.ModuleList(
             PairStackBlock(
                 cfg.c_t,
@@ -174,13 +179,12 @@ class TemplatePairStack(nn.Module):
             for _ in range(cfg.num_blocks)
         )
         self.output_layer_norm = layer_norm(cfg.c_t, backend)
-        self.dap = None  # set by ferryman.apps.fastfold.parallelize
+
+    def run_blocks(self, t: Tensor, mask: Tensor, chunk_size: int | None, inplace: bool) -> Tensor:
+        for block in self.blocks:
+            t = block(t, mask, chunk_size, inplace, template_order=self.attention_first)
+        return t
 
     def forward(self, t: Tensor, mask: Tensor, chunk_size: int | None = None, inplace: bool = False) -> Tensor:
         """t ``[N, N, c_t]`` for one template, mask ``[N, N]``."""
-        if self.dap is not None:
-            t = self.dap.template_forward(self, t, mask, chunk_size, inplace)
-        else:
-            for block in self.blocks:
-                t = block(t, mask, chunk_size, inplace, template_order=True)
-        return self.output_layer_norm(t)
+        return self.output_layer_norm(self.run_blocks(t, mask, chunk_size, inplace))

@@ -6,8 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from ferryman.apps.fastfold.model.config import AlphaFoldConfig
-from ferryman.apps.fastfold.model.primitives import Linear, layer_norm
+from ferryman.apps.fastfold.model.primitives import Linear, layer_norm, row_slices
 from ferryman.core.chunking import chunk_layer
+
+
+def bin_edges(first: float, last: float, num_bins: int, device=None, dtype=None) -> Tensor:
+    """The ``num_bins - 1`` inner edges of ``num_bins`` distance or error bins, evenly spaced from
+    ``first`` to ``last`` Angstrom; the outer bins are open (AF2's distogram and PAE binning)."""
+    return torch.linspace(first, last, num_bins - 1, device=device, dtype=dtype)
 
 
 class PredictedLDDTHead(nn.Module):
@@ -16,7 +22,7 @@ class PredictedLDDTHead(nn.Module):
     def __init__(self, cfg: AlphaFoldConfig):
         super().__init__()
         c = cfg.heads.plddt_channels
-        self.input_layer_norm = layer_norm(cfg.c_s, cfg.kernels)
+        self.input_layer_norm = layer_norm(cfg.c_s)
         self.act_0 = Linear(cfg.c_s, c, init="relu")
         self.act_1 = Linear(c, c, init="relu")
         self.logits = Linear(c, cfg.heads.plddt_bins, init="final")
@@ -33,7 +39,7 @@ class DistogramHead(nn.Module):
         super().__init__()
         h = cfg.heads
         self.half_logits = Linear(cfg.c_z, h.distogram_bins, init="final")
-        self.breaks = (h.distogram_first_break, h.distogram_last_break, h.distogram_bins - 1)
+        self.breaks = (h.distogram_first_break, h.distogram_last_break, h.distogram_bins)
 
     def forward(self, z: Tensor, chunk_size: int | None = None) -> Tensor:
         """Logits in z's dtype; row block i needs z's rows i and columns i for the symmetrisation."""
@@ -44,7 +50,7 @@ class DistogramHead(nn.Module):
         return chunk_layer(run, {"rows": z, "cols": z.transpose(0, 1)}, chunk_size=chunk_size, num_batch_dims=1)
 
     def bin_edges(self, device=None) -> Tensor:
-        return torch.linspace(*self.breaks, device=device)
+        return bin_edges(*self.breaks, device=device)
 
 
 class MaskedMsaHead(nn.Module):
@@ -85,7 +91,7 @@ class PredictedAlignedErrorHead(nn.Module):
         return chunk_layer(run, {"z": z}, chunk_size=chunk_size, num_batch_dims=1)
 
     def breaks(self, device=None) -> Tensor:
-        return torch.linspace(0.0, self.max_error_bin, self.num_bins - 1, device=device)
+        return bin_edges(0.0, self.max_error_bin, self.num_bins, device=device)
 
 
 def compute_plddt(logits: Tensor) -> Tensor:
@@ -101,11 +107,6 @@ def _bin_centers(breaks: Tensor) -> Tensor:
     return torch.cat([centers, centers[-1:] + step])
 
 
-def _row_blocks(n: int, chunk_size: int | None):
-    step = chunk_size or n
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
-
-
 def compute_predicted_aligned_error(logits: Tensor, breaks: Tensor, chunk_size: int | None = None) -> dict[str, Tensor]:
     """Expected aligned error ``[N, N]`` (Angstrom) and the largest value it can take.
 
@@ -113,7 +114,7 @@ def compute_predicted_aligned_error(logits: Tensor, breaks: Tensor, chunk_size: 
     """
     centers = _bin_centers(breaks.float())
     pae = torch.empty(logits.shape[:2], device=logits.device)
-    for rows in _row_blocks(logits.shape[0], chunk_size):
+    for rows in row_slices(logits.shape[0], chunk_size):
         pae[rows] = (torch.softmax(logits[rows].float(), dim=-1) * centers).sum(-1)
     return {"predicted_aligned_error": pae, "max_predicted_aligned_error": centers[-1]}
 
@@ -134,7 +135,7 @@ def compute_tm(logits: Tensor, breaks: Tensor, residue_weights: Tensor | None = 
     n = logits.shape[0]
     tm_per_bin, weights, normed = _tm_terms(n, breaks, residue_weights, eps, logits.device)
     per_alignment = torch.empty(n, device=logits.device)
-    for rows in _row_blocks(n, chunk_size):
+    for rows in row_slices(n, chunk_size):
         tm_term = (torch.softmax(logits[rows].float(), dim=-1) * tm_per_bin).sum(-1)  # [rows, N]
         per_alignment[rows] = (tm_term * normed).sum(-1)
     return per_alignment[(per_alignment * weights).argmax()]
@@ -151,7 +152,7 @@ def confidence_from_pair(head: PredictedAlignedErrorHead, z: Tensor, chunk_size:
     tm_per_bin, weights, normed = _tm_terms(n, breaks, None, eps, z.device)
     pae = torch.empty(n, n, device=z.device)
     per_alignment = torch.empty(n, device=z.device)
-    for rows in _row_blocks(n, chunk_size):
+    for rows in row_slices(n, chunk_size):
         probs = torch.softmax(head(z[rows]).float(), dim=-1)  # [rows, N, bins]
         pae[rows] = (probs * centers).sum(-1)
         per_alignment[rows] = ((probs * tm_per_bin).sum(-1) * normed).sum(-1)

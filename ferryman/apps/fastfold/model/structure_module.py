@@ -132,10 +132,10 @@ class StructureModule(nn.Module):
     def __init__(self, cfg: AlphaFoldConfig):
         super().__init__()
         self.cfg = cfg.structure
-        self.single_layer_norm = layer_norm(cfg.c_s, cfg.kernels)
+        self.single_layer_norm = layer_norm(cfg.c_s)
         self.initial_projection = Linear(cfg.c_s, cfg.c_s)
-        self.pair_layer_norm = layer_norm(cfg.c_z, cfg.kernels)
-        self.fold_iteration = FoldIteration(cfg.c_s, cfg.c_z, cfg.structure, cfg.kernels)
+        self.pair_layer_norm = layer_norm(cfg.c_z)
+        self.fold_iteration = FoldIteration(cfg.c_s, cfg.c_z, cfg.structure)
 
     def forward(self, single: Tensor, pair: Tensor, aatype: Tensor, seq_mask: Tensor,
                 chunk_size: int | None = None) -> dict[str, Tensor]:  # fmt: skip

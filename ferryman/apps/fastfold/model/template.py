@@ -13,6 +13,7 @@ from ferryman.apps.fastfold.common.all_atom import atom37_to_torsion_angles
 from ferryman.apps.fastfold.common.protein import pseudo_beta
 from ferryman.apps.fastfold.common.rigid import Rigid
 from ferryman.apps.fastfold.model.config import AlphaFoldConfig
+from ferryman.apps.fastfold.model.embedders import dgram_from_positions
 from ferryman.apps.fastfold.model.evoformer import TemplatePairStack
 from ferryman.apps.fastfold.model.primitives import Attention, Linear, chunk_add_, row_slices
 from ferryman.core.chunking import chunk_layer
@@ -57,10 +58,7 @@ def template_pair_features(rows: dict[str, Tensor], full: dict[str, Tensor], cfg
     """The 88 pair features ``[rows, N, 88]`` between residues ``rows`` and all residues
     (AF2 SingleTemplateEmbedding): dgram, pseudo-beta mask, both aatypes, unit vector, backbone mask."""
     n_rows, n = rows["cb"].shape[0], full["cb"].shape[0]
-    d2 = ((rows["cb"][:, None] - full["cb"][None]) ** 2).sum(-1, keepdim=True)
-    lower = torch.linspace(cfg.dgram_min_bin, cfg.dgram_max_bin, cfg.dgram_num_bins, device=d2.device) ** 2
-    upper = torch.cat([lower[1:], lower.new_tensor([1e8])])
-    dgram = ((d2 > lower) & (d2 < upper)).float()
+    dgram = dgram_from_positions(rows["cb"], full["cb"], cfg.dgram_num_bins, cfg.dgram_min_bin, cfg.dgram_max_bin)
     bb_mask_2d = rows["bb_mask"][:, None] * full["bb_mask"][None]
     local = Rigid(rows["rot"], rows["trans"]).unsqueeze(1).invert_apply(full["ca"][None])  # CA_j in frame i
     unit = local * torch.rsqrt(1e-6 + (local**2).sum(-1, keepdim=True)) * bb_mask_2d[..., None]
@@ -85,13 +83,11 @@ class TemplateEmbedder(nn.Module):
 
     def __init__(self, cfg: AlphaFoldConfig):
         super().__init__()
-        tcfg, backend = cfg.template, cfg.kernels
+        tcfg = cfg.template
         self.cfg = tcfg
         self.embedding2d = Linear(TEMPLATE_PAIR_FEAT_DIM, tcfg.c_t, init="relu")
-        self.template_pair_stack = TemplatePairStack(tcfg, backend)
-        self.attention = Attention(
-            cfg.c_z, tcfg.c_t, tcfg.c_hidden_pointwise, tcfg.pointwise_heads, gating=False, backend=backend
-        )
+        self.template_pair_stack = TemplatePairStack(tcfg)
+        self.attention = Attention(cfg.c_z, tcfg.c_t, tcfg.c_hidden_pointwise, tcfg.pointwise_heads, gating=False)
         if tcfg.embed_torsion_angles:
             self.template_single_embedding = Linear(TEMPLATE_SINGLE_FEAT_DIM, cfg.c_m, init="relu")
             self.template_projection = Linear(cfg.c_m, cfg.c_m, init="relu")

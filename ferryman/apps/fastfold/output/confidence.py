@@ -1,4 +1,5 @@
-"""Confidence metrics from head logits and the JSON files AlphaFold2 users read.
+"""Confidence metrics from head logits (numpy in and out, computed by the model's own torch
+functions in ``model.heads``) and the JSON files AlphaFold2 users read.
 
 pLDDT (AF2 Suppl. 1.9.6): expected lDDT-Cα over 50 equal bins of [0, 1], times 100.
 PAE and pTM (Suppl. 1.9.7): 64 error bins; the last bin is open, the others are 0.5 Å wide up to
@@ -15,44 +16,39 @@ import numpy as np
 from ferryman.core.io import write_text
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)
+def _heads():
+    # Imported on use: the model package pulls in torch and the kernels, which the JSON writers here do not need.
+    from ferryman.apps.fastfold.model import heads
+
+    return heads
+
+
+def _tensor(x: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 def compute_plddt(logits: np.ndarray) -> np.ndarray:
-    """[N, num_bins] lDDT logits -> [N] pLDDT in 0..100."""
-    num_bins = logits.shape[-1]
-    centers = (np.arange(num_bins) + 0.5) / num_bins
-    return (softmax(logits.astype(np.float64)) @ centers * 100).astype(np.float32)
-
-
-def _error_bin_centers(num_bins: int, max_bin: float) -> np.ndarray:
-    breaks = np.linspace(0.0, max_bin, num_bins - 1)
-    step = breaks[1] - breaks[0]
-    centers = breaks + step / 2
-    return np.concatenate([centers, [centers[-1] + step]])  # AF2: 64 bins -> last centre 31.75 Å
+    """[N, num_bins] lDDT logits -> [N] pLDDT in 0..100 (``model.heads.compute_plddt``)."""
+    return _heads().compute_plddt(_tensor(logits)).numpy()
 
 
 def compute_pae(logits: np.ndarray, max_bin: float = 31.0) -> tuple[np.ndarray, float]:
-    """[N, N, num_bins] aligned-error logits -> ([N, N] expected error in Å, the largest possible)."""
-    centers = _error_bin_centers(logits.shape[-1], max_bin)
-    pae = softmax(logits.astype(np.float64)) @ centers
-    return pae.astype(np.float32), float(centers[-1])
+    """[N, N, num_bins] aligned-error logits -> ([N, N] expected error in Å, the largest possible),
+    by ``model.heads.compute_predicted_aligned_error``."""
+    heads = _heads()
+    breaks = heads.bin_edges(0.0, max_bin, logits.shape[-1])
+    out = heads.compute_predicted_aligned_error(_tensor(logits), breaks)
+    return out["predicted_aligned_error"].numpy(), float(out["max_predicted_aligned_error"])
 
 
 def compute_ptm(logits: np.ndarray, max_bin: float = 31.0, residue_weights: np.ndarray | None = None) -> float:
-    """Predicted TM-score from [N, N, num_bins] aligned-error logits."""
-    num_res = logits.shape[0]
-    weights = np.ones(num_res) if residue_weights is None else residue_weights.astype(np.float64)
-    centers = _error_bin_centers(logits.shape[-1], max_bin)
-    clipped = max(int(weights.sum()), 19)  # d0 is undefined below 19 residues
-    d0 = 1.24 * (clipped - 15) ** (1.0 / 3) - 1.8
-    tm_per_bin = 1.0 / (1 + (centers / d0) ** 2)
-    expected = softmax(logits.astype(np.float64)) @ tm_per_bin  # [N, N]
-    per_frame = (expected * weights[None]).sum(-1) / (1e-8 + weights.sum())
-    return float((per_frame * weights).max())
+    """Predicted TM-score from [N, N, num_bins] aligned-error logits (``model.heads.compute_tm``)."""
+    heads = _heads()
+    breaks = heads.bin_edges(0.0, max_bin, logits.shape[-1])
+    weights = None if residue_weights is None else _tensor(residue_weights)
+    return float(heads.compute_tm(_tensor(logits), breaks, weights))
 
 
 def plddt_category(plddt: np.ndarray) -> list[str]:
@@ -91,9 +87,21 @@ def write_json(path: str | Path, obj, *, compact: bool = False) -> Path:
     return Path(path)
 
 
-def rank_models(plddts: dict[str, float]) -> list[str]:
-    """Best first by mean pLDDT, as AF2 and ColabFold rank monomer models (including _ptm ones)."""
-    return sorted(plddts, key=lambda name: -plddts[name])
+def rank_models(scores: dict[str, float]) -> list[str]:
+    """Best first: AF2 and ColabFold rank monomer models (_ptm included) by mean pLDDT and
+    multimer models by 0.8 ipTM + 0.2 pTM."""
+    return sorted(scores, key=lambda name: -scores[name])
+
+
+def ranking_debug_multimer(scores: dict[str, float], iptms: dict[str, float], ptms: dict[str, float],
+                           plddts: dict[str, float], random_weights: bool = False) -> dict:  # fmt: skip
+    """AF2 v2.3's ranking_debug.json for multimer models: {"iptm+ptm": ..., "order": ...}, best
+    first by 0.8 ipTM + 0.2 pTM; the parts ("iptm", "ptm") and mean pLDDTs are added."""
+    record: dict = {"iptm+ptm": {k: round(v, 6) for k, v in scores.items()}, "order": rank_models(scores),
+                    "iptm": iptms, "ptm": ptms, "plddts": plddts}  # fmt: skip
+    if random_weights:
+        record["warning"] = RANDOM_WEIGHTS_NOTE
+    return record
 
 
 def ranking_debug(plddts: dict[str, float], ptms: dict[str, float] | None = None, random_weights: bool = False) -> dict:

@@ -47,9 +47,10 @@ class Protein:
 
 def from_prediction(
     *, aatype: np.ndarray, residue_index: np.ndarray, atom_positions: np.ndarray, atom_mask: np.ndarray,
-    plddt: np.ndarray, remarks: list[str] | None = None,
+    plddt: np.ndarray, remarks: list[str] | None = None, chain_index: np.ndarray | None = None,
 ) -> Protein:
-    """Model outputs (0-based residue_index, per-residue pLDDT) -> Protein with pLDDT B-factors."""
+    """Model outputs (0-based residue_index, per-residue pLDDT) -> Protein with pLDDT B-factors;
+    ``chain_index`` (0 = chain A) for complexes."""
     plddt = np.asarray(plddt, np.float32)
     return Protein(
         atom_positions=np.asarray(atom_positions, np.float32),
@@ -57,6 +58,7 @@ def from_prediction(
         atom_mask=np.asarray(atom_mask, np.float32),
         residue_index=np.asarray(residue_index, np.int64) + 1,
         b_factors=np.repeat(plddt[:, None], rc.atom_type_num, axis=1),
+        chain_index=None if chain_index is None else np.asarray(chain_index, np.int32),
         remarks=list(remarks or []),
     )
 

@@ -8,7 +8,8 @@
   ranked_<i>.pdb|.cif            best first (relaxed when relaxing)
   confidence_<model>.json        pLDDT per residue and its category (AF2 v2.3 format)
   pae_<model>.json               predicted aligned error of _ptm models (AF2 v2.3 format)
-  ranking_debug.json             mean pLDDT per model and the order (AF2 ranks monomers by it)
+  ranking_debug.json             mean pLDDT per model and the order (AF2 ranks monomers by it);
+                                 for multimer models "iptm+ptm" (0.8 ipTM + 0.2 pTM) and the order
   relax_metrics.json             energies, Cα RMSD and violations per model
   timings.json                   seconds per stage
   plddt.png, pae_<model>.png, msa_coverage.png
@@ -36,6 +37,8 @@ class ModelResult:
     pae: np.ndarray | None = None  # [N, N]
     max_pae: float | None = None
     ptm: float | None = None
+    iptm: float | None = None  # multimer models
+    ranking_confidence: float | None = None  # multimer: 0.8 ipTM + 0.2 pTM, what AF2 ranks them by
     relaxed: Protein | None = None
     relax_metrics: dict = field(default_factory=dict)
 
@@ -72,7 +75,14 @@ def write_model_files(result: ModelResult, folder: Path, *, target: str, random_
         plots.plot_pae(result.pae, folder / f"pae_{result.name}.png", max_pae=result.max_pae or 31.75, title=title)
 
 
+def _multimer(results: list[ModelResult]) -> bool:
+    return bool(results) and all(r.ranking_confidence is not None for r in results)
+
+
 def rank(results: list[ModelResult]) -> list[str]:
+    """Best first: by 0.8 ipTM + 0.2 pTM for multimer models, else by mean pLDDT (AF2 v2.3)."""
+    if _multimer(results):
+        return confidence.rank_models({r.name: r.ranking_confidence for r in results})
     return confidence.rank_models({r.name: r.mean_plddt for r in results})
 
 
@@ -82,7 +92,12 @@ def write_ranking(
     """ranked_<i> files, ranking_debug.json, relax_metrics.json and the pLDDT plot; returns the order."""
     plddts = {r.name: r.mean_plddt for r in results}
     ptms = {r.name: round(r.ptm, 6) for r in results if r.ptm is not None}
-    record = confidence.ranking_debug(plddts, ptms, random_weights=random_weights)
+    if _multimer(results):
+        scores = {r.name: r.ranking_confidence for r in results}
+        iptms = {r.name: round(r.iptm, 6) for r in results}
+        record = confidence.ranking_debug_multimer(scores, iptms, ptms, plddts, random_weights=random_weights)
+    else:
+        record = confidence.ranking_debug(plddts, ptms, random_weights=random_weights)
     by_name = {r.name: r for r in results}
     for rank, name in enumerate(record["order"]):
         result = by_name[name]

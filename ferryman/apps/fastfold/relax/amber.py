@@ -5,7 +5,9 @@ As AlphaFold2's AmberRelaxation: pdbfixer adds missing atoms and hydrogens, ambe
 heavy atoms to their predicted positions, tolerance 2.39 kcal/mol (= 10 kJ/mol, read as a force
 tolerance per nm by OpenMM ≥ 7.7); then violations are checked and residues that still violate
 are released from their restraints and minimised again, up to `max_outer_iterations` rounds.
-Minimisation failures (NaN energies) are retried up to `max_attempts` times.
+Minimisation failures (NaN energies) are retried up to `max_attempts` times. A complex relaxes as
+one system: each chain is its own molecule (TER records between chains; no bond, no peptide-bond
+violation across a chain break).
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def _to_pdb_text(topology, positions_angstrom: np.ndarray) -> str:
 
 
 def _violations(prot: Protein) -> dict:
-    return find_violations(prot.atom_positions, prot.atom_mask, prot.aatype, prot.residue_index)
+    return find_violations(prot.atom_positions, prot.atom_mask, prot.aatype, prot.residue_index, prot.chain_index)
 
 
 def relax(prot: Protein, cfg: RelaxConfig | None = None) -> RelaxResult:

@@ -37,8 +37,14 @@ def _intra_bounds() -> tuple[np.ndarray, np.ndarray]:
 _LOWER, _UPPER = _intra_bounds()
 
 
-def between_residue_clashes(positions: np.ndarray, mask: np.ndarray, residue_index: np.ndarray) -> np.ndarray:
-    """[N] bool: residue has a heavy atom clashing with an atom of another residue."""
+def _same_chain(chain_index: np.ndarray | None, n: int) -> np.ndarray:
+    return np.zeros((n,), np.int64) if chain_index is None else np.asarray(chain_index)
+
+
+def between_residue_clashes(positions: np.ndarray, mask: np.ndarray, residue_index: np.ndarray,
+                            chain_index: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """[N] bool: residue has a heavy atom clashing with an atom of another residue (the peptide
+    bond between consecutive residues of one chain is not a clash)."""
     n = positions.shape[0]
     flat = positions.reshape(-1, 3)
     present = mask.reshape(-1) > 0.5
@@ -49,7 +55,8 @@ def between_residue_clashes(positions: np.ndarray, mask: np.ndarray, residue_ind
     dist = np.linalg.norm(xyz[:, None] - xyz[None], axis=-1)  # [A, A]
     allowed = _RADIUS[atom][:, None] + _RADIUS[atom][None] - OVERLAP_TOLERANCE
     pair = res[:, None] < res[None]  # each unordered pair of different residues once
-    consecutive = residue_index[res][None] - residue_index[res][:, None] == 1
+    chain = _same_chain(chain_index, n)[res]
+    consecutive = (residue_index[res][None] - residue_index[res][:, None] == 1) & (chain[None] == chain[:, None])
     peptide = consecutive & (atom[:, None] == _C) & (atom[None] == _N)
     disulfide = (atom[:, None] == _SG) & (atom[None] == _SG)
     clash = pair & ~peptide & ~disulfide & (dist < allowed)
@@ -60,8 +67,10 @@ def between_residue_clashes(positions: np.ndarray, mask: np.ndarray, residue_ind
     return flagged
 
 
-def peptide_bond_violations(positions: np.ndarray, mask: np.ndarray, aatype: np.ndarray, residue_index: np.ndarray) -> np.ndarray:
-    """[N] bool: the C(i)-N(i+1) bond length is outside 12 stddev of ideal (Pro has its own ideal)."""
+def peptide_bond_violations(positions: np.ndarray, mask: np.ndarray, aatype: np.ndarray, residue_index: np.ndarray,
+                            chain_index: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """[N] bool: the C(i)-N(i+1) bond length is outside 12 stddev of ideal (Pro has its own ideal);
+    there is no bond between the last residue of a chain and the first of the next."""
     n = positions.shape[0]
     flagged = np.zeros((n,), bool)
     if n < 2:
@@ -70,7 +79,8 @@ def peptide_bond_violations(positions: np.ndarray, mask: np.ndarray, aatype: np.
     is_pro = aatype[1:] == rc.restype_order["P"]
     ideal = np.where(is_pro, rc.between_res_bond_length_c_n[1], rc.between_res_bond_length_c_n[0])
     stddev = np.where(is_pro, rc.between_res_bond_length_stddev_c_n[1], rc.between_res_bond_length_stddev_c_n[0])
-    valid = (mask[:-1, _C] * mask[1:, _N] > 0.5) & (np.diff(residue_index) == 1)
+    same_chain = np.diff(_same_chain(chain_index, n)) == 0
+    valid = (mask[:-1, _C] * mask[1:, _N] > 0.5) & (np.diff(residue_index) == 1) & same_chain
     bad = valid & (np.abs(length - ideal) > VIOLATION_TOLERANCE_FACTOR * stddev)
     flagged[:-1] |= bad
     flagged[1:] |= bad
@@ -87,10 +97,11 @@ def within_residue_violations(positions: np.ndarray, mask: np.ndarray, aatype: n
     return bad.any(axis=(1, 2))
 
 
-def find_violations(positions: np.ndarray, mask: np.ndarray, aatype: np.ndarray, residue_index: np.ndarray) -> dict:
+def find_violations(positions: np.ndarray, mask: np.ndarray, aatype: np.ndarray, residue_index: np.ndarray,
+                    chain_index: np.ndarray | None = None) -> dict:  # fmt: skip
     """Per-residue violation flags and counts, as AF2's relax loop reports them."""
-    clashes = between_residue_clashes(positions, mask, residue_index)
-    bonds = peptide_bond_violations(positions, mask, aatype, residue_index)
+    clashes = between_residue_clashes(positions, mask, residue_index, chain_index)
+    bonds = peptide_bond_violations(positions, mask, aatype, residue_index, chain_index)
     within = within_residue_violations(positions, mask, aatype)
     per_residue = clashes | bonds | within
     return {

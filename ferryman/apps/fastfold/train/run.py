@@ -7,11 +7,10 @@ Writes under ``out_dir``: the run config (``fastfold_train.yaml``, loadable with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
-
-import torch
 
 from ferryman.apps.fastfold.train.config import FastfoldTrainConfig
 from ferryman.apps.fastfold.train.dataset import StructureDataset
@@ -27,40 +26,24 @@ from ferryman.core.training.metrics import plot_metric
 log = logging.getLogger(__name__)
 
 
-def sync_dap_grads(model, dims: ParallelDims | None) -> None:
-    """Sum the gradients of the DAP-sharded parameters over the DAP group as autograd produces
-    them (what ``allreduce_dap_grads`` does after a backward, done per micro-batch here because the
-    core loop owns ``backward`` and accumulates several micro-batches before it steps)."""
-    from ferryman.apps.fastfold.parallelize import sharded_parameters
-
-    if dims is None or dims.dap_group is None or dims.dap == 1:
-        return
-
-    def hook(grad):
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad, group=dims.dap_group)
-        return grad
-
-    for param in sharded_parameters(model):
-        param.register_hook(hook)
-
-
 def build_training_model(cfg: FastfoldTrainConfig, dims: ParallelDims | None = None):
-    """The preset's model with AF2 initialisation, DAP attached over ``dims`` and gradients synced."""
+    """The preset's model with AF2 initialisation, on ``cfg.kernels`` (None: the preset's), DAP
+    applied over ``dims`` (which also has the sharded parameters' gradients summed over it)."""
+    from ferryman.apps.fastfold import presets
     from ferryman.apps.fastfold.model import build_model
     from ferryman.apps.fastfold.model.evoformer import EvoformerStack
     from ferryman.apps.fastfold.parallelize import parallelize
 
-    model = build_model(cfg.preset.model)
+    run = presets.run_options(cfg.preset.model)
     if cfg.kernels is not None:
-        model.set_kernels(cfg.kernels)
+        run = dataclasses.replace(run, kernels=cfg.kernels)
+    model = build_model(cfg.preset.model, run=run)
     if cfg.activation_checkpointing:  # recompute each Evoformer block in the backward pass
         for module in model.modules():
             if isinstance(module, EvoformerStack):
                 module.activation_checkpointing = True
     if dims is not None and dims.dap > 1:
         parallelize(model, dims)
-        sync_dap_grads(model, dims)
     return model
 
 

@@ -22,8 +22,9 @@ import torch
 from alphafold.model import config as af2_configs
 from alphafold.model import modules, utils
 
-from ferryman.apps.fastfold.model import build_model
+from ferryman.apps.fastfold.model import apply_run_options, build_model
 from ferryman.apps.fastfold.model.config import AlphaFoldConfig
+from ferryman.apps.fastfold.model.options import RunOptions
 from ferryman.apps.fastfold.weights import PREFIX, load_official_params, official_table
 
 _BIASES = ("bias", "output_b", "gating_b", "offset", "trainable_point_weights")
@@ -128,8 +129,8 @@ def perturbed(params: dict[str, np.ndarray], rel: float, seed: int = 1) -> dict[
     return {k: (v * (1 + rel * rng.standard_normal(v.shape))).astype(np.float32) for k, v in params.items()}
 
 
-def ferryman_model(cfg: AlphaFoldConfig, params: dict[str, np.ndarray]):
-    """Ferryman's model with ``params`` loaded through its official-npz importer."""
+def ferryman_model(cfg: AlphaFoldConfig, params: dict[str, np.ndarray], run: RunOptions):
+    """Ferryman's model with ``params`` loaded through its official-npz importer, run as ``run`` says."""
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.to_empty(device="cpu")
@@ -137,7 +138,7 @@ def ferryman_model(cfg: AlphaFoldConfig, params: dict[str, np.ndarray]):
         path = Path(tmp) / "params_model_1_ptm.npz"
         np.savez(path, **params)
         load_official_params(model, path)
-    return model.apply_precision().eval()
+    return apply_run_options(model, run).eval()
 
 
 def haiku_params(params: dict[str, np.ndarray]) -> dict:

@@ -12,6 +12,7 @@ from ferryman.apps.fastfold.data.features import make_features
 from ferryman.apps.fastfold.data.msa import Msa
 from ferryman.apps.fastfold.data.transforms import InputConfig, make_model_inputs
 from ferryman.apps.fastfold.model.config import AlphaFoldConfig, HeadsConfig, StructureConfig, TemplateConfig
+from ferryman.apps.fastfold.model.options import RunOptions
 from tests.apps.fastfold._structures import VILLIN_SEQUENCE, villin_protein
 
 # Weight scale of the whole-model comparisons: at AF2's init scale (1 / sqrt(fan_in)) random
@@ -34,6 +35,11 @@ AF2_KEYS = (
 )  # fmt: skip
 
 
+# The PyTorch reference ops (the spec of the fused kernels, which have their own parity tests),
+# unchunked, in fp32: the plain path the whole-model and module comparisons read.
+PARITY_RUN = RunOptions(kernels="torch")
+
+
 def parity_config(**overrides) -> AlphaFoldConfig:
     """Every module present at reduced widths, per-head widths = channels / heads as AF2 derives them."""
     base = dict(
@@ -47,7 +53,6 @@ def parity_config(**overrides) -> AlphaFoldConfig:
         structure=StructureConfig(num_layers=4, num_heads=4, c_hidden_scalar=8, num_qk_points=4, num_v_points=4,
                                   c_resnet=16),
         heads=HeadsConfig(plddt_channels=16, ptm=True),
-        kernels="torch",
     )  # fmt: skip
     base.update(overrides)
     return AlphaFoldConfig(**base)

@@ -52,8 +52,9 @@ def hparams(module_params):
 @pytest.fixture(scope="session")
 def model(cfg, module_params):
     from ._af2 import ferryman_model
+    from ._inputs import PARITY_RUN
 
-    return ferryman_model(cfg, module_params)
+    return ferryman_model(cfg, module_params, PARITY_RUN)
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +72,7 @@ def pytest_terminal_summary(terminalreporter):
     import sys
 
     recorded = getattr(sys.modules.get(__package__ + "._af2"), "DEVIATIONS", None)
-    if not recorded:
+    if not recorded or terminalreporter.config.getoption("verbose") < 1:  # `make parity` and -v show it
         return
     terminalreporter.section("deviation from AlphaFold2 (max abs, bound, max |AF2|)")
     for what, (err, bound, scale) in sorted(recorded.items()):

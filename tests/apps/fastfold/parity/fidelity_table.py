@@ -49,6 +49,7 @@ from ._af2 import (  # noqa: E402
 )
 from ._inputs import (  # noqa: E402
     OUTPUT_SCALES,
+    PARITY_RUN,
     WHOLE_MODEL_SCALE,
     parity_config,
     to_af2,
@@ -59,7 +60,7 @@ from ._inputs import (  # noqa: E402
 
 
 def _configs(full_size: bool):
-    base = alphafold("model_1_ptm", kernels="torch", num_recycle=1) if full_size else parity_config()
+    base = alphafold("model_1_ptm", num_recycle=1) if full_size else parity_config()
     off = replace(base.template, enabled=False, embed_torsion_angles=False)
     unit = replace(base.template, use_unit_vector=True)
     return base, replace(base, template=off), replace(base, template=unit)
@@ -89,7 +90,7 @@ def _af2_run(cfg, feats, num_recycle, params, *, bf16=False):
 
 
 def _ferryman_run(cfg, feats, num_recycle, params, *, bf16=False):
-    model = ferryman_model(replace(cfg, precision="bf16") if bf16 else cfg, params)
+    model = ferryman_model(cfg, params, replace(PARITY_RUN, precision="bf16") if bf16 else PARITY_RUN)
     with torch.no_grad():
         out = model(to_torch(feats), num_recycle=num_recycle)
     return {k: out[k].float().numpy() for k in ("final_atom_positions", "plddt", "distogram_logits")}

@@ -5,6 +5,7 @@ pointwise attention over templates (whole and Ferryman's running-softmax lean pa
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 
@@ -75,13 +76,13 @@ def test_single_template_embedding(model, af2_cfg, hparams, feats, unit_vector):
 
     ref = run_module(fn, hparams, z, one, mask_2d)
     embedder = model.template_embedder
-    saved = embedder.cfg.use_unit_vector
-    embedder.cfg.use_unit_vector = unit_vector
+    saved = embedder.cfg
+    embedder.cfg = dataclasses.replace(saved, use_unit_vector=unit_vector)
     try:
         with torch.no_grad():
             ours = embedder.embed_template(to_torch(feats), 1, torch.ones(n, n), None, False, torch.float32)
     finally:
-        embedder.cfg.use_unit_vector = saved
+        embedder.cfg = saved
     assert_matches(ours, ref, atol=ATOL, what=f"single template embedding (unit vectors: {unit_vector})")
 
 

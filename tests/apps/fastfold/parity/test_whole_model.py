@@ -31,7 +31,7 @@ from ._af2 import (
     run_whole_model,
     whole_model,
 )
-from ._inputs import OUTPUT_SCALES, WHOLE_MODEL_SCALE, to_af2, to_torch
+from ._inputs import OUTPUT_SCALES, PARITY_RUN, WHOLE_MODEL_SCALE, to_af2, to_torch
 
 pytestmark = pytest.mark.parity
 
@@ -69,9 +69,8 @@ def test_reference_is_not_chaotic(whole, feats):
 @pytest.mark.parametrize("path", ["plain", "lean"])
 def test_whole_model(cfg, whole, feats, path):
     params, ref, _ = whole
-    model = ferryman_model(cfg, params)
-    if path == "lean":  # fastfold predict --chunk-size: row blocks, in-place updates, no pair logits
-        model.cfg.chunk_size = 8
+    # lean: fastfold predict --chunk-size: row blocks, in-place updates, no pair logits
+    model = ferryman_model(cfg, params, replace(PARITY_RUN, chunk_size=8) if path == "lean" else PARITY_RUN)
     with torch.no_grad():
         out = model(to_torch(feats), num_recycle=NUM_RECYCLE, pair_logits=path == "plain")
     assert_matches(_atoms(out["final_atom_positions"].numpy(), feats),
@@ -108,7 +107,7 @@ def test_bf16_costs_no_more_than_in_af2(cfg, whole, feats):
     params, ref, _ = whole
     af2_bf16 = run_whole_model(whole_model(af2_config(cfg, bf16=True)), haiku_params(params),
                                to_af2(feats, templates=True), cfg, NUM_RECYCLE)  # fmt: skip
-    model = ferryman_model(replace(cfg, precision="bf16"), params)
+    model = ferryman_model(cfg, params, replace(PARITY_RUN, precision="bf16"))
     with torch.no_grad():
         out = model(to_torch(feats), num_recycle=NUM_RECYCLE)
     ours = {"structure_module": {"final_atom_positions": out["final_atom_positions"].float().numpy()},
