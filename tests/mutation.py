@@ -209,10 +209,13 @@ def main(groups: tuple[str, ...], retest: bool, report_only: bool, write_docs: b
         folder = prepare(group, known[group], shared, pytest_settings)
         if report_only:
             continue
-        statuses = results(folder, known[group]["only_mutate"], never).values()
-        survivors = [m for s in statuses for m, st in s.items() if st in (SURVIVED, NO_TESTS)]
         click.echo(f"== {group}: mutmut in {folder.relative_to(ROOT)}", err=True)
-        if run_group(folder, survivors if retest and survivors else []) != 0:
+        code = run_group(folder, [])  # new mutants, and those of functions changed since the last run
+        if retest and code == 0:
+            statuses = results(folder, known[group]["only_mutate"], never).values()
+            survivors = [m for s in statuses for m, st in s.items() if st in (SURVIVED, NO_TESTS)]
+            code = run_group(folder, survivors) if survivors else 0
+        if code != 0:
             failed.append(group)
     excused = justified()
     scores = {g: score_group(WORK / slug(g), spec["only_mutate"], never, excused)
