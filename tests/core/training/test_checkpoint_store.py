@@ -18,6 +18,7 @@ def run(tmp_path):
     """A plain run stopped after 4 updates, checkpoints at 2 and 4, no EMA."""
     cfg = _cfg(tmp_path / "run", "plain", stop_after=4, ckpt_every=2, keep_last=0, plot=False, ema_decay=0.0)
     first = train(cfg, Net, _loader, _loss)
+    assert first.ema_state_dict is None and not (tmp_path / "run" / "checkpoints" / "step-00000004" / "ema.safetensors").exists()
     return tmp_path / "run", first
 
 

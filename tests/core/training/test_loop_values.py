@@ -72,17 +72,22 @@ def test_the_progress_bar_counts_updates_from_where_a_resume_starts(tmp_path, ca
     train(_cfg(tmp_path, "plain", **kw, resume="latest", progress=True), Net, _ordered_loader, _loss)
     bar = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line]
     assert bar[0].startswith("train:") and " 2/3 " in bar[0]  # started at the resumed step
-    assert " 3/3 " in bar[-1] and "step/s" in bar[-1]
+    assert " 3/3 " in bar[-1] and "step/s" in bar[-1] and "loss=" in bar[-1] and "lr=1.00e-02" in bar[-1]
+
+
+def _shuffled_loader():
+    return DataLoader(TensorDataset(X, Y), batch_size=4, shuffle=True)  # each epoch's order from the loop's seed
 
 
 def test_a_run_stopped_after_an_epoch_boundary_records_where_it_was(tmp_path):
     kw = dict(max_steps=5, grad_accum=1, plot=False, ema_decay=0.0)
-    straight = train(_cfg(tmp_path / "a", "plain", **kw), Net, _ordered_loader, _loss)
-    first = train(_cfg(tmp_path / "b", "plain", **kw, stop_after=4), Net, _ordered_loader, _loss)
+    straight = train(_cfg(tmp_path / "a", "plain", **kw), Net, _shuffled_loader, _loss)
+    first = train(_cfg(tmp_path / "b", "plain", **kw, stop_after=4), Net, _shuffled_loader, _loss)
     trainer = json.loads((tmp_path / "b" / "checkpoints" / "step-00000004" / "trainer.json").read_text())
     assert (trainer["epoch"], trainer["batch_in_epoch"]) == (1, 1)  # 4 batches of a 3-batch epoch
-    resumed = train(_cfg(tmp_path / "b", "plain", **kw, resume="latest"), Net, _ordered_loader, _loss)
+    resumed = train(_cfg(tmp_path / "b", "plain", **kw, resume="latest"), Net, _shuffled_loader, _loss)
     assert first.losses + resumed.losses == straight.losses
+    assert (resumed.step, resumed.out_dir) == (5, tmp_path / "b")
 
 
 class Tied(Net):
@@ -108,6 +113,11 @@ def test_the_ema_of_a_model_with_tied_weights_names_both(tmp_path, engine):
     assert torch.equal(ema["inp.weight"], ema["out.weight"])
 
 
+def _both_ranks_loader():
+    order = [0, 1, 2, 6, 7, 8, 3, 4, 5, 9, 10, 11]  # step k: rank 0's batch k, then rank 1's
+    return DataLoader(TensorDataset(X[order], Y[order]), batch_size=6)
+
+
 def _rank_loader():
     rank = torch.distributed.get_rank()
     return DataLoader(TensorDataset(X[rank * 6:(rank + 1) * 6], Y[rank * 6:(rank + 1) * 6]), batch_size=3)
@@ -131,18 +141,45 @@ def _build_plain():
 
 def _data_parallel_losses(rank, world, out):
     dims = init_parallel(backend="threaded")
-    cfg = _cfg(out / str(rank), "plain", max_steps=1, grad_accum=1, plot=False, ema_decay=0.0, ckpt_at_end=False,
-               progress=True)  # only rank 0 draws a bar
-    return train(cfg, _build_plain, _rank_loader, _loss, dims=dims).losses
+    cfg = _cfg(out / str(rank), "plain", max_steps=2, grad_accum=1, plot=True, ema_decay=0.0, ckpt_at_end=False,
+               progress=True)  # only rank 0 draws a bar, writes metrics and plots
+    ranks_seen = []
+    result = train(cfg, _build_plain, _rank_loader, _loss, dims=dims, on_step=lambda info: ranks_seen.append(info.rank))
+    return result.losses, result.engine.state_dict(), ranks_seen
 
 
 def test_data_parallel_ranks_log_the_mean_loss_over_ranks(tmp_path, capsys):
-    logged = run_threaded(_data_parallel_losses, 2, tmp_path)
-    assert capsys.readouterr().err.count(" 0/1 ") == 1  # one bar: rank 0's
+    (losses0, state0, seen0), (losses1, state1, seen1) = run_threaded(_data_parallel_losses, 2, tmp_path)
+    assert capsys.readouterr().err.count(" 0/2 ") == 1  # one bar: rank 0's
+    assert (seen0, seen1) == ([0, 0], [1, 1])
+    assert (tmp_path / "0" / "metrics.jsonl").is_file() and (tmp_path / "0" / "loss.png").is_file()
+    assert not (tmp_path / "1" / "metrics.jsonl").exists() and not (tmp_path / "1" / "loss.png").exists()
     torch.manual_seed(0)
     model = Plain()
     with torch.no_grad():
         own = [_loss(model, (X[i:i + 3], Y[i:i + 3]))[0].item() for i in (0, 6)]  # each rank's first batch
     assert own[0] != own[1]
-    assert logged[0] == logged[1]
-    assert abs(logged[0][0] - sum(own) / 2) < 1e-6
+    assert losses0 == losses1
+    assert abs(losses0[0] - sum(own) / 2) < 1e-6
+    # one process on both ranks' batches together: the same updates (DDP averages the gradients)
+    both = train(_cfg(tmp_path / "one", "plain", max_steps=2, grad_accum=1, plot=False, ema_decay=0.0, ckpt_at_end=False),
+                 _build_plain, lambda: _both_ranks_loader(), _loss)
+    assert abs(both.losses[1] - losses0[1]) < 1e-6
+    for key, value in both.engine.state_dict().items():
+        assert torch.equal(state0[key], state1[key]), key
+        assert (state0[key] - value).abs().max() < 1e-6, key
+
+
+def test_metrics_every_log_every_steps_and_at_the_end_with_their_timing(tmp_path):
+    import time
+
+    started = time.perf_counter()
+    result = train(_cfg(tmp_path, "plain", max_steps=5, grad_accum=1, log_every=2, plot=False, ema_decay=0.0,
+                        schedule="constant", ckpt_at_end=False), Net, _ordered_loader, _loss)
+    elapsed = time.perf_counter() - started
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 5]
+    assert all(0 < r["step_s"] < elapsed for r in records)  # one update's wall time
+    assert [r["lr"] for r in records] == [1e-2, 1e-2, 1e-2]  # constant after the two warm-up steps
+    assert result.ema_state_dict is None and result.step == 5  # ema_decay=0: no EMA
+    assert not (tmp_path / "loss.png").exists()  # plot=False
