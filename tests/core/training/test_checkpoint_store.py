@@ -6,6 +6,7 @@ full run."""
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from ferryman.core.errors import UserError
@@ -118,3 +119,22 @@ def test_a_step_saved_again_replaces_the_old_folder_and_leftovers_that_resist_re
     assert not (ckpts / "step-00000004" / "from-the-first-run").exists()
     assert json.loads((ckpts / "step-00000004" / "trainer.json").read_text())["step"] == 4
     assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step-00000009", "latest", "step-00000002", "step-00000004"]
+
+
+def _noisy_loss(engine, batch):
+    """Augmentation drawn from Python's and numpy's global RNGs, which a resume must also restore."""
+    import random
+
+    import numpy as np
+
+    x, y = batch
+    x = x * (1 + 0.1 * random.random()) + torch.from_numpy(np.random.standard_normal(x.shape).astype("float32")) * 0.1
+    return _loss(engine, (x, y))
+
+
+def test_resume_restores_the_python_and_numpy_random_streams(tmp_path):
+    kw = dict(max_steps=4, grad_accum=1, plot=False, ema_decay=0.0)
+    straight = train(_cfg(tmp_path / "a", "plain", **kw), Net, _loader, _noisy_loss)
+    first = train(_cfg(tmp_path / "b", "plain", **kw, stop_after=2), Net, _loader, _noisy_loss)
+    resumed = train(_cfg(tmp_path / "b", "plain", **kw, resume="latest"), Net, _loader, _noisy_loss)
+    assert first.losses + resumed.losses == straight.losses
