@@ -124,6 +124,11 @@ demo: install
 	  --precision fp32 --lr 1e-3 --out $(DEMO_OUT)/opensora/run
 	$(VENV)/bin/opensora sample --ckpt $(DEMO_OUT)/opensora/run --prompt "a red circle moving right on a blue background" \
 	  --num-frames 8 --resolution 24x40 --steps 10 --out $(DEMO_OUT)/opensora/sample.mp4
+	@echo "== ferryman finetune: a tiny random Llama finetuned on sums, then asked one"
+	$(PY) -m ferryman.apps.lm.tiny --family llama --out $(DEMO_OUT)/lm-tiny --data $(DEMO_OUT)/lm-data
+	$(VENV)/bin/ferryman finetune --model $(DEMO_OUT)/lm-tiny --data $(DEMO_OUT)/lm-data/sums.txt --out $(DEMO_OUT)/lm-run \
+	  --seq-len 64 --batch-size 4 --max-steps 20 --lr 3e-3 --eval-every 10 --memory gemini-auto
+	$(VENV)/bin/ferryman generate --model $(DEMO_OUT)/lm-run --prompt "3 plus 4 is" --max-new-tokens 8
 	@echo "demo outputs are in $(DEMO_OUT)/"
 
 clean:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, is_oom, print_table, synchronize, write_json
+from benchmarks.memory_ladder import fits, largest_per_method
 from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
 from ferryman.core.gemini.tracer import MemTracer
 from ferryman.core.training.plain import PlainEngine
@@ -146,7 +147,7 @@ def run_one(method: str, size: tuple, args, device: torch.device) -> dict:
         step_s = sorted(times[1:])[len(times[1:]) // 2]
         tflops = model_flops(num_params, layers, hidden, args.seq, args.batch * args.seq) / step_s / 1e12
         row |= {"params_M": num_params / 1e6, "step_s": step_s, "tflops": tflops, "loss": loss.item()}
-        row |= _fits(method, engine, device, budget, num_params, activation_bytes)
+        row |= fits(method, engine, device, budget, num_params, activation_bytes)
         peak = PEAK_TFLOPS.get(next((k for k in PEAK_TFLOPS if k in environment(device)["device"]), ""))
         if device.type == "cuda":
             row["mfu"] = tflops / peak if peak else None
@@ -161,37 +162,6 @@ def run_one(method: str, size: tuple, args, device: torch.device) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
     return row
-
-
-def _fits(method, engine, device, budget, num_params, activation_bytes) -> dict:
-    if device.type == "cuda":
-        return {"fits": "yes"}
-    if method == "plain":
-        notional = 16 * num_params + activation_bytes
-    elif method == "gemini":
-        notional = engine.manager.peak_bytes + max(engine.manager.tracer.non_model or [0])
-    else:
-        return {"fits": "n/a (CPU)"}
-    return {"fits": "yes" if notional <= budget else "no (budget)", "device_MiB": notional / 2**20}
-
-
-def _summary(rows: list[dict], ladder: list[str]) -> list[dict]:
-    """Largest size each method trained; ">=" when it trained the top of the ladder."""
-    out = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        fits = [r for r in mine if r.get("fits") == "yes"]
-        if not fits:
-            out.append({"method": method, "largest": "n/a" if mine and mine[0].get("fits") == "n/a (CPU)" else "none"})
-            continue
-        top = max(fits, key=lambda r: r["params_M"])
-        bound = ">= " if top["size"] == ladder[-1] else ""
-        out.append({"method": method, "largest": bound + top["size"], "largest_M": top["params_M"]})
-    plain = next((r.get("largest_M") for r in out if r["method"] == "plain"), None)
-    for row in out:
-        if plain and row.get("largest_M"):
-            row["x_plain"] = row["largest_M"] / plain
-    return out
 
 
 def main() -> None:
@@ -227,7 +197,7 @@ def main() -> None:
     columns = ["method", "size", "params_M", "step_s", "tflops", "mfu", "fits", "device_MiB", "gpu_peak_GiB", "loss"]
     print()
     print_table(rows, columns)
-    summary = _summary(rows, [s[0] for s in sizes])
+    summary = largest_per_method(rows, [s[0] for s in sizes])
     print()
     print_table(summary, ["method", "largest", "largest_M", "x_plain"])
     write_json(args.json, {"env": environment(device), "args": vars(args), "rows": rows, "largest": summary})

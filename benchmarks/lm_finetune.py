@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, is_oom, print_table, synchronize, write_json
+from benchmarks.memory_ladder import fits, largest_per_method
 from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
 from ferryman.core.gemini.lazy import empty_weights, load_later, materialize
 from ferryman.core.gemini.tracer import MemTracer
@@ -216,7 +217,7 @@ def run_one(method: str, size: tuple, args, device: torch.device) -> dict:
             times.append(time.perf_counter() - start)
         step_s = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
         row |= {"step_s": step_s, "tokens_s": args.batch * args.seq / step_s, "loss": loss.item()}
-        row |= _fits(method, engine, device, budget, num_params, activation_bytes)
+        row |= fits(method, engine, device, budget, num_params, activation_bytes)
     except Exception as exc:  # an OOM (or Gemini refusing the budget) means: does not fit
         if not (is_oom(exc) or type(exc).__name__ == "UserError"):
             raise
@@ -227,38 +228,6 @@ def run_one(method: str, size: tuple, args, device: torch.device) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
     return row
-
-
-def _fits(method: str, engine, device: torch.device, budget: int, num_params: int, activation_bytes: int) -> dict:
-    if device.type == "cuda":
-        return {"fits": "yes", "device_MiB": torch.cuda.max_memory_allocated(device) / 2**20}
-    if method == "plain":
-        notional = 16 * num_params + activation_bytes
-    elif method == "gemini":
-        notional = engine.manager.peak_bytes + max(engine.manager.tracer.non_model or [0])
-    else:
-        return {"fits": "n/a (CPU)"}
-    return {"fits": "yes" if notional <= budget else "no (budget)", "device_MiB": notional / 2**20}
-
-
-def summary(rows: list[dict], ladder: list[str]) -> list[dict]:
-    """Largest size each method trained (">=" at the top of the ladder), against plain's."""
-    out = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        fits = [r for r in mine if r.get("fits") == "yes"]
-        if not fits:
-            skipped = next((r["fits"] for r in mine if str(r.get("fits", "")).startswith(("n/a", "skipped"))), "none")
-            out.append({"method": method, "largest": skipped})
-            continue
-        top = max(fits, key=lambda r: r["params_M"])
-        out.append({"method": method, "largest": (">= " if top["size"] == ladder[-1] else "") + top["size"],
-                    "largest_M": top["params_M"], "tokens_s": top["tokens_s"]})
-    plain = next((r.get("largest_M") for r in out if r["method"] == "plain"), None)
-    for row in out:
-        if plain and row.get("largest_M"):
-            row["x_plain"] = row["largest_M"] / plain
-    return out
 
 
 def versus(rows: list[dict]) -> list[dict]:
@@ -330,7 +299,7 @@ def main() -> None:
                 break  # larger sizes will not fit either
     print()
     print_table(rows, ["method", "size", "params_M", "fits", "step_s", "tokens_s", "device_MiB", "loss"])
-    largest, ratios = summary(rows, [s[0] for s in sizes]), versus(rows)
+    largest, ratios = largest_per_method(rows, [s[0] for s in sizes]), versus(rows)
     print()
     print_table(largest, ["method", "largest", "largest_M", "x_plain", "tokens_s"])
     print()

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -228,16 +227,16 @@ def test_find_max_stops_at_its_limit():
     def fake(limit):
         tried = []
 
-        def forward(batch, **_):
-            n = batch["aatype"].shape[0]
-            tried.append(n)
-            if n > limit:
-                raise torch.OutOfMemoryError("CUDA out of memory")
+        class Fake(torch.nn.Module):  # takes run options like the AlphaFold it stands for
+            TRUNK = ()
 
-        model = SimpleNamespace(cfg=SimpleNamespace(), set_kernels=lambda _: None, apply_precision=lambda: None)
-        model.__call__ = forward
-        return type("Fake", (), {"__call__": lambda self, b, **k: forward(b), "cfg": SimpleNamespace(),
-                                 "set_kernels": lambda self, _: None, "apply_precision": lambda self: None})(), tried
+            def forward(self, batch, **_):
+                n = batch["aatype"].shape[0]
+                tried.append(n)
+                if n > limit:
+                    raise torch.OutOfMemoryError("CUDA out of memory")
+
+        return Fake(), tried
 
     model, tried = fake(10_500)
     assert fastfold_inference.find_max_n_res(model, torch.device("cpu"), 4096, 2048, limit=12288) == 10240

@@ -18,6 +18,7 @@ import torch
 from ferryman.apps.diffusion.attention import set_attention
 from ferryman.apps.diffusion.config import GenerateConfig
 from ferryman.apps.diffusion.lora import WEIGHT_NAME
+from ferryman.apps.diffusion.loss import PREDICTION_TYPES
 from ferryman.apps.diffusion.parts import check_model_dir, loading_bars
 from ferryman.apps.diffusion.report import save_png
 from ferryman.core.errors import UserError
@@ -70,6 +71,9 @@ def _checkpoint_state(state_file: Path) -> dict:
         state = json.loads(state_file.read_text(encoding="utf-8"))
     if not isinstance(state, dict) or not isinstance(state.get("base_model"), str):
         raise UserError(f"{state_file}: no base_model recorded; not a checkpoint sd-finetune wrote")
+    kind = state.get("prediction_type", "")
+    if kind and kind not in PREDICTION_TYPES:
+        raise UserError(f"{state_file}: prediction_type {kind!r} is not one of {', '.join(PREDICTION_TYPES)}")
     return state
 
 
@@ -87,6 +91,9 @@ def _from_checkpoint(path: Path, state: dict, dtype: torch.dtype, lora_file: Pat
     if (path / "text_encoder").is_dir():
         parts["text_encoder"] = CLIPTextModel.from_pretrained(str(path / "text_encoder"), **dtype_kw(dtype))
     pipe = StableDiffusionPipeline.from_pretrained(str(base), **dtype_kw(dtype), **parts)
+    trained = state.get("prediction_type")  # absent in checkpoints written before it was recorded
+    if trained and pipe.scheduler.config.get("prediction_type") != trained:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=trained)
     if (path / WEIGHT_NAME).is_file():
         _load_lora(pipe, path / WEIGHT_NAME, f"--model {path}")
     if lora_file:

@@ -118,10 +118,12 @@ class Run:
                     averaged.unet.save_pretrained(folder / "unet_ema", safe_serialization=True)
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """The run's own fields of trainer_state.json."""
+        """The run's own fields of trainer_state.json; ``prediction_type`` is the target trained,
+        which sd-generate samples checkpoint-N with (the base model's scheduler may say otherwise)."""
         cfg = self.cfg
         return {"losses": self.losses, "lrs": self.lrs, "base_model": str(Path(cfg.model).resolve()),
-                "lora": cfg.use_lora, "train_text_encoder": cfg.train_text_encoder}
+                "lora": cfg.use_lora, "train_text_encoder": cfg.train_text_encoder,
+                "prediction_type": cfg.loss.prediction_type}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.losses, self.lrs = list(state["losses"]), list(state["lrs"])

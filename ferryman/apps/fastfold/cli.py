@@ -214,7 +214,9 @@ def _relaunch_under_torchrun(gpus: int) -> None:
               help="Recompute each Evoformer block in the backward pass.")
 @click.option("--kernels", "kernels", type=click.Choice(["auto", "triton", "torch"]), default=None,
               help="Fused Triton kernels or the PyTorch reference.")
-@click.option("--dap", "dap", type=int, default=None, help="Split each example's Evoformer over N processes (started with torchrun).")
+@click.option("--dap", "dap", type=int, default=None,
+              help="Split each example's Evoformer over N processes (started with torchrun); under torchrun, "
+                   "groups of N train data-parallel.")
 @click.option("--seed", "train__seed", type=int, default=None, help="Seed of weights, crops, MSA sampling and recycling draws.")
 @click.option("--progress/--no-progress", "train__progress", default=None, help="Show a progress bar.")
 @train_options(precisions=("fp32", "bf16"))
@@ -231,6 +233,7 @@ def train(data, out_dir, preset, config_file, overrides, **flags) -> None:
       fastfold train --data structures/ --out runs/debug --resume latest --max-steps 100
       fastfold train --data pdb_mmcif/ --msa-dir alignments/ --out runs/af2 --preset initial --precision bf16
       fastfold train --data pdb_mmcif/ --out runs/af2 --preset initial --dap 2 --memory gemini-auto
+      torchrun --nproc-per-node 4 -m ferryman.apps.fastfold.cli train --data pdb_mmcif/ --out runs/af2 --dap 2  # 2 data-parallel x 2 DAP
       fastfold predict villin.fasta --params runs/debug --msa-mode single-sequence --out pred/   # the trained model
     """
     from ferryman.apps.fastfold.train.config import train_preset
@@ -244,13 +247,12 @@ def train(data, out_dir, preset, config_file, overrides, **flags) -> None:
     cfg = resolve_config(train_preset(preset), config_file=config_file, flags=flags, overrides=overrides)
     if cfg.dap > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(cfg.dap)
-    dims = None
-    if cfg.dap > 1:
-        from ferryman.core.parallel import init_parallel
+    from ferryman.core.parallel import init_parallel
 
-        dims = init_parallel(dap=cfg.dap)
+    # Under torchrun the processes are data-parallel (in groups of --dap); without it, one process.
+    dims = init_parallel(dap=cfg.dap)
     result, dataset = run_training(cfg, dims)
-    if dims is not None and not dims.is_main:
+    if not dims.is_main:
         return
     skipped = f"; {dataset.skipped} unreadable file(s) skipped" if dataset.skipped else ""
     click.echo(f"trained {result.step} steps on {len(dataset)} structure(s){skipped}: {out_dir}")

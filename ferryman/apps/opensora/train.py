@@ -110,7 +110,9 @@ def diffusion_loss(cfg: OpenSoraConfig, model, inputs: dict, generator: torch.Ge
     """The scheduler's loss of ``model`` (an STDiT or an engine wrapping one) on encoded inputs."""
     scheduler = build_scheduler(cfg.diffusion)
     latents = inputs["latents"]
-    drop = None
+    # Never None: without dropout, an all-False mask still puts the null caption in the graph (with a
+    # zero gradient), which data-parallel reductions that wait for every parameter need.
+    drop = torch.zeros(latents.shape[0], dtype=torch.bool, device=latents.device)
     if cfg.diffusion.caption_dropout > 0:
         drop = torch.rand(latents.shape[0], generator=generator, device=latents.device) < cfg.diffusion.caption_dropout
 
@@ -142,11 +144,19 @@ class LossFn:
         return loss, {"skipped_clips": float(batch["num_skipped"])}
 
     def _zero(self, engine) -> Tensor:
+        """A loss of 0 through the graph of a real step: the STDiT gets the conditioning a batch
+        gives (fps, frame size, caption dropout), so every trainable parameter receives a (zero)
+        gradient and the data-parallel reduction (DDP's buckets, Gemini's chunks), which waits for
+        every one, completes beside ranks that train on real clips."""
         m = self.cfg.model
-        device = self.encoders.vae.device
-        x = torch.zeros(1, m.in_channels, m.patch_size[0], 2 * m.patch_size[1], 2 * m.patch_size[2], device=device)
-        y = torch.zeros(1, 1, m.caption_channels, device=device)
-        return engine(x, torch.zeros(1, device=device), y).float().sum() * 0.0
+        device = engine.device
+        latents = torch.zeros(1, m.in_channels, m.patch_size[0], 2 * m.patch_size[1], 2 * m.patch_size[2], device=device)
+        side = torch.tensor([8.0 * m.patch_size[1]], device=device)  # any size: its embedding is multiplied by 0
+        inputs = {"latents": latents, "y": torch.zeros(1, 1, m.caption_channels, device=device),
+                  "mask": torch.ones(1, 1, dtype=torch.bool, device=device), "fps": torch.ones(1, device=device),
+                  "height": side, "width": side}  # fmt: skip
+        generator = torch.Generator(device=device).manual_seed(0)
+        return diffusion_loss(self.cfg, engine, inputs, generator) * 0.0
 
 
 def absolute_paths(cfg: OpenSoraConfig) -> OpenSoraConfig:

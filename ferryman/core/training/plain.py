@@ -38,7 +38,11 @@ class PlainEngine:
         self.world = dims.world_size if dims is not None else 1
         self._forward = self.module
         if dims is not None and dims.dp > 1:
-            self._forward = nn.parallel.DistributedDataParallel(self.module, process_group=dims.dp_group)
+            # find_unused_parameters: a model may leave some parameters out of a step (fastfold's
+            # template embedder without templates, a head whose loss weight is 0, a branch one rank
+            # skips); DDP then marks them ready instead of waiting for them, and AdamW skips them
+            self._forward = nn.parallel.DistributedDataParallel(self.module, process_group=dims.dp_group,
+                                                                find_unused_parameters=True)
         self.named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         decay = [p for _, p in self.named if ocfg.decays(tuple(p.shape))]
         rest = [p for _, p in self.named if not ocfg.decays(tuple(p.shape))]

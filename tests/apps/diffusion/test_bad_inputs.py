@@ -113,6 +113,10 @@ def _pickled_text_encoder(model: Path) -> None:
     pickled(model / "text_encoder" / "pytorch_model.bin")
 
 
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
 def checkpoint_with(change: Callable[[Path], object]) -> Callable[[Scene], list[str]]:
     """sd-generate --model run/checkpoint-1 after ``change(checkpoint folder)``."""
     def build(scene: Scene) -> list[str]:
@@ -149,6 +153,8 @@ CASES = {
         lambda c: truncate(c / "unet_ema" / "diffusion_pytorch_model.safetensors")), ("unet_ema/diffusion_pytorch_model.safetensors",)),
     "generate/checkpoint with garbage trainer_state.json": Case("generate", checkpoint_with(
         lambda c: (c / "trainer_state.json").write_text("{not json")), ("trainer_state.json",)),
+    "generate/checkpoint recording an unknown prediction_type": Case("generate", checkpoint_with(
+        lambda c: _edit_json(c / "trainer_state.json", prediction_type="sample")), ("trainer_state.json", "prediction_type")),
     # C: pickled weights refused by name, before anything loads them
     "finetune/pickled text encoder": Case("finetune", model_with(_pickled_text_encoder), ("text_encoder/pytorch_model.bin", "pickle")),
     "generate/pickled text encoder": Case("generate", model_with(_pickled_text_encoder), ("text_encoder/pytorch_model.bin", "pickle")),

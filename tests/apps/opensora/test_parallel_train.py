@@ -17,6 +17,7 @@ from ferryman.apps.opensora.config import Bucket
 from ferryman.apps.opensora.train import build_loader, build_model, run_train
 from ferryman.core.gemini import GeminiConfig
 
+from .conftest import CLIPS
 from .test_train import _cfg
 
 STEPS = 2
@@ -92,3 +93,50 @@ def test_data_and_sequence_parallel_training_matches_one_process_over_the_global
                 assert torch.allclose(state[name], value, rtol=1e-5, atol=1e-6), (rank, engine, name)
                 moved |= not torch.allclose(value, initial[name], atol=1e-4)
     assert moved  # the two steps changed the weights by far more than the tolerance
+
+
+def _zero_step_worker(rank, world_size, cfgs):
+    runs = {}
+    for cfg in cfgs:
+        result = run_train(cfg, quiet=True)
+        runs[Path(cfg.train.out_dir).name] = (result.losses, result.num_skipped, result.engine.state_dict())
+    return runs
+
+
+def _table_with_an_unreadable_bucket(folder: Path) -> Path:
+    """A readable clip for the 8-frame bucket and a truncated one, the only clip of the 4-frame
+    bucket (its sizes are given, so only decoding finds it broken): with batches of 1 on 2
+    data-parallel ranks, every step one rank reads the good clip and the other reads nothing."""
+    folder.mkdir()
+    (folder / "good.mp4").write_bytes((CLIPS / "circle_diag.mp4").read_bytes())
+    (folder / "broken.mp4").write_bytes((CLIPS / "square_diag.mp4").read_bytes()[:300])
+    rows = ["path,text,num_frames,height,width,fps", "good.mp4,a white circle,24,64,64,8", "broken.mp4,a red square,6,64,64,8"]
+    (folder / "clips.csv").write_text("\n".join(rows) + "\n")
+    return folder / "clips.csv"
+
+
+@pytest.mark.distributed
+def test_a_rank_with_only_unreadable_clips_keeps_step_with_a_training_rank(tmp_path, tiny_models):
+    """The zero step of a rank whose batch has no readable clip runs the STDiT as a real step does
+    (fps, size and caption-dropout conditioning), so DDP's and Gemini's gradient reductions, which
+    wait for every trainable parameter, complete next to a rank that trains on a real batch; also
+    with caption dropout off, where the null caption is still in every step's graph."""
+    from ferryman.core.parallel import run_distributed
+
+    buckets = [Bucket(resolution=32, num_frames=8, batch_size=1), Bucket(resolution=32, num_frames=4, batch_size=1)]
+    kw = dict(csv=_table_with_an_unreadable_bucket(tmp_path / "clips"), steps=STEPS, buckets=buckets)
+    plain = _cfg(tmp_path / "plain", tiny_models, **kw)
+    no_dropout = _cfg(tmp_path / "no_dropout", tiny_models, **kw)
+    no_dropout = replace(no_dropout, diffusion=replace(no_dropout.diffusion, caption_dropout=0.0))
+    gcfg = GeminiConfig(placement="static", param_host_fraction=0.5, optim_host_fraction=0.5, min_num_chunks=4)
+    gemini = _cfg(tmp_path / "gemini", tiny_models, engine="gemini", gemini=gcfg, **kw)
+    initial = build_model(plain).state_dict()
+
+    results = run_distributed(_zero_step_worker, 2, [plain, no_dropout, gemini], timeout_s=240)
+    for run in ("plain", "no_dropout", "gemini"):
+        (losses, skipped, state), (other_losses, other_skipped, other_state) = (r[run] for r in results)
+        assert skipped + other_skipped == STEPS  # one rank per step had nothing readable
+        assert losses == other_losses and all(loss > 0 for loss in losses)  # the mean over both ranks
+        for name, value in state.items():
+            assert torch.equal(value, other_state[name]), (run, name)
+        assert any(not torch.allclose(state[n], initial[n], atol=1e-4) for n in initial), run  # it trained

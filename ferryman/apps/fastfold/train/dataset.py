@@ -3,7 +3,10 @@ once in a seeded order, crops it, samples its MSA clusters and BERT mask, and dr
 recycling count and whether backbone FAPE is clamped (Suppl. 1.10, 1.11.5).
 
 The loop seeds torch's global RNG before each epoch's ``iter``; the epoch seed is drawn from it,
-so a resumed run replays the same examples.
+so a resumed run replays the same examples. Under data parallelism every rank draws the same
+order and data-parallel rank r of R takes its places r, R + r, 2R + r, ...: the examples of one
+step across the R ranks are those one process reads with R times the gradient accumulation, and
+the ranks of one DAP group (same data-parallel rank) read the same examples.
 """
 
 from __future__ import annotations
@@ -38,17 +41,22 @@ class StructureDataset:
     """Iterable of training examples (dicts of tensors, one protein each, no batch dimension)."""
 
     def __init__(self, chains: list[Chain], preset: TrainPresetConfig, *, msas: dict[str, Msa] | None = None,
-                 skipped: list[str] | None = None) -> None:  # fmt: skip
+                 skipped: list[str] | None = None, dp_rank: int = 0, dp: int = 1) -> None:  # fmt: skip
         if not chains:
             raise UserError("no readable structures to train on")
+        if not 0 <= dp_rank < dp:
+            raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp={dp})")
         self.chains, self.preset, self.msas = chains, preset, msas or {}
+        self.dp_rank, self.dp = dp_rank, dp
         self.skipped_reasons = list(skipped or [])  # one line per file that could not be read
         self.skipped = len(self.skipped_reasons)
         self.inputs = preset.input_config()
 
     @classmethod
-    def from_folder(cls, folder: str | Path, preset: TrainPresetConfig, *, msa_dir: str | Path | None = None) -> StructureDataset:
-        """Every readable PDB/mmCIF in ``folder``; ``skipped`` counts the files that were not."""
+    def from_folder(cls, folder: str | Path, preset: TrainPresetConfig, *, msa_dir: str | Path | None = None,
+                    dp_rank: int = 0, dp: int = 1) -> StructureDataset:  # fmt: skip
+        """Every readable PDB/mmCIF in ``folder``, this data-parallel rank's share of each epoch;
+        ``skipped`` counts the files that were not readable."""
         chains, skipped = load_structures(folder)
         if not chains:
             raise UserError(f"{folder}: no readable structure files (.pdb, .cif); {len(skipped)} skipped")
@@ -61,9 +69,10 @@ class StructureDataset:
                     raise UserError(f"{msa_dir}/{stem}: the alignment has {len(msa.sequences[0])} columns, "
                                     f"the structure {len(chain)} residues")  # fmt: skip
                 msas[chain.name] = msa
-        return cls(chains, preset, msas=msas, skipped=[reason for _, reason in skipped])
+        return cls(chains, preset, msas=msas, skipped=[reason for _, reason in skipped], dp_rank=dp_rank, dp=dp)
 
     def __len__(self) -> int:
+        """The number of structures (each rank reads ``ceil(len / dp)`` examples an epoch)."""
         return len(self.chains)
 
     def example(self, index: int, seed: int) -> dict[str, torch.Tensor]:
@@ -81,5 +90,8 @@ class StructureDataset:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch_seed = int(torch.randint(0, 2**31 - 1, ()).item())
         order = np.random.default_rng(epoch_seed).permutation(len(self.chains))
-        for position, index in enumerate(order):
-            yield self.example(int(index), epoch_seed + position)
+        # Padded cyclically to a multiple of dp, so that every rank takes as many steps an epoch
+        # (a rank that ran out first would leave the others waiting in the gradient reduction).
+        order = np.resize(order, -(-len(order) // self.dp) * self.dp)
+        for position in range(self.dp_rank, len(order), self.dp):
+            yield self.example(int(order[position]), epoch_seed + position)

@@ -19,7 +19,7 @@ from ferryman.core.config import save_config
 from ferryman.core.errors import ConfigError, UserError
 from ferryman.core.files import check_writable
 from ferryman.core.io import write_text
-from ferryman.core.parallel import ParallelDims
+from ferryman.core.parallel import ParallelDims, init_parallel
 from ferryman.core.training import TrainResult, train
 from ferryman.core.training.metrics import plot_metric
 
@@ -65,19 +65,22 @@ def _check_resume(resume: str | None) -> None:
 def run(cfg: FastfoldTrainConfig, dims: ParallelDims | None = None) -> tuple[TrainResult, StructureDataset]:
     """Train as ``cfg`` says; returns the loop's result and the dataset (with its skip count).
 
-    With ``dims`` (DAP over several processes), every rank reads the same examples and splits each
-    one's Evoformer work; rank 0 writes the files.
+    ``dims``: the processes torchrun started (None: joined here, ``init_parallel(dap=cfg.dap)``;
+    one process without torchrun). They form data-parallel groups of ``cfg.dap`` DAP ranks: the
+    ranks of a DAP group read the same examples and split each one's Evoformer work, the
+    data-parallel groups split each epoch's examples and average their gradients. Rank 0 writes
+    the files.
     """
     if not cfg.data:
         raise ConfigError("data: give a folder of PDB/mmCIF structures (--data DIR)")
-    dap = dims.dap if dims is not None else 1
-    if cfg.dap != dap:
-        raise UserError(f"dap={cfg.dap} but {dap} DAP process(es) are running; start with --gpus {cfg.dap} (torchrun)")
-    main = dims is None or dims.is_main
+    dims = dims if dims is not None else init_parallel(dap=cfg.dap)
+    if cfg.dap != dims.dap:
+        raise UserError(f"dap={cfg.dap} but the processes were grouped for dap={dims.dap}")
+    main = dims.is_main
     out = Path(cfg.train.out_dir)
     check_writable(out, "--out run folder")
     _check_resume(cfg.train.resume)
-    dataset = StructureDataset.from_folder(cfg.data, cfg.preset, msa_dir=cfg.msa_dir)
+    dataset = StructureDataset.from_folder(cfg.data, cfg.preset, msa_dir=cfg.msa_dir, dp_rank=dims.dp_rank, dp=dims.dp)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "fastfold_train.yaml")
