@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -67,10 +68,7 @@ def run_threaded(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s:
         threads = [threading.Thread(target=rank_main, args=(rank,), daemon=True) for rank in range(world_size)]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join(timeout_s)
-        if any(thread.is_alive() for thread in threads):
-            raise TimeoutError(f"threaded run did not finish within {timeout_s:.0f} s")
+        _join(threads, errors, timeout_s)
     finally:
         torch._C._distributed_c10d._set_thread_isolation_mode(False)
         threaded.ProcessLocalGroup.reset()
@@ -83,6 +81,24 @@ def run_threaded(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s:
         rank, err = min(errors, key=lambda e: e[0])
         raise RuntimeError(f"rank {rank} failed: {err!r}") from err
     return results
+
+
+def _join(threads: list[threading.Thread], errors: list, timeout_s: float, grace_s: float = 2.0) -> None:
+    """Wait for every rank, or until ``grace_s`` after the first rank failed: a rank that raised
+    before a collective that is not a ProcessLocalGroup one (a store barrier in ``new_group``)
+    leaves the others waiting for it, and the failure is known already. Left-over ranks are
+    daemon threads blocked on a group that ``run_threaded`` then tears down."""
+    start, failed_at = time.monotonic(), None
+    while any(thread.is_alive() for thread in threads):
+        now = time.monotonic()
+        if errors:
+            failed_at = failed_at or now
+            if now - failed_at > grace_s:
+                return
+        if now - start > timeout_s:
+            raise TimeoutError(f"threaded run did not finish within {timeout_s:.0f} s")
+        for thread in threads:
+            thread.join(0.05)
 
 
 def launchers():
