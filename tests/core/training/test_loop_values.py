@@ -183,3 +183,21 @@ def test_metrics_every_log_every_steps_and_at_the_end_with_their_timing(tmp_path
     assert [r["lr"] for r in records] == [1e-2, 1e-2, 1e-2]  # constant after the two warm-up steps
     assert result.ema_state_dict is None and result.step == 5  # ema_decay=0: no EMA
     assert not (tmp_path / "loss.png").exists()  # plot=False
+
+
+def _dap_pairs_losses(rank, world, out):
+    dims = init_parallel(dap=2, backend="threaded")  # 4 ranks: 2 data-parallel groups of a DAP pair each
+    shard = dims.dp_rank
+    cfg = _cfg(out / str(rank), "plain", max_steps=1, grad_accum=1, plot=False, ema_decay=0.0, ckpt_at_end=False)
+    loader = lambda: DataLoader(TensorDataset(X[shard * 6:(shard + 1) * 6], Y[shard * 6:(shard + 1) * 6]), batch_size=3)  # noqa: E731
+    return train(cfg, _build_plain, loader, _loss, dims=dims).losses
+
+
+def test_the_logged_loss_is_the_mean_over_data_parallel_ranks_only_not_over_dap_ranks(tmp_path):
+    """A DAP pair computes one sample together: its ranks' losses are one loss, not two to average."""
+    losses = run_threaded(_dap_pairs_losses, 4, tmp_path)
+    torch.manual_seed(0)
+    model = Plain()
+    with torch.no_grad():
+        own = [_loss(model, (X[i:i + 3], Y[i:i + 3]))[0].item() for i in (0, 6)]  # each data-parallel group's batch
+    assert all(len(rank_losses) == 1 and abs(rank_losses[0] - sum(own) / 2) < 1e-6 for rank_losses in losses), losses
