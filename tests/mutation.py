@@ -15,6 +15,8 @@ checked, so a renumbered mutant is reported instead of silently excused).
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
 import re
@@ -34,7 +36,7 @@ TABLE_START, TABLE_END = "<!-- mutation-table -->", "<!-- /mutation-table -->"
 LINKED = ("ferryman", "tests", "data")
 # A justified survivor in docs/testing.md: | `mutant name` | `fragment of the mutated line` | why |
 JUSTIFIED_ROW = re.compile(r"^\|\s*`(ferryman\.[^`]+__mutmut_\d+)`\s*\|\s*`([^`]+)`\s*\|")
-KILLED, SURVIVED, NO_TESTS, TIMEOUT = "killed", "survived", "no tests", "timeout"
+KILLED, SURVIVED, NO_TESTS, TIMEOUT, NOT_RUN = "killed", "survived", "no tests", "timeout", "not checked"
 
 
 def load_settings() -> tuple[dict, dict[str, dict], dict]:
@@ -119,16 +121,20 @@ def justified() -> dict[str, str]:
     return {row[1]: row[2].replace("\\|", "|") for row in rows if row}  # a | in a table cell is written \|
 
 
-def mutated_line(folder: Path, mutant: str) -> str:
-    """The added lines of ``mutmut show`` for one mutant (to check a justification still fits)."""
-    mutmut = Path(sys.executable).with_name("mutmut")
-    shown = subprocess.run([str(mutmut), "show", mutant], cwd=folder, capture_output=True, text=True).stdout
+def mutated_line(folder: Path, source: str, mutant: str) -> str:
+    """The added lines of the mutant's diff (what ``mutmut show`` prints), to check that a
+    justification still fits; read in this process (a ``mutmut show`` per mutant costs seconds)."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    with contextlib.chdir(folder):  # mutmut reads mutants/ relative to the working directory
+        shown = get_diff_for_mutant(mutant, path=source)
     return "\n".join(line[1:] for line in shown.splitlines() if line.startswith("+") and not line.startswith("+++"))
 
 
 @dataclass
 class ModuleScore:
     source: str
+    measured: str = ""  # when mutmut last recorded a result for this file (UTC)
     counts: dict[str, int] = field(default_factory=dict)
     open_survivors: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
@@ -138,18 +144,25 @@ class ModuleScore:
         return sum(self.counts.values())
 
     @property
+    def ran(self) -> int:
+        return self.total - self.counts.get(NOT_RUN, 0)
+
+    @property
     def score(self) -> float:
+        """Killed, timed out or justified, of the mutants that ran (the rest are counted apart)."""
         done = self.counts.get(KILLED, 0) + self.counts.get(TIMEOUT, 0) + self.counts.get("justified", 0)
-        return 100.0 * done / max(self.total, 1)
+        return 100.0 * done / max(self.ran, 1)
 
 
 def score_group(folder: Path, only: list[str], never: list[str], excused: dict[str, str]) -> list[ModuleScore]:
     scores = []
     for source, statuses in results(folder, only, never).items():
-        module = ModuleScore(source)
+        meta = folder / "mutants" / (source + ".meta")
+        stamp = datetime.datetime.fromtimestamp(meta.stat().st_mtime, datetime.UTC)
+        module = ModuleScore(source, measured=stamp.strftime("%Y-%m-%d %H:%M"))
         for mutant, status in statuses.items():
             if status in (SURVIVED, NO_TESTS) and mutant in excused:
-                if excused[mutant] in mutated_line(folder, mutant):
+                if excused[mutant] in mutated_line(folder, source, mutant):
                     status = "justified"
                 else:
                     module.stale.append(mutant)
@@ -160,22 +173,29 @@ def score_group(folder: Path, only: list[str], never: list[str], excused: dict[s
     return scores
 
 
-def report(scores: dict[str, list[ModuleScore]]) -> str:
-    lines = ["| group | module | mutants | killed | timeout | justified | survived | no tests | other | score |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+COUNTED = (KILLED, TIMEOUT, "justified", SURVIVED, NO_TESTS, NOT_RUN)
+
+
+def report(scores: dict[str, list[ModuleScore]], groups: dict[str, dict]) -> str:
+    """The per-module table; a configured group without results is listed as not run."""
+    lines = ["| group | module | measured (UTC) | mutants | killed | timeout | justified | survived | no tests "
+             "| not run | other | score |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     grand = ModuleScore("all")
-    for group, modules in scores.items():
-        for m in modules:
+    for group, spec in groups.items():
+        if not scores.get(group):
+            lines.append(f"| {group} | {', '.join(spec['only_mutate'])} | not run this session | | | | | | | | | |")
+            continue
+        for m in scores[group]:
             c = m.counts
-            other = m.total - sum(c.get(k, 0) for k in (KILLED, TIMEOUT, "justified", SURVIVED, NO_TESTS))
-            lines.append(f"| {group} | {m.source.removeprefix('ferryman/')} | {m.total} | {c.get(KILLED, 0)} | "
-                         f"{c.get(TIMEOUT, 0)} | {c.get('justified', 0)} | {c.get(SURVIVED, 0)} | "
-                         f"{c.get(NO_TESTS, 0)} | {other} | {m.score:.1f}% |")
+            other = m.total - sum(c.get(k, 0) for k in COUNTED)
+            lines.append(f"| {group} | {m.source.removeprefix('ferryman/')} | {m.measured} | {m.total} | "
+                         + " | ".join(str(c.get(k, 0)) for k in COUNTED) + f" | {other} | {m.score:.1f}% |")
             for key, n in c.items():
                 grand.counts[key] = grand.counts.get(key, 0) + n
     c = grand.counts
-    lines.append(f"| **all** | | {grand.total} | {c.get(KILLED, 0)} | {c.get(TIMEOUT, 0)} | {c.get('justified', 0)} "
-                 f"| {c.get(SURVIVED, 0)} | {c.get(NO_TESTS, 0)} | | **{grand.score:.1f}%** |")
+    lines.append(f"| **all run** | | | {grand.total} | " + " | ".join(str(c.get(k, 0)) for k in COUNTED)
+                 + f" | | **{grand.score:.1f}%** |")
     return "\n".join(lines) + "\n"
 
 
@@ -221,7 +241,7 @@ def main(groups: tuple[str, ...], retest: bool, report_only: bool, write_docs: b
     excused = justified()
     scores = {g: score_group(WORK / slug(g), spec["only_mutate"], never, excused)
               for g, spec in known.items() if (WORK / slug(g) / "mutants").exists()}
-    table = report({g: s for g, s in scores.items() if s})
+    table = report(scores, known)
     (WORK / "report.md").write_text(table)
     click.echo(table)
     for group, modules in scores.items():
