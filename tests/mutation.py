@@ -207,7 +207,7 @@ def update_docs(table: str) -> None:
 
 @click.command()
 @click.argument("groups", nargs=-1)
-@click.option("--retest", is_flag=True, help="Run the survivors again (after adding tests), except the justified.")
+@click.option("--retest", is_flag=True, help="Run the survivors (except the justified) and the timeouts again.")
 @click.option("--report-only", is_flag=True, help="Run nothing; score what earlier runs left in .mutation/.")
 @click.option("--update-docs", "write_docs", is_flag=True, help="Write the table into docs/testing.md.")
 def main(groups: tuple[str, ...], retest: bool, report_only: bool, write_docs: bool) -> None:
@@ -231,10 +231,11 @@ def main(groups: tuple[str, ...], retest: bool, report_only: bool, write_docs: b
             continue
         click.echo(f"== {group}: mutmut in {folder.relative_to(ROOT)}", err=True)
         code = run_group(folder, [])  # new mutants, and those of functions changed since the last run
-        if retest and code == 0:  # the justified ones would only survive again
+        if retest and code == 0:  # survivors (the justified ones would only survive again) and timeouts
             statuses = results(folder, known[group]["only_mutate"], never).values()
             excused = justified()
-            survivors = [m for s in statuses for m, st in s.items() if st in (SURVIVED, NO_TESTS) and m not in excused]
+            survivors = [m for s in statuses for m, st in s.items()
+                         if (st in (SURVIVED, NO_TESTS) and m not in excused) or st == TIMEOUT]
             code = run_group(folder, survivors) if survivors else 0
         if code != 0:
             failed.append(group)
