@@ -35,6 +35,7 @@ def test_a_bad_value_is_named_with_what_is_accepted(fields, message):
 
 @pytest.mark.parametrize("fields", [
     {"precision": "fp16"}, {"engine": "gemini"}, {"schedule": "constant"}, {"device": "cuda:1"}, {"device": "cpu"},
+    {"device": "cuda"}, {"device": "auto"},
     {"max_steps": 1, "grad_accum": 1, "log_every": 1}, {"ema_decay": 0.0}, {"ema_decay": 0.9999},
     {"warmup_steps": 0, "ckpt_every": 0, "keep_last": 0, "stop_after": 0}, {"min_lr_ratio": 0.0}, {"min_lr_ratio": 1.0},
 ])
