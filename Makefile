@@ -20,7 +20,7 @@ DEBIAN_TOOLS := hmmer hhsuite kalign mmseqs2
 DEMO_OUT ?= demo-out
 LATEST := .venv-latest
 
-.PHONY: install tools test parity lint demo clean lock test-latest
+.PHONY: install tools test parity lint demo clean lock test-latest mutation
 
 install: $(STAMP) tools
 
@@ -74,6 +74,15 @@ test: install lint
 # Only the AlphaFold2 parity suite (a part of `make test`).
 parity: install
 	$(PY) -m pytest -v -m parity tests/apps/fastfold/parity
+
+# Mutation testing (docs/testing.md; not part of CI: hours on 2 cores). MODULES picks groups of
+# pyproject's [tool.mutmut.groups], e.g. `make mutation MODULES="core/gemini fastfold/loss"`;
+# MUTATION_ARGS passes --retest (survivors again, after adding tests) or --update-docs.
+# One mutmut worker under nice, so that it takes the spare CPU and no more.
+MODULES ?=
+MUTATION_ARGS ?=
+mutation: install
+	nice -n 10 $(PY) tests/mutation.py $(MODULES) $(MUTATION_ARGS)
 
 demo: install
 	rm -rf $(DEMO_OUT)

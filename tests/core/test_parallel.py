@@ -18,6 +18,7 @@ from ferryman.core.parallel import (
     scatter,
     wait,
 )
+from tests.threaded import run_threaded
 
 WORLD = 2
 ROWS, COLS, CH = 5, 7, 3  # neither 5 nor 7 divides by 2: padding is exercised
@@ -105,9 +106,7 @@ def _reference() -> dict[str, torch.Tensor]:
     return ref
 
 
-@pytest.mark.distributed
-def test_collectives_match_unsharded_forward_and_backward():
-    results = run_distributed(_collectives_worker, WORLD)
+def _check_collectives(results: list[dict[str, torch.Tensor]]) -> None:
     ref = _reference()
     x = _inputs()
     for rank, got in enumerate(results):
@@ -125,8 +124,18 @@ def test_collectives_match_unsharded_forward_and_backward():
         assert torch.equal(got["a2a_async_grad"], got["a2a_sync_grad"])
 
 
-def _dims_worker(rank: int, world: int, dap: int, sp: int) -> tuple[int, int, int, int, float]:
-    dims = init_parallel(dap=dap, sp=sp)
+@pytest.mark.distributed
+def test_collectives_match_unsharded_forward_and_backward():
+    _check_collectives(run_distributed(_collectives_worker, WORLD))
+
+
+def test_collectives_match_unsharded_on_threaded_ranks():
+    """The same check with the ranks as threads (tests/threaded.py): milliseconds, and seen by mutmut."""
+    _check_collectives(run_threaded(_collectives_worker, WORLD))
+
+
+def _dims_worker(rank: int, world: int, dap: int, sp: int, backend: str | None = None) -> tuple[int, int, int, int, float]:
+    dims = init_parallel(dap=dap, sp=sp, backend=backend)
     t = torch.tensor([float(rank + 1)])
     dist.all_reduce(t, group=dims.dap_group)
     return dims.dp, dims.dap, dims.sp, dims.dp_rank, t.item()
@@ -137,6 +146,12 @@ def test_init_parallel_builds_groups_from_torchrun_env():
     results = run_distributed(_dims_worker, WORLD, 2, 1)
     assert [r[:4] for r in results] == [(1, 2, 1, 0), (1, 2, 1, 0)]
     assert [r[4] for r in results] == [3.0, 3.0]  # both ranks are in one DAP group
+
+
+def test_init_parallel_groups_on_threaded_ranks():
+    results = run_threaded(_dims_worker, 8, 2, 2, "threaded")  # a [dp=2, dap=2, sp=2] grid
+    assert [r[:4] for r in results] == [(2, 2, 2, rank // 4) for rank in range(8)]
+    assert [r[4] for r in results] == [4.0, 6.0, 4.0, 6.0, 12.0, 14.0, 12.0, 14.0]  # DAP groups [0, 2], [1, 3], ...
 
 
 def test_grid_groups_layout():

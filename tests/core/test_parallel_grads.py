@@ -16,6 +16,7 @@ from ferryman.core.parallel import (
 from ferryman.core.parallel.grads import _buckets
 from ferryman.core.training import TrainConfig
 from ferryman.core.training.loop import build_engine
+from tests.threaded import one_rank_at_a_time, run_threaded
 from tests.tolerance import assert_close
 
 ROWS = 6
@@ -60,7 +61,8 @@ def _grads(net):
 
 
 def _sharded(rank: int, world: int, how: str) -> dict:
-    net = _Net()
+    with one_rank_at_a_time():  # _Net seeds the global RNG, which threaded ranks share
+        net = _Net()
     group = dist.new_group(list(range(world)))
     assert mark_partial_grads(net.rows.parameters(), group) == 2
     assert mark_partial_grads(net.rows.parameters(), group) == 0  # idempotent
@@ -93,16 +95,26 @@ def _reference(how: str) -> dict:
     return {**engine.state_dict(), "grad_norm": torch.tensor(norm)}
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("how", ["function", "plain", "gemini"])
-def test_marked_gradients_are_summed_once(how):
+def _check(how, results):
     expected = _reference(how)
-    for got in run_distributed(_sharded, 2, how):
+    for got in results:
         for name, value in expected.items():
             if value is None:
                 assert got[name] is None, name  # unused by every rank: AdamW skips it
             else:
                 assert_close(got[name], value, ulps=16, msg=name)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("how", ["function", "plain", "gemini"])
+def test_marked_gradients_are_summed_once(how):
+    _check(how, run_distributed(_sharded, 2, how))
+
+
+@pytest.mark.parametrize("how", ["function", "plain", "gemini"])
+def test_marked_gradients_are_summed_once_on_threaded_ranks(how):
+    """The same check with the ranks as threads (tests/threaded.py): fast, and seen by mutmut."""
+    _check(how, run_threaded(_sharded, 2, how))
 
 
 def test_a_group_of_one_marks_nothing():

@@ -1,12 +1,14 @@
-"""Two gloo ranks (ZeRO-sharded chunks, reduce-scattered gradients) against one process."""
+"""Two ranks (ZeRO-sharded chunks, reduce-scattered gradients) against one process: as gloo
+processes and as threads (tests/threaded.py)."""
 
 import pytest
 import torch
 
 from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
 from ferryman.core.gemini.checkpoint import consolidate
-from ferryman.core.parallel import init_parallel, run_distributed
+from ferryman.core.parallel import init_parallel
 from tests.core.gemini.models import TinyNet, batches, lm_loss, train_engine
+from tests.threaded import launchers
 from tests.tolerance import approx, assert_close
 
 OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
@@ -42,15 +44,30 @@ def _loop(rank: int, folder: str) -> dict:
             ema_decay=0.5, optim=OPTIM, gemini=CONFIGS["auto"], **kw,
         )
 
-    straight = train(cfg(f"{folder}/loop_a", 6), TinyNet, loader, loss_fn, dims=dims)
-    train(cfg(f"{folder}/loop_b", 6, stop_after=3), TinyNet, loader, loss_fn, dims=dims)
-    resumed = train(cfg(f"{folder}/loop_b", 6, resume="latest"), TinyNet, loader, loss_fn, dims=dims)
+    straight = train(cfg(f"{folder}/loop_a", 6), _tiny_net, loader, loss_fn, dims=dims)
+    train(cfg(f"{folder}/loop_b", 6, stop_after=3), _tiny_net, loader, loss_fn, dims=dims)
+    resumed = train(cfg(f"{folder}/loop_b", 6, resume="latest"), _tiny_net, loader, loss_fn, dims=dims)
     return {"straight": straight.losses, "resumed": resumed.losses, "ema": resumed.ema_state_dict, "ema_ref": straight.ema_state_dict}
 
 
-def _run(rank: int, world: int, name: str, folder: str | None):
+def _seeded_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
+    return TinyNet().state_dict()
+
+
+# Drawn at import, before any rank starts: threaded ranks share the global RNG, and the loop seeds
+# it (for dropout) while another rank may be building its model.
+INITIAL = _seeded_state()
+
+
+def _tiny_net() -> TinyNet:
     model = TinyNet()
+    model.load_state_dict(INITIAL)
+    return model
+
+
+def _run(rank: int, world: int, name: str, folder: str | None):
+    model = _tiny_net()
     dims = init_parallel() if world > 1 else None
     engine = gemini(model, CONFIGS[name], OPTIM, dims)
     per_rank = 4 // world  # the same global batch of 4, split across ranks
@@ -62,13 +79,12 @@ def _run(rank: int, world: int, name: str, folder: str | None):
     return losses, engine.state_dict(), shard_numel, engine.stats()
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+@pytest.fixture(scope="module", params=launchers())
+def two_ranks(tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("gemini_dp")
-    return run_distributed(_run_all, 2, str(folder)), folder
+    return request.param(_run_all, 2, str(folder)), folder
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_two_ranks_equal_one(name, two_ranks):
     results, folder = two_ranks
@@ -90,7 +106,6 @@ def test_two_ranks_equal_one(name, two_ranks):
     assert sum(shards0) < sum(p.numel() for p in TinyNet().parameters())  # each rank holds half
 
 
-@pytest.mark.distributed
 def test_training_loop_resumes_exactly_on_two_ranks(two_ranks):
     results, folder = two_ranks
     loop0, loop1 = results[0]["loop"], results[1]["loop"]

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
-from ferryman.core.parallel import init_parallel, run_distributed
+from ferryman.core.parallel import init_parallel
+from tests.threaded import launchers, one_rank_at_a_time
 from tests.tolerance import assert_close
 
 
@@ -25,9 +26,11 @@ class Tail(nn.Module):
 
 def _ranks(rank: int, world: int, reorder: bool):
     dims = init_parallel()
-    torch.manual_seed(0)
+    with one_rank_at_a_time():  # threaded ranks share the global RNG
+        torch.manual_seed(0)
+        model = Tail()
     cfg = GeminiConfig(placement="static", precision="fp32", min_num_chunks=2, reorder_after_warmup=reorder)
-    engine = gemini(Tail(), cfg, OptimConfig(lr=1e-2), dims)
+    engine = gemini(model, cfg, OptimConfig(lr=1e-2), dims)
     assert len(engine.chunks) == 2
     for _ in range(2):
         out = engine(torch.ones(2, 8) * (rank + 1), tail=rank == 1)
@@ -37,10 +40,10 @@ def _ranks(rank: int, world: int, reorder: bool):
     return engine.state_dict()
 
 
-@pytest.mark.distributed
+@pytest.mark.parametrize("launch", launchers())
 @pytest.mark.parametrize("reorder", [True, False])
-def test_branch_at_the_end_in_the_first_forward_does_not_hang(reorder):
-    state0, state1 = run_distributed(_ranks, 2, reorder, timeout_s=45)
+def test_branch_at_the_end_in_the_first_forward_does_not_hang(reorder, launch):
+    state0, state1 = launch(_ranks, 2, reorder, timeout_s=45)
     assert all(torch.equal(state0[k], state1[k]) for k in state0)
 
 
@@ -64,8 +67,10 @@ def _accumulating_ranks(rank: int, world: int, name: str):
     from tests.core.gemini.test_unused import BranchNet
 
     dims = init_parallel()
-    torch.manual_seed(0)
-    engine = gemini(BranchNet(), CONFIGS[name], OPTIM, dims)
+    with one_rank_at_a_time():
+        torch.manual_seed(0)
+        model = BranchNet()
+    engine = gemini(model, CONFIGS[name], OPTIM, dims)
     data = batches(2 * len(PLAN))
     for s, micro in enumerate(PLAN):
         for k, plan in enumerate(micro):
@@ -99,10 +104,10 @@ def _ddp_reference() -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
-@pytest.mark.distributed
+@pytest.mark.parametrize("launch", launchers())
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_accumulation_with_branches_and_eval_forwards_matches_ddp(name):
-    results = run_distributed(_accumulating_ranks, 2, name, timeout_s=120)
+def test_accumulation_with_branches_and_eval_forwards_matches_ddp(name, launch):
+    results = launch(_accumulating_ranks, 2, name, timeout_s=120)
     reference = _ddp_reference()
     for state, device_bytes, recount, peak in results:
         for key, value in reference.items():

@@ -11,8 +11,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ferryman.core.errors import UserError
 from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
-from ferryman.core.parallel import init_parallel, run_distributed
+from ferryman.core.parallel import init_parallel
 from tests.core.gemini.models import Block, batches, lm_loss, reference_optimizer, twin
+from tests.threaded import launchers, one_rank_at_a_time
 from tests.tolerance import approx
 
 OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
@@ -95,20 +96,21 @@ def _run_ranks(rank: int, world: int):
     dims = init_parallel()
     results = {}
     for name, cfg in CONFIGS.items():
-        torch.manual_seed(0)
-        engine = gemini(BranchNet(reuse=name == "reuse"), cfg, OPTIM, dims)
+        with one_rank_at_a_time():  # threaded ranks share the global RNG
+            torch.manual_seed(0)
+            model = BranchNet(reuse=name == "reuse")
+        engine = gemini(model, cfg, OPTIM, dims)
         losses = _train(engine, _split(batches(NUM_STEPS), rank, world), SIDE[rank])
         results[name] = (losses, engine.state_dict(), engine.stats())
     return results
 
 
-@pytest.fixture(scope="module")
-def two_ranks():
+@pytest.fixture(scope="module", params=launchers())
+def two_ranks(request):
     # a deadlock (collectives out of step) fails here after the timeout instead of hanging
-    return run_distributed(_run_ranks, 2, timeout_s=120)
+    return request.param(_run_ranks, 2, timeout_s=120)
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_rank_dependent_branches_match_ddp_reference(two_ranks, name):
     torch.manual_seed(0)
