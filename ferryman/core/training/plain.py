@@ -44,6 +44,10 @@ class PlainEngine:
             self._forward = nn.parallel.DistributedDataParallel(self.module, process_group=dims.dp_group,
                                                                 find_unused_parameters=True)
         self.named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        # tied weights appear once in ``named`` but under every name in a state_dict (as Gemini's)
+        first: dict[int, str] = {}
+        self.aliases = {n: first.setdefault(id(p), n) for n, p in module.named_parameters(remove_duplicate=False)}
+        self.aliases = {n: name for n, name in self.aliases.items() if n != name}
         decay = [p for _, p in self.named if ocfg.decays(tuple(p.shape))]
         rest = [p for _, p in self.named if not ocfg.decays(tuple(p.shape))]
         groups = [g for g in ({"params": decay, "weight_decay": ocfg.weight_decay}, {"params": rest, "weight_decay": 0.0}) if g["params"]]
@@ -133,7 +137,8 @@ class PlainEngine:
         """Parameters never move here: nothing to keep in step."""
 
     def named_from(self, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {n: t.detach().cpu().clone() for (n, _), t in zip(self.named, tensors)}
+        out = {n: t.detach().cpu().clone() for (n, _), t in zip(self.named, tensors, strict=True)}
+        return out | {alias: out[name] for alias, name in self.aliases.items() if name in out}
 
     def flat_from(self, named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [named[n].to(self.device, torch.float32) for n, _ in self.named]
@@ -171,7 +176,7 @@ class PlainEngine:
             raise UserError(f"{folder}: no model.safetensors; not a checkpoint of the plain engine")
         missing, unexpected = load_model(self.module, str(folder / "model.safetensors"), strict=False)
         if missing or unexpected:
-            raise UserError(f"{folder}/model.safetensors does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise UserError(f"{folder}/model.safetensors does not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
         meta = json.loads((folder / "optimizer.json").read_text())
         if meta["names"] != [n for n, _ in self.named]:
             raise UserError(f"{folder}/optimizer.json: the trainable parameters differ from this model's")

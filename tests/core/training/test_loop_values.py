@@ -100,10 +100,7 @@ class Tied(Net):
         self.out.weight = self.inp.weight
 
 
-@pytest.mark.parametrize("engine", [
-    pytest.param("plain", marks=pytest.mark.xfail(strict=True, reason="the plain engine's EMA view drops tied "
-                                                  "aliases, Gemini's keeps them (core/training, reported)")),
-    "gemini"])
+@pytest.mark.parametrize("engine", ["plain", "gemini"])
 def test_the_ema_of_a_model_with_tied_weights_names_both(tmp_path, engine):
     """The EMA loads into the model like its state_dict, which names a tied weight under both names."""
     cfg = _cfg(tmp_path, engine, max_steps=2, grad_accum=1, plot=False, ckpt_at_end=False)
