@@ -15,8 +15,10 @@ inference path (``RunOptions()``, ``pair_logits=False``), plus ``RunOptions(comp
 first call), then AF2 and the Ferryman variants run in turn ``--repeat`` times. The table gives
 median CPU seconds of the process per call (``*_s``: on a shared machine the steadier measure,
 since waiting for a core is not counted) and median wall seconds (``*_wall_s``), the median over
-rounds of Ferryman's time over AF2's in the same round (``*_ratio``, CPU; ``*_wall_ratio``), its
-inverse (``*_speedup``) and the largest atom-position difference from AF2's output.
+rounds of Ferryman's time over AF2's in the same round (``*_ratio``, CPU; ``*_wall_ratio``), the
+median over rounds of AF2's time over Ferryman's (``*_speedup``: CPU time on the CPU, wall time on a
+GPU, where CPU time only measures how each side waits for the device) and the largest
+atom-position difference from AF2's output.
 
 Threads: ``--threads`` for both (torch.set_num_threads; XLA's Eigen pool off at 1, and the
 process pinned to that many CPUs). ``--memory`` runs every (implementation, N_res) in a fresh
@@ -164,8 +166,18 @@ def time_point(pair: Pair, n_res: int, repeat: int, variants: dict[str, bool]) -
         if name != "af2":  # per round: the two ran back to back, under the same load
             row[f"{name}_ratio"] = statistics.median(f / a for f, a in zip(cpu[name], cpu["af2"], strict=True))
             row[f"{name}_wall_ratio"] = statistics.median(f / a for f, a in zip(wall[name], wall["af2"], strict=True))
-            row[f"{name}_speedup"] = 1 / row[f"{name}_ratio"]
+            # On a GPU, CPU time measures how each framework waits for the device: wall time there.
+            times = wall if pair.device.type == "cuda" else cpu
+            row[f"{name}_speedup"] = statistics.median(a / f for f, a in zip(times[name], times["af2"], strict=True))
     return row
+
+
+def _thp_host() -> str:
+    """The kernel's transparent-huge-page mode: with 'madvise' only allocations that ask get huge
+    pages (PyTorch's, with THP_MEM_ALLOC_ENABLE=1; not XLA's); with 'always' both sides get them."""
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    text = path.read_text() if path.is_file() else ""
+    return next((w.strip("[]") for w in text.split() if w.startswith("[")), "unknown")
 
 
 def _status_kib(field: str) -> int:
@@ -257,7 +269,8 @@ def main(argv=None) -> dict:
     args.n_res = args.n_res or ([64, 128, 256, 512] if args.device == "cpu" else [128, 256, 512, 1024, 2048])
     result = run_memory(args) if args.memory else run_timing(args)
     result.update(env=common.environment(args.device), threads=args.threads, blocks=args.blocks,
-                  full_size=args.blocks == 48, thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"), preset="model_1_ptm", inputs="single sequence, no templates, "
+                  full_size=args.blocks == 48, thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"),
+                  thp_host=_thp_host(), speedup_clock="wall" if args.device == "cuda" else "cpu", preset="model_1_ptm", inputs="single sequence, no templates, "
                   "num_recycle=0", af2="alphafold-colabfold fp32, AlphaFold_noE under jax.jit, no subbatching")  # fmt: skip
     depth = "full size" if args.blocks == 48 else f"{args.blocks} Evoformer blocks on both sides (not full size)"
     print(f"\n{result['env']['device']}; model_1_ptm, {depth}; {args.threads} thread(s); single sequence, "

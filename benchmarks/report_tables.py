@@ -66,7 +66,8 @@ def _bar(value: float | None, bar: float, *, at_least: bool = True, unit: str = 
 def fastfold_vs_af2(p: dict) -> list[Block]:
     depth = "full size (48 Evoformer blocks)" if p.get("full_size") else f"{p.get('blocks')} Evoformer blocks on both sides"
     facts = (f"{p.get('preset')}, {depth}, 4 extra-MSA blocks; {p.get('inputs')}; {p.get('threads')} CPU thread(s) "
-             f"for both; AF2: {p.get('af2')}; PyTorch huge-page allocations: {p.get('thp_mem_alloc') or 'off'}.")  # fmt: skip
+             f"for both; AF2: {p.get('af2')}; PyTorch huge-page allocations: {p.get('thp_mem_alloc') or 'off'} "
+             f"(kernel THP mode: {p.get('thp_host', 'not recorded')}).")  # fmt: skip
     if "method" in p:  # --memory
         columns = ["N_res", *(c for c in ("af2_peak_mib", "ferryman_peak_mib", "ferryman_compiled_peak_mib")
                               if any(c in r for r in p.get("rows", [])))]  # fmt: skip
@@ -76,8 +77,9 @@ def fastfold_vs_af2(p: dict) -> list[Block]:
     if any("compiled_s" in r for r in rows):
         columns += ["compiled_s", "compiled_speedup", "compiled_first_call_s"]
     columns.append("af2_first_call_s")
-    return [facts, ("Seconds per forward (median CPU time of the process; speedup = median over rounds of AF2 time / "
-                    "Ferryman time in the same round)", rows, columns)]  # fmt: skip
+    clock = "wall" if p.get("speedup_clock") == "wall" else "CPU"
+    return [facts, (f"Seconds per forward (median CPU time of the process; speedup = median over rounds of AF2 time / "
+                    f"Ferryman time in the same round, {clock} time)", rows, columns)]  # fmt: skip
 
 
 def _af2_speedup(p: dict) -> tuple[str, bool | None]:

@@ -6,7 +6,10 @@ Every block of a kind has the same code and shapes, so one compiled graph serves
 (the parameters are its inputs); the structure module's eight layers share one too. Compiled calls are used at inference on the unchunked path when
 no position is masked (no data-dependent branch is left in the block then); anything else runs
 eagerly. Compilation happens on the first call for each N_res; if it fails (no C++ compiler, an
-inductor error), the call falls back to eager code for good, with one warning line.
+inductor error), the call falls back to eager code for good, with one warning line. Dynamo keeps
+a few graphs per function (``torch._dynamo.config.recompile_limit``) shared by the main and
+extra-MSA stacks: a process that predicts many different lengths runs the later ones eagerly
+(dynamo says so once).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class CompiledCall:
         if not self.failed:
             try:
                 return self.compiled(*args)
+            except torch.OutOfMemoryError:
+                raise  # not a compiler failure: eager code would run out too
             except Exception as exc:
                 self.failed = True
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
