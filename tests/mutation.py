@@ -184,7 +184,7 @@ def report(scores: dict[str, list[ModuleScore]], groups: dict[str, dict]) -> str
     grand = ModuleScore("all")
     for group, spec in groups.items():
         if not scores.get(group):
-            lines.append(f"| {group} | {', '.join(spec['only_mutate'])} | not run this session | | | | | | | | | |")
+            lines.append(f"| {group} | {', '.join(spec['only_mutate'])} | not run yet | | | | | | | | | |")
             continue
         for m in scores[group]:
             c = m.counts
