@@ -180,3 +180,19 @@ def test_features_npz_without_pickles(tmp_path):
         assert loaded["aatype"].dtype == np.int32 and np.array_equal(loaded["aatype"], raw["aatype"])
         assert loaded["sequence"].tolist() == ["ACDE"]
         assert loaded["domain_name"].shape == (2, 2) and loaded["domain_name"].tolist() == [["a", "bc"], ["d", "e"]]
+
+
+def test_pae_without_max_pae_gets_af2s_largest_error(tmp_path, calls):
+    """A result with a PAE but no max_pae: the JSON and the plot take AF2's 31.75 Å (64 bins to 31 Å)."""
+    result = _result("model_1_ptm", [80.0] * N, pae=np.full((N, N), 2.0))
+    writer.write_model_files(result, tmp_path, target="T1", random_weights=False)
+    assert json.loads((tmp_path / "pae_model_1_ptm.json").read_text())[0]["max_predicted_aligned_error"] == 31.75
+    assert calls[0][2]["max_pae"] == 31.75
+
+
+def test_multimer_ranking_with_random_weights_says_so(tmp_path, calls):
+    results = [_result("model_1_multimer_v3", [50.0] * N, ptm=0.5, iptm=0.5, ranking_confidence=0.5)]
+    writer.write_ranking(results, tmp_path, target="H1", random_weights=True)
+    record = json.loads((tmp_path / "ranking_debug.json").read_text())
+    assert record["warning"] == confidence.RANDOM_WEIGHTS_NOTE and record["order"] == ["model_1_multimer_v3"]
+    assert calls[0][2] == {"title": "H1", "note": "(random weights)"}

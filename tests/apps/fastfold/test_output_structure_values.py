@@ -191,7 +191,8 @@ def test_mmcif_atoms_and_entities_read_by_gemmi(villin, tmp_path):
     seq = block.find("_entity_poly_seq.", ["entity_id", "num", "mon_id"])
     names = ["UNK" if i == 5 else rc.resnames[a] for i, a in enumerate(prot.aatype)]
     assert [r[0] for r in seq] == ["1"] * 20 + ["2"] * 15 and [r[2] for r in seq] == names
-    assert list(block.find_values("_atom_site.label_entity_id"))[-1] == "2"
+    chain_of_atom = [prot.chain_index[i] for i, _ in kept]
+    assert list(block.find_values("_atom_site.label_entity_id")) == [str(c + 1) for c in chain_of_atom]
     assert set(block.find_values("_atom_site.label_asym_id")) == {"A", "B"}
 
 
@@ -227,3 +228,68 @@ def test_mmcif_defaults_for_names_and_titles(villin):
     assert gemmi.cif.as_string(block.find_value("_struct.title")) == "Ferryman fastfold prediction"
     assert gemmi.cif.read_string(to_mmcif(plain)).sole_block().name == "prediction"
     assert _cif(plain, "a-b_c9").name == "a-b_c9"
+
+
+def test_from_pdb_string_skips_a_hetero_residue_inside_a_chain_quietly(villin):
+    """A water between residues 10 and 11 of chain A: dropped, the residues after it kept; the
+    reader warns about nothing (Biopython is told to be quiet: relax feeds it whole PDB files)."""
+    import warnings
+
+    lines = to_pdb(villin).splitlines()
+    k = next(i for i, line in enumerate(lines) if line[22:26] == "  11")
+    water = "HETATM  900  O   HOH A 100      10.000  10.000  10.000  1.00 11.00           O"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read = from_pdb_string("\n".join([*lines[:k], water, *lines[k:]]) + "\n")
+    assert read.residue_index.tolist() == list(range(1, 36))
+    np.testing.assert_array_equal(read.atom_positions, villin.atom_positions)
+    np.testing.assert_array_equal(read.aatype, villin.aatype)
+
+
+def test_mmcif_fields_by_their_names_as_biopython_reads_them(villin, tmp_path):
+    """MMCIF2Dict (AF2's own mmCIF reader, Biopython) looks tags up as written: the ModelCIF and
+    struct tags must be the lower-case names of the dictionary."""
+    from Bio.PDB.MMCIF2Dict import MMCIF2Dict
+
+    prot = _two_chains(villin)
+    prot.b_factors[:, rc.atom_order["CA"]] = np.linspace(30.0, 90.0, 35)
+    prot.remarks = ["a remark"]
+    cif = MMCIF2Dict(str(protein.write_mmcif(prot, tmp_path / "x.cif", name="x")))
+    assert cif["_struct.entry_id"] == ["x"] and cif["_struct.title"] == ["a remark"]
+    assert cif["_software.pdbx_ordinal"] == ["1"] and cif["_software.name"] == ["Ferryman fastfold"]
+    assert cif["_software.classification"] == ["other"] and cif["_software.type"] == ["package"]
+    assert cif["_software.description"] == ["Structure prediction (AlphaFold2 model)"]
+    assert cif["_ma_qa_metric.id"] == ["1", "2"] and cif["_ma_qa_metric.mode"] == ["global", "local"]
+    assert cif["_ma_qa_metric.name"] == ["pLDDT", "pLDDT"] and cif["_ma_qa_metric.type"] == ["pLDDT", "pLDDT"]
+    assert cif["_ma_qa_metric.software_group_id"] == ["1", "1"]
+    assert cif["_ma_qa_metric_global.metric_id"] == ["1"] and cif["_ma_qa_metric_global.metric_value"] == ["60.00"]
+    assert cif["_ma_qa_metric_global.model_id"] == ["1"] and cif["_ma_qa_metric_global.ordinal_id"] == ["1"]
+    assert cif["_ma_qa_metric_local.label_asym_id"] == ["A"] * 20 + ["B"] * 15
+    assert cif["_ma_qa_metric_local.label_comp_id"][5] == "UNK"
+    assert cif["_ma_qa_metric_local.label_seq_id"][19:21] == ["20", "101"]
+    assert cif["_ma_qa_metric_local.metric_id"] == ["2"] * 35 and cif["_ma_qa_metric_local.model_id"] == ["1"] * 35
+    assert cif["_ma_qa_metric_local.metric_value"][-1] == "90.00"
+    assert cif["_ma_qa_metric_local.ordinal_id"] == [str(i) for i in range(1, 36)]
+    # One model, number 1 (what _ma_qa_metric_*.model_id refers to).
+    assert set(cif["_atom_site.pdbx_PDB_model_num"]) == {"1"}
+    assert gemmi.read_structure(str(tmp_path / "x.cif"))[0].num == 1
+
+
+def test_mmcif_of_an_empty_prediction_and_the_default_name(tmp_path):
+    empty = Protein(atom_positions=np.zeros((0, 37, 3)), aatype=np.zeros((0,), np.int64),
+                    atom_mask=np.zeros((0, 37)), residue_index=np.zeros((0,), np.int64), b_factors=np.zeros((0, 37)))  # fmt: skip
+    block = _cif(empty, "empty")
+    assert list(block.find("_ma_qa_metric_global.", ["metric_value"])[0]) == ["0"]
+    path = protein.write_mmcif(empty, tmp_path / "e.cif")
+    assert gemmi.cif.read(str(path)).sole_block().name == "prediction"
+
+
+def test_from_pdb_string_of_a_chain_not_in_the_file_is_empty_with_the_same_types():
+    """Selecting an absent chain gives no residues, with the arrays typed as for a full read (an
+    empty list would otherwise become float64 and change the type of what it is joined to)."""
+    text = openmm_villin_pdb()
+    empty, full = from_pdb_string(text, chain_id="Z"), from_pdb_string(text)
+    for key in ("atom_positions", "aatype", "atom_mask", "residue_index", "b_factors", "chain_index"):
+        got, want = getattr(empty, key), getattr(full, key)
+        assert got.dtype == want.dtype and got.shape == (0, *want.shape[1:]), key
+    assert full.chain_index.dtype == np.int32 and full.aatype.dtype == np.int64 and full.b_factors.dtype == np.float32

@@ -67,12 +67,14 @@ def write_model_files(result: ModelResult, folder: Path, *, target: str, random_
     write_mmcif(result.unrelaxed, folder / f"unrelaxed_{result.name}.cif", name=f"{target}_{result.name}")
     confidence.write_json(folder / f"confidence_{result.name}.json",
                           confidence.confidence_json(result.plddt, random_weights=random_weights), compact=True)  # fmt: skip
+    # AF2's largest PAE (64 bins up to 31 Å) where a result gives none: the JSON and the plot agree.
+    max_pae = 31.75 if result.max_pae is None else result.max_pae
     if result.pae is not None:
-        confidence.write_json(folder / f"pae_{result.name}.json", confidence.pae_json(result.pae, result.max_pae),
+        confidence.write_json(folder / f"pae_{result.name}.json", confidence.pae_json(result.pae, max_pae),
                               compact=True)  # fmt: skip
     if result.pae is not None and plot:
         title = f"{target} {result.name}" + (" (random weights)" if random_weights else "")
-        plots.plot_pae(result.pae, folder / f"pae_{result.name}.png", max_pae=result.max_pae or 31.75, title=title)
+        plots.plot_pae(result.pae, folder / f"pae_{result.name}.png", max_pae=max_pae, title=title)
 
 
 def _multimer(results: list[ModelResult]) -> bool:
