@@ -63,6 +63,12 @@ class Cfg:
 
 
 @dataclass(kw_only=True)
+class Order:
+    zeta: int = 1
+    alpha: str = "a"
+
+
+@dataclass(kw_only=True)
 class Required:
     size: int
 
@@ -206,8 +212,9 @@ def test_merge_lays_a_mapping_over_a_config():
 
 @pytest.mark.parametrize("suffix", [".yaml", ".yml"])
 def test_yaml_files_keep_the_field_order(tmp_path, suffix):
-    path = save_config(Leaf(depth=2, tag="a"), tmp_path / f"c{suffix}")
-    assert path.read_text() == "depth: 2\ntag: a\n"  # declaration order, not sorted
+    path = save_config(Order(zeta=2), tmp_path / f"c{suffix}")
+    assert path.read_text() == "zeta: 2\nalpha: a\n"  # declaration order, not sorted
+    assert load_config(Order, path) == Order(zeta=2)
 
 
 def test_json_files_are_indented_by_two(tmp_path):

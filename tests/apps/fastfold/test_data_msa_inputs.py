@@ -129,7 +129,7 @@ def test_check_query_ignores_gaps_and_names_both_sequences():
                                "(AC-DE... vs ACDF...); was it computed for another target?")
     long = "ACDEFGHIKLMNPQRSTVWYAC"
     with pytest.raises(UserError, match=r"\(ACDEFGHIKLMNPQRSTVWY\.\.\. vs ACDEFGHIKLMNPQRSTVWW\.\.\.\)"):
-        check_query(single_sequence_msa(long), "ACDEFGHIKLMNPQRSTVWW", source="m")
+        check_query(single_sequence_msa(long), "ACDEFGHIKLMNPQRSTVWWAC", source="m")
 
 
 def test_msa_rows_and_descriptions():
@@ -180,3 +180,22 @@ def test_to_a3m_writes_the_rows_and_reads_back():
 def test_a3m_headers_and_comment_lines():
     msa = parse_a3m("#comment\n>  q  padded  \nAC\n\n# between\nD\n>\nAkCD\n")
     assert msa.descriptions == ["q  padded", ""] and msa.sequences == ["ACD", "ACD"]
+
+
+def test_one_row_alignments_and_undecodable_stockholm_bytes(tmp_path):
+    one = tmp_path / "one.a3m"
+    one.write_text(">q\nACD\n")
+    assert read_msa(one).sequences == ["ACD"]
+    sto = tmp_path / "x.sto"
+    sto.write_bytes(b"#=GS h DE caf\xe9\nq AC-D\nh AkCD\n//\n")
+    msa = read_msa(sto)
+    assert msa.sequences == ["ACD", "AKD"] and msa.deletions == [[0, 0, 0], [0, 0, 1]]
+    assert msa.descriptions == ["q", "h caf\ufffd"]
+
+
+def test_ragged_rows_show_the_first_four_widths(tmp_path):
+    path = tmp_path / "x.a3m"
+    path.write_text("".join(f">r{n}\n{'A' * n}\n" for n in (5, 1, 4, 2, 3)))
+    with pytest.raises(UserError) as info:
+        read_msa(path)
+    assert str(info.value) == f"{path}: aligned rows differ in length ([1, 2, 3, 4]); is it a valid alignment?"
