@@ -53,6 +53,10 @@ def test_valid_sequences_come_back_without_a_terminal_stop():
                      "(translate it first)"),
         ("acgun" * 4, "w: this looks like a DNA/RNA sequence (only A, C, G, T/U, N); give the protein sequence "
                       "(translate it first)"),
+        ("ACGTUN" * 4, "w: this looks like a DNA/RNA sequence (only A, C, G, T/U, N); give the protein sequence "
+                       "(translate it first)"),  # every one of the six letters
+        ("ACGTX" * 4, "w: 'X' at position 5 is an unknown residue; replace it with the residue you expect, or "
+                      "remove it"),  # 20 letters, but X is no nucleotide
         ("ACDeF", "w: lower-case letter 'e' at position 4; write the sequence in upper case (lower case means an "
                   "insertion in alignment formats, so it is not accepted here)"),
         ("AX", "w: 'X' at position 2 is an unknown residue; replace it with the residue you expect, or remove it"),
@@ -78,6 +82,7 @@ def test_safe_names():
     assert safe_name("a||b") == "a_b"  # a run of unsafe characters is one underscore
     assert safe_name("my-prot.v2") == "my-prot.v2"
     assert safe_name("._x_.") == "x"
+    assert safe_name("XRCC1_HUMAN") == "XRCC1_HUMAN"  # only '.' and '_' are stripped from the ends
     assert safe_name("|||") == "target" and safe_name("..") == "target"
 
 
