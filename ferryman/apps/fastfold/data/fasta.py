@@ -85,16 +85,17 @@ def _records(path: Path) -> list:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: FASTA file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # utf-8-sig: editors on Windows start a UTF-8 file with a byte-order mark
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not a text FASTA file ({exc.reason} at byte {exc.start})") from None
-    if text.strip() and not text.lstrip().startswith(">"):
+    # Blank lines before the first header are allowed; Biopython's strict reader takes them for
+    # comments and refuses the file, so they go before it reads. Its one refusal (a first line
+    # without '>') is then the check below, with a message that says what to fix.
+    text = text.lstrip()
+    if text and not text.startswith(">"):
         raise UserError(f"{path}: not a FASTA file: the first line must start with '>' (a record header)")
-    try:
-        records = list(SeqIO.parse(io.StringIO(text), "fasta"))
-    except ValueError as exc:
-        raise UserError(f"{path}: malformed FASTA: {str(exc).splitlines()[0]}") from None
+    records = list(SeqIO.parse(io.StringIO(text), "fasta"))
     if not records:
         raise UserError(f"{path}: no FASTA records found")
     for index, record in enumerate(records, start=1):
