@@ -1,7 +1,9 @@
 """Structural violation terms (AF2 Suppl. 1.9.11, eq. 44-47) by value: hand-built peptides with
-known answers, and every output of the three terms against a plain-Python loop over bonds, atom
-pairs and residues (a second formula of AF2's ``all_atom`` functions) on a distorted villin
-fragment, at the defaults and at other tolerances, one structure and a batch of two."""
+known answers, errors exactly at a limit, and every output of the three terms against a
+plain-Python loop over bonds, atom pairs and residues (a second formula of the same rules) on a
+distorted villin fragment, at the defaults and at other tolerances, one structure and a batch of
+two. AF2's own ``all_atom`` functions, and the two places where its code differs from these rules,
+are in parity/test_violation_losses.py."""
 
 from __future__ import annotations
 
