@@ -23,7 +23,8 @@ from ferryman.apps.fastfold.loss.violations import (
 
 F64 = torch.float64
 N, CA, C = 0, 1, 2
-COS_CA_C_N, STD_CA_C_N = rc.between_res_cos_angles_ca_c_n
+COS_CA_C_N = rc.between_res_cos_angles_ca_c_n[0]
+STD_CA_C_N = rc.between_res_bond_length_stddev_c_n[0]  # AF2's code: the C-N bond's, not the angle's
 COS_C_N_CA, STD_C_N_CA = rc.between_res_cos_angles_c_n_ca
 
 
@@ -87,7 +88,6 @@ def ref_clashes(pos, mask, ridx, aatype, overlap=1.5, eps=1e-10):
     clash = [[0.0] * 14 for _ in range(n)]
     total, pairs = 0.0, 0.0
     sg = rc.restype_name_to_atom14_names["CYS"].index("SG")
-    cys = rc.restype_order["C"]
     for i in range(n):
         for j in range(i + 1, n):
             for a in range(14):
@@ -97,8 +97,8 @@ def ref_clashes(pos, mask, ridx, aatype, overlap=1.5, eps=1e-10):
                         continue
                     if a == C and b == N and int(ridx[j]) - int(ridx[i]) == 1:
                         continue  # the peptide bond
-                    if a == sg and b == sg and int(aatype[i]) == cys and int(aatype[j]) == cys:
-                        continue  # a disulfide
+                    if a == sg and b == sg:
+                        continue  # AF2: slot 5 against slot 5 (Cys SG-SG) of any residue types
                     lower = _radius(int(aatype[i]), a) + _radius(int(aatype[j]), b)
                     d = math.sqrt(eps + sum(x * x for x in _sub(p[i][a], p[j][b])))
                     e = w * max(0.0, lower - overlap - d)
@@ -292,9 +292,10 @@ def test_within_residue_bounds_match_the_loops(overlap, tol):
         _close(ours[key], value)
 
 
-def test_disulfides_alone_are_exempt_from_clashes():
+def test_slot_5_pairs_alone_are_exempt_from_clashes():
     """Cys 0 and Cys 1 (SG-SG 2.05 A, a disulfide: exempt), their CBs 1.6 A apart (a clash), Cys 0's
-    SG 1.8 A from Val 2's CB (a clash), and the CG1s (slot 5 like SG) of Val 2 and 3 1.7 A apart."""
+    SG 1.8 A from Val 2's CB (a clash), and the CG1s of Val 2 and 3 1.7 A apart: slot 5 like SG, so
+    exempt too, as in AF2's code (its disulfide mask is by slot, not residue type)."""
     cys, val = rc.restype_order["C"], rc.restype_order["V"]
     aatype = torch.tensor([cys, cys, val, val])
     pos = torch.zeros(4, 14, 3, dtype=F64)
@@ -310,11 +311,10 @@ def test_disulfides_alone_are_exempt_from_clashes():
     pos[3, 4] = torch.tensor([30.0, 0.0, 0.0])
     ridx = torch.tensor([0, 10, 20, 30])
     out = between_residue_clashes(pos, mask, ridx, aatype)
-    cb_cb, sg_cb, cg_cg = 3.4 - 1.5 - 1.6, 3.5 - 1.5 - 1.8, 3.4 - 1.5 - 1.7
+    cb_cb, sg_cb = 3.4 - 1.5 - 1.6, 3.5 - 1.5 - 1.8
     expected = torch.zeros(4, 14, dtype=F64)
     expected[0, 4] = expected[1, 4] = cb_cb
     expected[0, 5] = expected[2, 4] = sg_cb
-    expected[2, 5] = expected[3, 5] = cg_cg
     torch.testing.assert_close(out["per_atom_loss_sum"], expected, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(out["per_atom_clash"], (expected > 0).to(F64))
     for key, value in ref_clashes(pos, mask, ridx, aatype).items():

@@ -4,7 +4,8 @@ Three terms, each a flat-bottom penalty that is zero inside a tolerance:
 - peptide geometry between consecutive residues: C(i)-N(i+1) length and the CA-C-N / C-N-CA
   angles, more than ``tolerance_factor`` literature standard deviations off (Engh & Huber 1991);
 - between-residue clashes: heavy atoms closer than the sum of their van der Waals radii minus
-  ``overlap_tolerance`` (the C-N peptide bond and Cys SG-SG disulfides are exempt);
+  ``overlap_tolerance`` (exempt: the C-N peptide bond and, as in AF2's code, atom14 slot 5
+  against slot 5 of any two residues, meant for Cys SG-SG disulfides);
 - within-residue distances outside the bounds of ``residue_constants.make_atom14_dists_bounds``.
 """
 
@@ -51,8 +52,12 @@ def between_residue_bond_and_angle(pos: Tensor, mask: Tensor, residue_index: Ten
     n_ca_u = unit(ca_next - n_next, _dist(ca_next, n_next, eps))
     angle_mask_1 = mask[..., :-1, CA14] * bond_mask
     angle_mask_2 = bond_mask * mask[..., 1:, CA14]
-    cos_1, std_1 = rc.between_res_cos_angles_ca_c_n
+    cos_1, _ = rc.between_res_cos_angles_ca_c_n
     cos_2, std_2 = rc.between_res_cos_angles_c_n_ca
+    # AF2's code (all_atom.between_residue_bond_loss, followed by OpenFold) scores the CA-C-N angle
+    # with the C-N bond's standard deviation (0.014), not the angle's own (0.0311) that the
+    # supplement implies; the official weights were trained with it, so it is kept.
+    std_1 = rc.between_res_bond_length_stddev_c_n[0]
     err_1 = torch.sqrt(eps + ((c_ca_u * c_n_u).sum(-1) - cos_1) ** 2)
     err_2 = torch.sqrt(eps + ((-c_n_u * n_ca_u).sum(-1) - cos_2) ** 2)
     loss_1, loss_2 = torch.relu(err_1 - tolerance_factor * std_1), torch.relu(err_2 - tolerance_factor * std_2)
@@ -93,9 +98,10 @@ def between_residue_clashes(pos: Tensor, mask: Tensor, residue_index: Tensor, aa
     d = torch.sqrt(eps + ((flat[..., :, None, :] - flat[..., None, :, :]) ** 2).sum(-1))  # [*, A, A]
     pair = (res[:, None] < res[None, :]).to(pos.dtype) * fmask[..., :, None] * fmask[..., None, :]
     peptide = (slot[:, None] == C14) & (slot[None, :] == N14) & ((ridx[..., None, :] - ridx[..., :, None]) == 1)
-    sg = torch.as_tensor(rc.restype_name_to_atom14_names["CYS"].index("SG"), device=pos.device)
-    is_cys = (aatype.long() == rc.restype_order["C"]).repeat_interleave(14, dim=-1) & (slot == sg)
-    disulfide = is_cys[..., :, None] & is_cys[..., None, :]
+    # Disulfides: AF2 exempts atom14 slot 5 (Cys SG) against slot 5 of any two residues, whatever
+    # their types (all_atom.between_residue_clash_loss; OpenFold does the same); so does this.
+    sg = rc.restype_name_to_atom14_names["CYS"].index("SG")
+    disulfide = (slot[:, None] == sg) & (slot[None, :] == sg)
     pair = pair * (~peptide).to(pos.dtype) * (~disulfide).to(pos.dtype)
     lower = radius[..., :, None] + radius[..., None, :]
     err = pair * torch.relu(lower - overlap_tolerance - d)

@@ -1,11 +1,10 @@
 """The structural violation terms (AF2 Suppl. 1.9.11) against AlphaFold2's own ``all_atom``
 functions, on a distorted villin fragment with bond, angle, clash and within-residue violations.
 
-Two deliberate differences from AF2's code are pinned as strict xfails, so that a change to
-either side shows up: AF2 scores the CA-C-N angle with the standard deviation of the C-N bond
-length (0.014) where the supplement and Ferryman use the angle's own (0.0311), and AF2 exempts
-atom14 slot 5 against slot 5 of any two residues from clashes (meant for Cys SG-SG disulfides),
-where Ferryman exempts Cys SG pairs only."""
+Two details follow AF2's code rather than the supplement, and are checked here: the CA-C-N angle
+is scored with the standard deviation of the C-N bond length (0.014, not the angle's 0.0311), and
+atom14 slot 5 against slot 5 of any two residues is exempt from clashes (meant for Cys SG-SG
+disulfides)."""
 
 from __future__ import annotations
 
@@ -50,7 +49,6 @@ def test_peptide_bond_and_c_n_ca_angle(structure):
     _close(ours["per_residue_violation"], ref["per_residue_violation_mask"])
 
 
-@pytest.mark.xfail(strict=True, reason="AF2's code takes the C-N bond's stddev for the CA-C-N angle")
 def test_ca_c_n_angle(structure):
     (pos, mask, ridx, aatype), (p, m, r, a) = structure
     ours = between_residue_bond_and_angle(pos, mask, ridx, aatype)
@@ -76,7 +74,6 @@ def test_clashes_per_atom(structure):
     _close(ours["per_atom_clash"], ref["per_atom_clash_mask"])
 
 
-@pytest.mark.xfail(strict=True, reason="AF2 drops slot-5 pairs of every residue type from the pair count")
 def test_clash_mean(structure):
     (pos, mask, ridx, aatype), (p, m, r, _) = structure
     ours = between_residue_clashes(pos, mask, ridx, aatype)
