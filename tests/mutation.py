@@ -138,6 +138,7 @@ class ModuleScore:
     counts: dict[str, int] = field(default_factory=dict)
     open_survivors: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
+    unneeded: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -161,6 +162,8 @@ def score_group(folder: Path, only: list[str], never: list[str], excused: dict[s
         stamp = datetime.datetime.fromtimestamp(meta.stat().st_mtime, datetime.UTC)
         module = ModuleScore(source, measured=stamp.strftime("%Y-%m-%d %H:%M"))
         for mutant, status in statuses.items():
+            if mutant in excused and status not in (SURVIVED, NO_TESTS, NOT_RUN):
+                module.unneeded.append(mutant)  # killed now (or renumbered): the row is out of date
             if status in (SURVIVED, NO_TESTS) and mutant in excused:
                 if excused[mutant] in mutated_line(folder, source, mutant):
                     status = "justified"
@@ -249,6 +252,8 @@ def main(groups: tuple[str, ...], retest: bool, report_only: bool, write_docs: b
         for m in modules:
             for mutant in m.stale:
                 click.echo(f"stale justification (the mutant's line changed): {mutant}", err=True)
+            for mutant in m.unneeded:
+                click.echo(f"justification of a mutant that does not survive (remove the row): {mutant}", err=True)
             for mutant in m.open_survivors:
                 click.echo(f"open ({group}): {mutant}")
     if write_docs:
