@@ -446,3 +446,30 @@ def test_loader_state_counts_whole_steps_and_reads_the_old_batch_count(tokenizer
     [first] = itertools.islice(old, 1)
     [expected] = data.stream_loader(stream, batch_size=2, start_batch=6, num_batches=1, share=data.Share(accum=2))
     assert torch.equal(first["pixel_values"], expected["pixel_values"])
+
+
+def test_unreadable_caption_files_and_settings_are_refused_in_one_line(tmp_path, monkeypatch):
+    names = _images(tmp_path, n=2)
+    csv_file = tmp_path / "metadata.csv"
+    csv_file.write_bytes(f"file_name,text\n{names[0]},a\n{names[1]},b\xff\n".encode("latin-1"))
+    _refused(lambda: data.scan_folder(tmp_path), f"{csv_file} line 3: not UTF-8 text (byte 0xff); is this the captions file?")
+    _refused(lambda: data.scan_folder(tmp_path, on_bad="ignore"), "on_bad='ignore' must be 'skip' or 'error'")
+    jsonl = tmp_path / "metadata.jsonl"
+    jsonl.write_text(json.dumps({"file_name": names[0], "text": "a"}) + '\n["img1.png", "b"]\n')
+    _refused(lambda: data.scan_folder(tmp_path), f"{jsonl} line 2: expected a JSON object, got list")
+    jsonl.write_text('{"file_name": "img0.png", "text": "a"}\n\n{"file_name": "img1.png", text: "b"}\n')
+    _refused(lambda: data.scan_folder(tmp_path),
+             f"{jsonl} line 3: not valid JSON (Expecting property name enclosed in double quotes)")
+    _jsonl(tmp_path, [{"file_name": "gone.png", "text": "a"}])
+    _refused(lambda: data.scan_folder(tmp_path),
+             f"no usable images in {tmp_path}: 0 images with captions from {jsonl} (skipped: 1 missing: gone.png (missing))")
+    read_bytes = Path.read_bytes
+
+    def failing(path):
+        if path == jsonl:
+            raise OSError(5, "Input/output error")
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    _refused(lambda: data.scan_folder(tmp_path), f"{jsonl}: cannot read this captions file; it looks damaged or truncated "
+                                                 "([Errno 5] Input/output error). Replace it, or remove it to start over")
