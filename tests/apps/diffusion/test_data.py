@@ -473,3 +473,27 @@ def test_unreadable_caption_files_and_settings_are_refused_in_one_line(tmp_path,
     monkeypatch.setattr(Path, "read_bytes", failing)
     _refused(lambda: data.scan_folder(tmp_path), f"{jsonl}: cannot read this captions file; it looks damaged or truncated "
                                                  "([Errno 5] Input/output error). Replace it, or remove it to start over")
+
+
+def test_a_csv_with_old_mac_line_ends_reads_like_any_other(tmp_path):
+    """CR alone ends a line (classic Mac OS, some exporters); a quoted CR stays in its caption."""
+    names = _images(tmp_path, n=2)
+    (tmp_path / "captions.csv").write_bytes(f'file_name,text\r{names[0]},a\r{names[1]},"x\ry"\r'.encode())
+    assert [(r.path.name, r.caption) for r in data.scan_folder(tmp_path).records] == [(names[0], "a"), (names[1], "x\ry")]
+
+
+def test_a_sidecar_folder_names_itself_and_follows_on_bad(tmp_path):
+    names = _images(tmp_path, n=2)
+    for name in names:
+        (tmp_path / name).with_suffix(".txt").write_text("a caption")
+    assert data.scan_folder(tmp_path).summary() == f"2 images with captions from {tmp_path} (.txt sidecars)"
+    (tmp_path / "z.png").write_bytes(b"garbage")
+    (tmp_path / "z.txt").write_text("broken")
+    with pytest.raises(UserError, match=r"z\.png: unreadable"):
+        data.scan_folder(tmp_path, on_bad="error")
+    for name in names:
+        (tmp_path / name).unlink()
+    reason = _pil_reason(tmp_path / "z.png")
+    _refused(lambda: data.scan_folder(tmp_path),
+             f"no usable images in {tmp_path}: 0 images with captions from {tmp_path} (.txt sidecars) "
+             f"(skipped: 1 unreadable: z.png (unreadable ({reason})))")
