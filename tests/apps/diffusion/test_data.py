@@ -497,3 +497,12 @@ def test_a_sidecar_folder_names_itself_and_follows_on_bad(tmp_path):
     _refused(lambda: data.scan_folder(tmp_path),
              f"no usable images in {tmp_path}: 0 images with captions from {tmp_path} (.txt sidecars) "
              f"(skipped: 1 unreadable: z.png (unreadable ({reason})))")
+
+
+def test_image_names_in_subfolders_are_relative_to_the_data_folder(tmp_path):
+    _images(tmp_path / "sub", n=1)
+    _images(tmp_path, n=1)
+    (tmp_path / "metadata.csv").write_text("text,file_name\nin a subfolder,sub/img0.png\nat the top,img0.png\n")
+    scan = data.scan_folder(tmp_path)
+    assert [(r.path, r.caption) for r in scan.records] == [(tmp_path / "sub" / "img0.png", "in a subfolder"),
+                                                           (tmp_path / "img0.png", "at the top")]
