@@ -115,8 +115,8 @@ def _read_csv(path: Path) -> list[tuple[str, dict]]:
         if not reader.fieldnames:
             raise UserError(f"{path} has no header row; expected columns such as file_name,text")
         return [(f"line {reader.line_num}", row) for row in reader]
-    except csv.Error as err:
-        raise UserError(f"{path} line {reader.line_num}: not readable as CSV ({err})") from None
+    except csv.Error as err:  # DictReader's own line_num is the last good row's: the reader's counts the bad one
+        raise UserError(f"{path} line {reader.reader.line_num}: not readable as CSV ({err})") from None
 
 
 def _rows_to_records(rows, root: Path, source: Path, caption_column: str, image_column: str) -> list[Record]:

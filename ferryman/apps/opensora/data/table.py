@@ -37,10 +37,8 @@ def _is_parquet(path: Path) -> bool:
         return handle.read(4) == b"PAR1"  # a parquet file by another name reads as one
 
 
-def _rows(path: Path) -> list[dict[str, object]]:
-    """The table's rows as mappings; a file that is not a table in the format it claims is one line."""
-    if _is_parquet(path):
-        return _parquet_rows(path)
+def _csv_rows(path: Path) -> list[dict[str, object]]:
+    """The CSV's rows as mappings; a file that is not a readable CSV is one line."""
     try:
         # utf-8-sig: spreadsheet programs start their UTF-8 CSVs with a byte-order mark
         with open(path, newline="", encoding="utf-8-sig") as handle:
@@ -88,7 +86,8 @@ def read_table(path: str | Path, root: Path | None = None) -> list[ClipRecord]:
         raise UserError(f"clip table {path} is a folder; expected a CSV or parquet file")
     if not path.is_file():
         raise UserError(f"clip table {path} does not exist")
-    rows = _rows(path)
+    parquet = _is_parquet(path)  # by its suffix or its content: rows are numbered as the format counts them
+    rows = _parquet_rows(path) if parquet else _csv_rows(path)
     if not rows:
         raise UserError(f"{path}: no clips listed (only a header)")
     missing = [c for c in REQUIRED if c not in rows[0]]
@@ -96,7 +95,7 @@ def read_table(path: str | Path, root: Path | None = None) -> list[ClipRecord]:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, rows[0]))}")
     root = Path(root) if root is not None else path.parent
     records = []
-    for i, row in enumerate(rows, start=2 if path.suffix.lower() != ".parquet" else 1):
+    for i, row in enumerate(rows, start=1 if parquet else 2):  # a CSV's first row is its line 2
         clip, text = str(row.get("path") or "").strip(), row.get("text")
         if not clip:
             raise UserError(f"{path}, row {i}: empty path")
