@@ -69,10 +69,11 @@ def test_the_progress_bar_counts_updates_from_where_a_resume_starts(tmp_path, ca
     kw = dict(max_steps=3, grad_accum=1, plot=False, ema_decay=0.0)
     train(_cfg(tmp_path, "plain", **kw, stop_after=2), Net, _ordered_loader, _loss)
     assert capsys.readouterr().err == ""  # progress=False
-    train(_cfg(tmp_path, "plain", **kw, resume="latest", progress=True), Net, _ordered_loader, _loss)
+    resumed = train(_cfg(tmp_path, "plain", **kw, resume="latest", progress=True), Net, _ordered_loader, _loss)
     bar = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line]
     assert bar[0].startswith("train:") and " 2/3 " in bar[0]  # started at the resumed step
-    assert " 3/3 " in bar[-1] and "step/s" in bar[-1] and "loss=" in bar[-1] and "lr=1.00e-02" in bar[-1]
+    assert " 3/3 " in bar[-1] and "step/s" in bar[-1] and "lr=1.00e-02" in bar[-1]
+    assert f"loss={resumed.losses[-1]:.4g}," in bar[-1]  # the last update's loss, to 4 significant digits
 
 
 def _shuffled_loader():
