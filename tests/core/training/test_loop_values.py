@@ -3,6 +3,7 @@ same loop (which shares any bias): the logged loss and metrics of an update, the
 after an epoch boundary, the EMA of tied weights, and the loss averaged over data-parallel ranks."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -15,6 +16,19 @@ from tests.core.training.test_loop import Net, _cfg, _loss
 from tests.threaded import run_threaded
 
 X = torch.randn(12, 6, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(autouse=True)
+def _a_tqdm_lock_of_this_process(monkeypatch):
+    """The progress bars of these tests take a lock of the test's own process. tqdm guards its
+    output with a process-shared semaphore made once and inherited by forked processes (mutmut
+    forks one per mutant from the process that ran the tests first), and releases it without a
+    ``finally``: a bar whose display raises (a mutant's ``unit=None``) leaves it held when its
+    process exits, and every later process blocks in ``tqdm()`` until killed (the "_progress hang"
+    of docs/testing.md, where later mutants read as timeouts whatever their tests would say)."""
+    from tqdm.auto import tqdm
+
+    monkeypatch.setattr(tqdm, "_lock", threading.RLock(), raising=False)  # absent until a first bar
 Y = torch.arange(12) % 3
 
 
@@ -69,10 +83,11 @@ def test_the_progress_bar_counts_updates_from_where_a_resume_starts(tmp_path, ca
     kw = dict(max_steps=3, grad_accum=1, plot=False, ema_decay=0.0)
     train(_cfg(tmp_path, "plain", **kw, stop_after=2), Net, _ordered_loader, _loss)
     assert capsys.readouterr().err == ""  # progress=False
-    train(_cfg(tmp_path, "plain", **kw, resume="latest", progress=True), Net, _ordered_loader, _loss)
+    resumed = train(_cfg(tmp_path, "plain", **kw, resume="latest", progress=True), Net, _ordered_loader, _loss)
     bar = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line]
     assert bar[0].startswith("train:") and " 2/3 " in bar[0]  # started at the resumed step
-    assert " 3/3 " in bar[-1] and "step/s" in bar[-1] and "loss=" in bar[-1] and "lr=1.00e-02" in bar[-1]
+    assert " 3/3 " in bar[-1] and "step/s" in bar[-1] and "lr=1.00e-02" in bar[-1]
+    assert f"loss={resumed.losses[-1]:.4g}," in bar[-1]  # the last update's loss, to 4 significant digits
 
 
 def _shuffled_loader():
