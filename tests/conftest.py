@@ -1,6 +1,7 @@
 """Test harness: Triton's interpreter on CPU-only machines, and the gpu/distributed/slow markers."""
 
 import os
+import threading
 
 import pytest
 import torch
@@ -28,3 +29,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _a_tqdm_lock_of_this_process(monkeypatch):
+    """Progress bars take a lock of the test's own process. tqdm guards its output with a
+    process-shared semaphore made once and inherited by forked processes (mutmut forks one per
+    mutant from the process that ran the tests first), and releases it without a ``finally``: a bar
+    whose display raises (a mutant's ``unit=None``) leaves it held when its process exits, and every
+    later process blocks in ``tqdm()`` until killed, so later mutants read as timeouts whatever
+    their tests would say (docs/testing.md, "Known trouble")."""
+    from tqdm import std
+    from tqdm.auto import tqdm
+
+    for cls in {std.tqdm, tqdm}:
+        monkeypatch.setattr(cls, "_lock", threading.RLock(), raising=False)  # absent until a first bar

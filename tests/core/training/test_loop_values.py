@@ -3,7 +3,6 @@ same loop (which shares any bias): the logged loss and metrics of an update, the
 after an epoch boundary, the EMA of tied weights, and the loss averaged over data-parallel ranks."""
 
 import json
-import threading
 
 import pytest
 import torch
@@ -18,17 +17,6 @@ from tests.threaded import run_threaded
 X = torch.randn(12, 6, generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture(autouse=True)
-def _a_tqdm_lock_of_this_process(monkeypatch):
-    """The progress bars of these tests take a lock of the test's own process. tqdm guards its
-    output with a process-shared semaphore made once and inherited by forked processes (mutmut
-    forks one per mutant from the process that ran the tests first), and releases it without a
-    ``finally``: a bar whose display raises (a mutant's ``unit=None``) leaves it held when its
-    process exits, and every later process blocks in ``tqdm()`` until killed (the "_progress hang"
-    of docs/testing.md, where later mutants read as timeouts whatever their tests would say)."""
-    from tqdm.auto import tqdm
-
-    monkeypatch.setattr(tqdm, "_lock", threading.RLock(), raising=False)  # absent until a first bar
 Y = torch.arange(12) % 3
 
 
