@@ -91,7 +91,8 @@ def threads(monkeypatch):
 
     monkeypatch.setattr(launch.mp, "get_context", get_context)
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)  # the workers set them; monkeypatch restores them
+        monkeypatch.setenv(name, "unset")  # recorded, so that what the workers set is undone
+        monkeypatch.delenv(name)
     _ThreadProcess.started, _ThreadProcess.exit_codes = [], {}
     RELEASE.clear()
     threaded._install_threaded_pg()
