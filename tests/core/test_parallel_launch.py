@@ -35,12 +35,16 @@ class _ThreadProcess:
     def __init__(self, target, args, daemon):
         self.target, self.args, self.daemon = target, args, daemon
         self.exitcode, self.killed, self.left_a_group = None, False, None
+        self.join_timeouts: list[float | None] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         code = self.exit_codes.get(self.args[0])
         if code is None:
-            self.target(*self.args)
+            try:
+                self.target(*self.args)
+            except BaseException:
+                code = 1  # what a process ended by an uncaught exception exits with
             self.left_a_group = dist.is_initialized()  # this thread's group, after the worker's cleanup
         self.exitcode = code or 0
 
@@ -49,6 +53,7 @@ class _ThreadProcess:
         self.thread.start()
 
     def join(self, timeout=None):
+        self.join_timeouts.append(timeout)
         self.thread.join(timeout)
 
     def is_alive(self):
@@ -176,6 +181,7 @@ def test_a_failed_rank_ends_the_run_without_waiting_for_a_blocked_one(threads):
     assert time.monotonic() - start < 10  # not the 20 s timeout, nor the 30 s the rank would wait
     blocked, failed = _ThreadProcess.started
     assert blocked.killed and not failed.killed
+    assert 0 < max(blocked.join_timeouts) <= 1  # a short grace for a rank that may be stuck for good
 
 
 def test_a_rank_that_dies_without_a_message_fails_the_run(threads):
