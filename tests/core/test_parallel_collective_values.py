@@ -244,3 +244,26 @@ def test_pad_to_multiple_pads_zeros_at_the_end_of_one_dimension(dim):
     assert pad_to_multiple(x, dim, 1) is x
     assert pad_to_multiple(x, dim, size) is x
     assert pad_to_multiple(x, dim, size + 3).shape[dim % 3] == size + 3
+
+
+def _modified_in_place(rank: int, world: int):
+    grads = []
+    for kind in ("gather", "a2a"):
+        x = torch.arange(4.0, dtype=torch.float64).reshape(2, 2).requires_grad_()
+        if kind == "gather":  # along dim 0, untrimmed: the gathered rows are the buffer itself
+            buf, handle = gather_async(x, 0, dist.group.WORLD)
+        else:
+            buf, handle = all_to_all_async(x, 1, 0, dist.group.WORLD)
+        y = wait(buf, handle)
+        y.mul_(3)  # as an in-place activation would
+        (y * y).sum().backward()
+        grads.append(x.grad)
+    return grads
+
+
+def test_the_result_of_wait_can_be_modified_in_place(late_transport):
+    x = torch.arange(4.0, dtype=torch.float64).reshape(2, 2)
+    for gather_grad, a2a_grad in run_threaded(_modified_in_place, 2):
+        # d/dx of sum((3y)^2) is 18 y; gather sums it over the 2 ranks, all_to_all routes it back
+        assert torch.equal(gather_grad, 36 * x)
+        assert torch.equal(a2a_grad, 18 * x)
