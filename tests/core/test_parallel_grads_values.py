@@ -18,21 +18,21 @@ def _grad(rank: int, n: int, dtype=torch.float64) -> torch.Tensor:
 
 
 def _params():
-    shapes = {"a": (2, 3), "b": (4,), "c": (3,), "d": (5,), "e": (2,)}
+    shapes = {"a": (2, 3), "b": (4,), "c": (3,), "f": (3,), "d": (5,), "e": (2,)}
     params = {k: torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for k, s in shapes.items()}
     params["h"] = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
     return params
 
 
 # which ranks hold a gradient for each parameter (the others ran no backward through it)
-HAS_GRAD = {"a": {0, 1, 2}, "b": {1}, "c": set(), "d": {0, 2}, "e": {0, 1, 2}, "h": {2}}
+HAS_GRAD = {"a": {0, 1, 2}, "b": {1}, "c": set(), "f": {0, 2}, "d": {0, 2}, "e": {0, 1, 2}, "h": {2}}
 
 
 def _reduce(rank: int, world: int, bucket_bytes: int):
     params = _params()
     pair = dist.new_group([0, 1])  # ranks 0 and 1; rank 2 takes part in creating it only
     everyone = dist.group.WORLD
-    marked = mark_partial_grads([params[k] for k in ("a", "b", "c", "h")], everyone)
+    marked = mark_partial_grads([params[k] for k in ("a", "b", "c", "f", "h")], everyone)
     if rank < 2:
         marked += mark_partial_grads([params["d"]], pair)
     for name, param in params.items():
@@ -51,16 +51,16 @@ def _sum(name: str, ranks) -> torch.Tensor | None:
     return sum(_grad(r, shape.numel()) for r in holders).reshape(shape)
 
 
-@pytest.mark.parametrize("bucket_bytes, calls", [(1 << 20, [3, 3, 2]), (64, [4, 4, 3])])
+@pytest.mark.parametrize("bucket_bytes, calls", [(1 << 20, [3, 3, 2]), (64, [5, 5, 4])])
 def test_partial_gradients_are_summed_over_their_group_only(bucket_bytes, calls):
-    """World group: a, b, c (float64: 48 + 32 + 24 bytes) and h (bfloat16: its own bucket);
-    the pair [0, 1]: d; e is not marked. With 64-byte buckets, a goes alone and b with c."""
+    """World group: a, b, c, f (float64: 48 + 32 + 24 + 24 bytes) and h (bfloat16: its own
+    bucket); the pair [0, 1]: d; e is not marked. With 64-byte buckets: [a], [b, c], [f]."""
     results = run_threaded(_reduce, WORLD, bucket_bytes)
     for rank, (marked, n_calls, kept, grads) in enumerate(results):
-        assert marked == (5 if rank < 2 else 4)
+        assert marked == (6 if rank < 2 else 5)
         assert n_calls == calls[rank]
         assert kept  # a gradient that existed is summed in place, not replaced
-        for name in ("a", "b"):
+        for name in ("a", "b", "f"):  # f comes after c, which no rank has: its place in the bucket
             assert torch.equal(grads[name], _sum(name, range(WORLD))), (rank, name)
         assert grads["c"] is None  # no rank has one: AdamW must skip it
         expected_d = _sum("d", [0, 1]) if rank < 2 else _grad(2, 5)  # rank 2 is not in d's group
