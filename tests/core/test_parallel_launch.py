@@ -120,7 +120,7 @@ def _sum_of_ranks(rank, world, scale):
 
 
 def test_results_come_back_by_rank_from_an_initialised_group(threads):
-    results = run_distributed(_sum_of_ranks, 3, 2.0, backend="threaded")
+    results = run_distributed(_sum_of_ranks, 3, 2.0, backend="threaded", timeout_s=20)
     assert [r["rank"] for r in results] == [0, 1, 2]
     assert [r["group_rank"] for r in results] == [0, 1, 2]
     assert [r["group_size"] for r in results] == [3, 3, 3]
@@ -143,7 +143,7 @@ def _environment(rank, world):
 
 
 def test_a_worker_sees_what_torchrun_would_set(threads):
-    [got] = run_distributed(_environment, 1, backend="threaded")
+    [got] = run_distributed(_environment, 1, backend="threaded", timeout_s=20)
     env = got["env"]
     assert env["MASTER_ADDR"] == "127.0.0.1"
     assert 1024 < int(env["MASTER_PORT"]) < 65536
@@ -160,7 +160,7 @@ def _fails_on_one(rank, world):
 
 def test_a_rank_that_raises_fails_the_run_with_its_traceback(threads):
     with pytest.raises(RuntimeError) as err:
-        run_distributed(_fails_on_one, 2, backend="threaded")
+        run_distributed(_fails_on_one, 2, backend="threaded", timeout_s=20)
     message = str(err.value)
     assert message.startswith("rank 1 failed:\nTraceback (most recent call last):\n")
     assert "ValueError: rank one cannot go on" in message
