@@ -31,6 +31,7 @@ class _ThreadProcess:
 
     started: ClassVar[list["_ThreadProcess"]] = []
     exit_codes: ClassVar[dict[int, int]] = {}  # rank -> exit code of a process that dies without running
+    exit_s: ClassVar[float] = 0.0  # how long a process takes to exit after its worker returned
 
     def __init__(self, target, args, daemon):
         self.target, self.args, self.daemon = target, args, daemon
@@ -46,6 +47,7 @@ class _ThreadProcess:
             except BaseException:
                 code = 1  # what a process ended by an uncaught exception exits with
             self.left_a_group = dist.is_initialized()  # this thread's group, after the worker's cleanup
+            RELEASE.wait(self.exit_s)  # interpreter shutdown; cut short by a kill
         self.exitcode = code or 0
 
     def start(self):
@@ -98,7 +100,7 @@ def threads(monkeypatch):
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.setenv(name, "unset")  # recorded, so that what the workers set is undone
         monkeypatch.delenv(name)
-    _ThreadProcess.started, _ThreadProcess.exit_codes = [], {}
+    _ThreadProcess.started, _ThreadProcess.exit_codes, _ThreadProcess.exit_s = [], {}, 0.0
     RELEASE.clear()
     threaded._install_threaded_pg()
     torch._C._distributed_c10d._set_thread_isolation_mode(True)
@@ -131,6 +133,22 @@ def test_results_come_back_by_rank_from_an_initialised_group(threads):
     assert all(p.daemon is True for p in _ThreadProcess.started)  # cannot outlive the caller
     assert not any(p.killed for p in _ThreadProcess.started)  # finished ranks are joined, not killed
     assert [p.left_a_group for p in _ThreadProcess.started] == [False] * 3  # each worker tears its group down
+
+
+def _backend(rank, world):
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    return dist.get_backend(), t.item()
+
+
+def test_the_default_backend_is_gloo(threads):
+    assert run_distributed(_backend, 2, timeout_s=20) == [("gloo", 3.0), ("gloo", 3.0)]
+
+
+def test_ranks_that_reported_are_given_time_to_exit_cleanly(threads):
+    _ThreadProcess.exit_s = 1.0  # longer than the grace of a failed run: this one did not fail
+    assert run_distributed(_backend, 2, backend="threaded", timeout_s=20) == [("threaded", 3.0)] * 2
+    assert [p.killed for p in _ThreadProcess.started] == [False, False]
 
 
 def _environment(rank, world):
