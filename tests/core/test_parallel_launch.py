@@ -74,7 +74,7 @@ class _Queue:
         self.items.put(item)
 
     def get(self):
-        return self.items.get()
+        return self.items.get(timeout=5)  # a get that would block for good fails instead
 
     def empty(self):
         return self.items.empty()
