@@ -175,7 +175,7 @@ def _sizes(rank: int, world: int):
     return sizes, scatter(x, 0, None) is x, gather(x, 1, None) is x, all_to_all(x, 0, 1, None) is x
 
 
-def test_a_missing_group_is_a_group_of_one_even_in_a_world_of_several():
+def test_no_group_means_one_rank_inside_a_world_of_several():
     for rank, (sizes, *identity) in enumerate(run_threaded(_sizes, WORLD)):
         assert sizes == (1, 0, GROUP, rank // 2)
         assert identity == [True, True, True]
