@@ -168,3 +168,21 @@ def test_groups_use_the_backend_asked_for_not_the_default_group_s(monkeypatch):
         for fields, members in run_threaded(_members, 4, 2, 1, backend):
             assert [members[f"{axis}_backend"] for axis in ("dp", "dap", "sp")] == ["gloo"] * 3
             assert fields[-1] == torch.device("cpu")
+
+
+def _nccl_rank(rank: int, world: int):
+    dims = init_parallel(dap=2, backend="nccl")
+    return dims.device, dims.dap
+
+
+def test_an_nccl_rank_s_dims_name_the_gpu_it_was_set_to(monkeypatch):
+    """NCCL is not built into the CPU wheel this suite runs on: its groups are gloo stand-ins here,
+    and what is checked is init_parallel's own part, the device it sets and records."""
+    devices = []
+    real_new_group = dist.new_group
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(dist, "new_group", lambda ranks, backend=None: real_new_group(
+        ranks, backend="gloo" if backend == "nccl" else backend))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert run_threaded(_nccl_rank, 2) == [(torch.device("cuda", 1), 2)] * 2
+    assert devices == [1, 1]
