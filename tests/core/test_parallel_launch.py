@@ -102,6 +102,7 @@ def threads(monkeypatch):
         monkeypatch.delenv(name)
     _ThreadProcess.started, _ThreadProcess.exit_codes, _ThreadProcess.exit_s = [], {}, 0.0
     RELEASE.clear()
+    RAISING.clear()
     threaded._install_threaded_pg()
     torch._C._distributed_c10d._set_thread_isolation_mode(True)
     threads_before = torch.get_num_threads()
@@ -170,9 +171,16 @@ def test_a_worker_sees_what_torchrun_would_set(threads):
     assert got["initialised"] and got["backend"] == "threaded"
 
 
+RAISING = threading.Event()
+
+
 def _fails_on_one(rank, world):
     if rank == 1:
+        RAISING.set()
         raise ValueError("rank one cannot go on")
+    # rank 0 (which holds the rendezvous store) returns once rank 1 is past joining: a rank that
+    # tears its group down while another still talks to the store makes that one fail in joining
+    RAISING.wait(10)
     return rank
 
 
