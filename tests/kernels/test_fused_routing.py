@@ -11,6 +11,7 @@ import pytest
 import torch
 
 ATTENTION = importlib.import_module("ferryman.kernels.attention")
+LAYER_NORM = importlib.import_module("ferryman.kernels.layer_norm")
 SOFTMAX = importlib.import_module("ferryman.kernels.softmax")
 
 
@@ -133,3 +134,33 @@ def test_attention_on_strided_views_with_a_permuted_pair_bias():
     assert out[0, 2].abs().max() == 0
     for got, ref in zip([*qkv, z], [*wide, z64]):
         torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_ops_under_a_float64_default_dtype():
+    # Scientific callers set float64 as torch's default dtype: the wrappers' fp32 buffers (row
+    # statistics, partial sums, log-sum-exp) must not follow it.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(6, 9, generator=g, dtype=torch.float32).requires_grad_()
+        w = torch.linspace(0.5, 1.5, 9, dtype=torch.float32).requires_grad_()
+        y = LAYER_NORM.layer_norm(x, w, None, 1e-3, backend="triton")
+        p = SOFTMAX.softmax(x, backend="triton")
+        q, k, v = (torch.randn(2, 4, 8, generator=g, dtype=torch.float32).requires_grad_() for _ in range(3))
+        o = ATTENTION.attention(q, k, v, backend="triton")
+        assert y.dtype == p.dtype == o.dtype == torch.float32
+        (y.sum() + (p * torch.arange(9.0, dtype=torch.float32)).sum() + (o * o).sum()).backward()
+        grads = [t.grad.clone() for t in (x, w, q, k, v)]
+        wide = [t.detach().double().requires_grad_() for t in (x, w, q, k, v)]
+        x64, w64, q64, k64, v64 = wide
+        y64 = LAYER_NORM.layer_norm_ref(x64, w64, None, 1e-3)
+        p64 = SOFTMAX.softmax_ref(x64)
+        o64 = ATTENTION.attention_ref(q64, k64, v64)
+        (y64.sum() + (p64 * torch.arange(9.0)).sum() + (o64 * o64).sum()).backward()
+        for got, want in ((y, y64), (p, p64), (o, o64)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        for got, t in zip(grads, wide):
+            torch.testing.assert_close(got.double(), t.grad, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_default_dtype(previous)

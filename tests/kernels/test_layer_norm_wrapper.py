@@ -21,12 +21,15 @@ def test_module_keeps_the_backend_it_was_given(monkeypatch):
         LayerNorm(8)(x)
 
 
-@pytest.mark.parametrize("with_affine", [False, True])
-def test_rows_with_a_strided_last_dim(with_affine):
-    # A transposed matrix: reshape keeps it a view whose columns are 7 elements apart; the kernel
-    # reads rows with unit stride, so the wrapper must copy first.
-    x = (torch.randn(7, 12) * 2 + 1).t().requires_grad_()  # [12, 7], strides (1, 12)
-    assert x.stride() == (1, 12)
+@pytest.mark.parametrize(("with_affine", "step"), [(False, 12), (True, 12), (True, 2)])
+def test_rows_with_a_strided_last_dim(with_affine, step):
+    # A transposed matrix or every other column: reshape keeps it a view whose columns are `step`
+    # elements apart; the kernel reads rows with unit stride, so the wrapper must copy first.
+    if step == 12:
+        x = (torch.randn(7, 12) * 2 + 1).t().requires_grad_()  # [12, 7], strides (1, 12)
+    else:
+        x = (torch.randn(12, 14) * 2 + 1)[:, ::2].requires_grad_()  # [12, 7], strides (14, 2)
+    assert x.shape == (12, 7) and x.stride(-1) == step
     w = (1 + 0.3 * torch.randn(7)).requires_grad_() if with_affine else None
     b = (0.3 * torch.randn(7)).requires_grad_() if with_affine else None
     dy = torch.randn(7, 12).t()  # a strided gradient as well
