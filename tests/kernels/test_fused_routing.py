@@ -65,7 +65,8 @@ def _attention_by_hand(q, k, v, biases, keep, scale):
     logits = torch.einsum("...qd,...kd->...qk", q.double(), k.double()) * scale
     for b in biases:
         logits = logits + b.double()
-    return torch.einsum("...qk,...kd->...qd", _softmax_by_hand(logits, keep.expand_as(logits)), v.double())
+    logits, keep = torch.broadcast_tensors(logits, keep)
+    return torch.einsum("...qk,...kd->...qd", _softmax_by_hand(logits, keep), v.double())
 
 
 @pytest.mark.parametrize(("n_q", "n_k", "head_dim", "dtype", "path"), [
@@ -164,3 +165,57 @@ def test_fused_ops_under_a_float64_default_dtype():
             torch.testing.assert_close(got.double(), t.grad, rtol=1e-4, atol=1e-4)
     finally:
         torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("wanted", ["k", "v", "kv"])
+def test_attention_gradient_of_keys_or_values_alone(wanted):
+    # Frozen keys with trained values (or the other way round): each still gets its gradient.
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 5, 8, generator=g) for _ in range(3))
+    k.requires_grad_("k" in wanted)
+    v.requires_grad_("v" in wanted)
+    dy = torch.randn(2, 5, 8, generator=g)
+    (ATTENTION.attention(q, k, v, backend="triton") * dy).sum().backward()
+    wide = [t.detach().double().requires_grad_() for t in (k, v)]
+    (_attention_by_hand(q, *wide, [], torch.ones(5, dtype=torch.bool), 8 ** -0.5) * dy.double()).sum().backward()
+    for name, t, t64 in zip("kv", (k, v), wide):
+        if name in wanted:
+            assert t.grad is not None, f"{name} got no gradient"
+            torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-4, atol=1e-4)
+        else:
+            assert t.grad is None
+
+
+def test_attention_default_backend_runs_where_the_tensors_are():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 3, 8, generator=g) for _ in range(3))
+    torch.testing.assert_close(ATTENTION.attention(q, k, v).double(),
+                               _attention_by_hand(q, k, v, [], torch.ones(3, dtype=torch.bool), 8 ** -0.5),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_public_ops_with_backend_triton_run_the_kernels(monkeypatch):
+    # backend="triton" must reach the fused path, not quietly the reference the parity tests compare with.
+    taken = []
+    for module, fn in ((ATTENTION, ATTENTION._AttentionFn), (SOFTMAX, SOFTMAX._SoftmaxFn),
+                       (LAYER_NORM, LAYER_NORM._LayerNormFn)):
+        monkeypatch.setattr(fn, "apply", lambda *args, _name=module.__name__: taken.append(_name))
+    x = torch.randn(2, 3, 8)
+    ATTENTION.attention(x, x, x, backend="triton")
+    SOFTMAX.softmax(x, backend="triton")
+    LAYER_NORM.layer_norm(x, backend="triton")
+    assert taken == ["ferryman.kernels.attention", "ferryman.kernels.softmax", "ferryman.kernels.layer_norm"]
+
+
+def test_attention_mask_with_batch_dims_of_its_own():
+    # One q/k/v, three key masks: the mask's batch dim is a batch dim of the output.
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 4, 8, generator=g) for _ in range(3))  # batch (2,)
+    keep = torch.rand(3, 1, 1, 4, generator=g) > 0.3  # batch (3, 1): broadcasts to (3, 2)
+    keep[0, ..., 1] = False
+    out = ATTENTION.attention(q, k, v, mask=keep, backend="triton")
+    assert out.shape == (3, 2, 4, 8)
+    want = _attention_by_hand(q, k, v, [], keep, 8 ** -0.5)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ATTENTION.attention(q, k, v, mask=keep, backend="torch").double(), want,
+                               rtol=1e-5, atol=1e-5)

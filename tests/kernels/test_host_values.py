@@ -42,7 +42,9 @@ def test_next_pow2(n, want):
     (5, 131072, True, (1, 131072, 16)),
 ])
 def test_row_launch_config(rows, cols, interpreted, want):
-    assert _layout.row_launch_config(rows, cols, interpreted) == want
+    got = _layout.row_launch_config(rows, cols, interpreted)
+    assert got == want
+    assert all(type(v) is int for v in got)  # compile-time constants of the kernels: 4.0 is no tile size
 
 
 def test_row_kernels_ask_for_the_tiles_of_where_they_run(monkeypatch):
@@ -69,6 +71,7 @@ def test_layer_norm_partial_sums_per_program(monkeypatch):
     ("fwd", 1024, 32, torch.float32, (64, 32, 4, 2)),
     ("bwd", 1024, 32, torch.bfloat16, (64, 64, 4, 2)),
     ("bwd", 1024, 128, torch.bfloat16, (64, 64, 8, 2)),
+    ("bwd", 1024, 64, torch.bfloat16, (64, 64, 4, 2)),
     ("bwd", 1024, 32, torch.float32, (32, 32, 4, 2)),
     ("fwd", 1024, 256, torch.bfloat16, (64, 32, 8, 2)),
     ("bwd", 1024, 256, torch.float32, (64, 32, 8, 2)),
@@ -104,6 +107,8 @@ def test_matrix_strides_are_zero_along_broadcast_dims():
     assert _layout.matrix_strides(torch.zeros(2, 3, 4)) == (4, 1)
     assert _layout.matrix_strides(torch.zeros(2, 1, 4)) == (0, 1)
     assert _layout.matrix_strides(torch.zeros(2, 3, 1)) == (1, 0)
+    assert _layout.matrix_strides(torch.zeros(3, 2, 4)) == (4, 1)  # two rows are two rows
+    assert _layout.matrix_strides(torch.zeros(3, 2)) == (2, 1)
     assert _layout.matrix_strides(torch.zeros(5, 3).t()) == (1, 3)
     assert _layout.matrix_strides(torch.zeros(1, 1)) == (0, 0)
 
@@ -117,6 +122,8 @@ def test_batch_strides_against_the_batch_shape():
     assert _layout.batch_strides(torch.zeros(2, 2, 4, 5).transpose(0, 1), (2, 2)) == [20, 40]
     with pytest.raises(ValueError, match=r"^shape \(2, 4, 5\) does not broadcast to batch \(3,\)$"):
         _layout.batch_strides(torch.zeros(2, 4, 5), (3,))
+    with pytest.raises(ValueError, match=r"^shape \(3, 4, 5\) does not broadcast to batch \(2,\)$"):
+        _layout.batch_strides(torch.zeros(3, 4, 5), (2,))
 
 
 def test_table_columns_number_from_zero():

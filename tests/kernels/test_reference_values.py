@@ -213,12 +213,26 @@ def test_no_keys_give_empty_rows_and_a_zero_attention_output():
     # Zero keys (an empty text prompt, a crop without templates): softmax over an empty row is empty,
     # and attention over no keys is the empty sum, zero, in every path.
     x = torch.randn(2, 3, 0)
+    assert softmax_ref(x.half()).dtype == torch.float16
     for backend in ("torch", "triton"):
         p = softmax(x, torch.ones(0, dtype=torch.bool), torch.zeros(3, 0), backend=backend)
         assert p.shape == (2, 3, 0)
         q, k, v = torch.randn(2, 3, 8), torch.randn(2, 0, 8), torch.randn(2, 0, 8)
         out = attention(q, k, v, torch.zeros(3, 0), torch.ones(0, dtype=torch.bool), backend=backend)
         assert torch.equal(out, torch.zeros(2, 3, 8))
+
+
+def test_softmax_ref_of_fp16_rows_is_rounded_once_from_fp32():
+    # exp, sum and division in fp32 and one rounding to fp16: every probability is within half an
+    # fp16 ulp (plus fp32 noise) of the exact value; computed in fp16 it is off by several ulps.
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 50, generator=g) * 2).half()
+    exact = _softmax_by_hand(x)
+    ulp = torch.finfo(torch.float16).eps * 2.0 ** torch.floor(torch.log2(exact.clamp_min(2**-14)))
+    ulp = torch.where(exact < 2**-14, torch.full_like(exact, 2.0**-24), ulp)  # subnormals
+    got = softmax_ref(x)
+    assert got.dtype == torch.float16
+    assert ((got.double() - exact).abs() <= 0.51 * ulp).all()
 
 
 def test_softmax_default_backend_on_cpu(monkeypatch):
