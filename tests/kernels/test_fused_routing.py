@@ -219,3 +219,37 @@ def test_attention_mask_with_batch_dims_of_its_own():
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ATTENTION.attention(q, k, v, mask=keep, backend="torch").double(), want,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_more_batch_entries_than_the_offset_tables_have_columns():
+    # 13 batch entries of one-query matrices: more rows than the widest offset table (11 columns),
+    # so a launch grid or buffer sized by the table's width instead of its rows leaves entries out.
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(13, 1, 8, generator=g, requires_grad=True)
+    bias = torch.randn(13, 1, 2, generator=g, requires_grad=True)
+    k2, v2 = (torch.randn(13, 2, 8, generator=g, requires_grad=True) for _ in range(2))
+    out = ATTENTION.attention(q, k2, v2, bias, backend="triton")
+    out.sum().backward()
+    wide = [t.detach().double().requires_grad_() for t in (q, k2, v2, bias)]
+    want = _attention_by_hand(*wide[:3], [wide[3]], torch.ones(2, dtype=torch.bool), 8 ** -0.5)
+    want.sum().backward()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    for t, t64 in zip((q, k2, v2, bias), wide):
+        torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-4, atol=1e-4)
+    # dq by its own launch (no bias gradient wanted), and softmax over 13 rows of logits.
+    q2 = torch.randn(13, 1, 8, generator=g, requires_grad=True)
+    out = ATTENTION.attention(q2, k2.detach(), v2.detach(), backend="triton")
+    dy = torch.randn(out.shape, generator=g)
+    (out * dy).sum().backward()
+    wide = [t.detach().double().requires_grad_() for t in (q2, k2, v2)]
+    (_attention_by_hand(*wide, [], torch.ones(2, dtype=torch.bool), 8 ** -0.5) * dy.double()).sum().backward()
+    torch.testing.assert_close(q2.grad.double(), wide[0].grad, rtol=1e-4, atol=1e-4)
+    x = torch.randn(13, 1, 3, generator=g, requires_grad=True)
+    dy = torch.randn(13, 1, 3, generator=g)
+    p = SOFTMAX.softmax(x, backend="triton")
+    (p * dy).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    p64 = _softmax_by_hand(x64, torch.ones(3, dtype=torch.bool))
+    (p64 * dy.double()).sum().backward()
+    torch.testing.assert_close(p.double(), p64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
