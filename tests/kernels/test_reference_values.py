@@ -300,6 +300,15 @@ def test_attention_ref_half_precision_output_and_dtype():
     torch.testing.assert_close(got.double(), _attention_by_hand(q, k, v), rtol=5e-3, atol=5e-3)
 
 
+def test_attention_ref_takes_values_of_another_dtype():
+    # The reference itself (unlike attention()) accepts values wider than q and k: the
+    # probabilities are cast to v's dtype, and the output has it.
+    q, k, v = _qkv((2,), 3, 5, 8, seed=6)
+    got = attention_ref(q.float(), k.float(), v)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, _attention_by_hand(q.float(), k.float(), v), rtol=1e-6, atol=1e-6)
+
+
 def test_attention_rejects_mismatched_dtypes_and_dims():
     q, k, v = _qkv((1,), 3, 4, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"q, k, v dtypes differ \(torch.float32, torch.float64, torch.float32\)"):
