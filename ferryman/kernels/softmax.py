@@ -42,6 +42,8 @@ def softmax_ref(x: torch.Tensor, mask=None, bias=None) -> torch.Tensor:
         logits = logits + bias.to(acc)
     if mask is not None:
         logits = logits.masked_fill(~mask_to_bool(mask), float("-inf"))
+    if logits.shape[-1] == 0:  # no keys: empty rows (amax would raise); attention then gives zeros
+        return logits.to(x.dtype)
     row_max = logits.amax(dim=-1, keepdim=True)
     # A fully masked row has max -inf; shifting by 0 keeps exp() at exactly 0 there.
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
