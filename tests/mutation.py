@@ -37,6 +37,10 @@ LINKED = ("ferryman", "tests", "data")
 # A justified survivor in docs/testing.md: | `mutant name` | `fragment of the mutated line` | why |
 JUSTIFIED_ROW = re.compile(r"^\|\s*`(ferryman\.[^`]+__mutmut_\d+)`\s*\|\s*`([^`]+)`\s*\|")
 KILLED, SURVIVED, NO_TESTS, TIMEOUT, NOT_RUN = "killed", "survived", "no tests", "timeout", "not checked"
+# The test process died by a signal other than mutmut's timeout (SIGSEGV, SIGABRT: e.g. the Triton
+# interpreter reading out of bounds of a grid the mutant sized wrong): the suite fails, so the
+# mutant is caught.
+CRASHED = "segfault"
 
 
 def load_settings() -> tuple[dict, dict[str, dict], dict]:
@@ -92,7 +96,10 @@ def run_group(folder: Path, mutants: list[str]) -> int:
 def exit_status(code: int | None) -> str:
     from mutmut.stats import status_by_exit_code
 
-    return status_by_exit_code[code]
+    status = status_by_exit_code[code]
+    if code is not None and code < 0 and status != TIMEOUT:  # killed by a signal: SIGSEGV, SIGABRT, ...
+        return CRASHED
+    return status
 
 
 def mutated(source: str, only: list[str], never: list[str]) -> bool:
@@ -150,8 +157,8 @@ class ModuleScore:
 
     @property
     def score(self) -> float:
-        """Killed, timed out or justified, of the mutants that ran (the rest are counted apart)."""
-        done = self.counts.get(KILLED, 0) + self.counts.get(TIMEOUT, 0) + self.counts.get("justified", 0)
+        """Killed, timed out, crashed or justified, of the mutants that ran (the rest are counted apart)."""
+        done = sum(self.counts.get(k, 0) for k in (KILLED, TIMEOUT, CRASHED, "justified"))
         return 100.0 * done / max(self.ran, 1)
 
 
@@ -176,18 +183,18 @@ def score_group(folder: Path, only: list[str], never: list[str], excused: dict[s
     return scores
 
 
-COUNTED = (KILLED, TIMEOUT, "justified", SURVIVED, NO_TESTS, NOT_RUN)
+COUNTED = (KILLED, TIMEOUT, CRASHED, "justified", SURVIVED, NO_TESTS, NOT_RUN)
 
 
 def report(scores: dict[str, list[ModuleScore]], groups: dict[str, dict]) -> str:
     """The per-module table; a configured group without results is listed as not run."""
-    lines = ["| group | module | measured (UTC) | mutants | killed | timeout | justified | survived | no tests "
+    lines = ["| group | module | measured (UTC) | mutants | killed | timeout | crashed | justified | survived | no tests "
              "| not run | other | score |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     grand = ModuleScore("all")
     for group, spec in groups.items():
         if not scores.get(group):
-            lines.append(f"| {group} | {', '.join(spec['only_mutate'])} | not run yet | | | | | | | | | |")
+            lines.append(f"| {group} | {', '.join(spec['only_mutate'])} | not run yet | | | | | | | | | | |")
             continue
         for m in scores[group]:
             c = m.counts
