@@ -42,5 +42,5 @@ def _a_tqdm_lock_of_this_process(monkeypatch):
     from tqdm import std
     from tqdm.auto import tqdm
 
-    for cls in {std.tqdm, tqdm}:
+    for cls in dict.fromkeys((std.tqdm, tqdm)):  # the base first (undone last); once if they are one
         monkeypatch.setattr(cls, "_lock", threading.RLock(), raising=False)  # absent until a first bar

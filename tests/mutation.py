@@ -169,7 +169,7 @@ def score_group(folder: Path, only: list[str], never: list[str], excused: dict[s
         stamp = datetime.datetime.fromtimestamp(meta.stat().st_mtime, datetime.UTC)
         module = ModuleScore(source, measured=stamp.strftime("%Y-%m-%d %H:%M"))
         for mutant, status in statuses.items():
-            if mutant in excused and status not in (SURVIVED, NO_TESTS, NOT_RUN):
+            if mutant in excused and status in (KILLED, CRASHED):
                 module.unneeded.append(mutant)  # killed now (or renumbered): the row is out of date
             if status in (SURVIVED, NO_TESTS) and mutant in excused:
                 if excused[mutant] in mutated_line(folder, source, mutant):

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from ferryman.core.config import layered, nest, override_layers, read_mapping
-from ferryman.core.errors import UserError
+from ferryman.core.errors import UserError, user_message
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,7 +49,7 @@ class _UserErrorsAsOneLine:
         except click.UsageError as err:  # e.g. a group's unknown subcommand
             raise _OneLineUsageError(f"{err.format_message()} (see: {ctx.command_path} --help)") from None
         except UserError as err:
-            click.echo(f"Error: {err}", err=True)
+            click.echo(f"Error: {user_message(err)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("Interrupted; outputs already finished were kept, nothing half-written.", err=True)

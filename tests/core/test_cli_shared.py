@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ferryman.core.cli import MEMORY_MODES, FerrymanCommand, resolve_config, train_flags, train_options
@@ -112,3 +113,26 @@ def test_usage_errors_are_one_line_too(args):
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and result.output.startswith("Error: "), result.output
     assert "--help" in result.output
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise ConfigError(f"photos/{i}.jpg: cannot decode image (image file is truncated)")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_user_error_in_a_data_loader_worker_is_one_line(workers):
+    """PyTorch re-raises a worker's exception as its type with the worker's traceback for a message;
+    the user still gets the one line, whether the data comes from the main process or a worker."""
+
+    @click.command(cls=FerrymanCommand)
+    def read():
+        for _ in torch.utils.data.DataLoader(_Unreadable(), num_workers=workers):
+            pass
+
+    result = CliRunner().invoke(read, [])
+    assert result.exit_code == 2
+    assert result.output == "Error: photos/0.jpg: cannot decode image (image file is truncated)\n"

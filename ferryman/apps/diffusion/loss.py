@@ -168,5 +168,4 @@ def _draw(sample, shape, generator: torch.Generator, rows: torch.Tensor | None, 
     """``sample(shape)`` as rows ``rows`` of one draw for ``total`` samples (the global batch)."""
     if rows is None:
         return sample(tuple(shape), generator=generator)
-    whole = sample((total, *shape[1:]), generator=generator)
-    return whole if len(rows) == total else whole[rows]
+    return sample((total, *shape[1:]), generator=generator)[rows]

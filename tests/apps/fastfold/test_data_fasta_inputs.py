@@ -196,3 +196,17 @@ def test_read_complexes_keeps_the_order_and_refuses_names_that_collide(tmp_path)
         "or the record id with ':' chains) because it names the output folder")
     dup = _write(tmp_path, ">p|q\nAC:DE\n>p_q\nKL:MN\n", "dup.fasta")
     assert "complex 'p_q' has the name of one in" in _error(read_complexes, [dup])
+
+
+@pytest.mark.parametrize("reader", [read_fasta, read_complex_fasta])
+def test_a_letter_outside_ascii_is_named_by_its_line(tmp_path, reader):
+    """A non-breaking space pasted from a web page, or an accented letter, in a sequence (Biopython
+    holds sequences as ASCII and would raise a UnicodeDecodeError); a header may hold any text."""
+    path = tmp_path / "t.fasta"
+    path.write_text("\n\n>a café\nMKV\n>b\nMK\u00a0V\n", encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        reader(path)
+    assert str(err.value) == (f"{path}: line 6: '\\xa0' (U+00A0) is not an amino-acid letter; "
+                              "a sequence is written in plain ASCII letters")
+    path.write_text(">a café\nMKV\n", encoding="utf-8")
+    assert [t.sequence for t in read_fasta(path)] == ["MKV"]

@@ -514,3 +514,12 @@ def test_slots_a_residue_type_does_not_have_are_never_scored():
     torch.testing.assert_close(ours["per_atom_loss_sum"][real], ref["per_atom_loss_sum"][real])
     torch.testing.assert_close(ours["per_atom_loss_sum"][~real], torch.zeros((~real).sum().item(), dtype=F64))
     torch.testing.assert_close(ours["per_atom_violation"], ref["per_atom_violation"])
+
+
+def test_bond_outputs_take_the_positions_dtype_whatever_the_masks():
+    """float64 positions with a float32 atom mask (the features' dtype): every output is float64,
+    as the positions are, including the per-residue flags."""
+    pos, mask, ridx, aatype = _dipeptide(1.629)
+    out = between_residue_bond_and_angle(pos, mask.float(), ridx, aatype)
+    assert {k: v.dtype for k, v in out.items()} == dict.fromkeys(out, F64)
+    assert out["per_residue_violation"].tolist() == [1.0, 1.0]

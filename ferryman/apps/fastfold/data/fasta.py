@@ -92,9 +92,15 @@ def _records(path: Path) -> list:
     # Blank lines before the first header are allowed; Biopython's strict reader takes them for
     # comments and refuses the file, so they go before it reads. Its one refusal (a first line
     # without '>') is then the check below, with a message that says what to fix.
-    text = text.lstrip()
+    stripped = text.lstrip()
+    skipped, text = text[: len(text) - len(stripped)].count("\n"), stripped
     if text and not text.startswith(">"):
         raise UserError(f"{path}: not a FASTA file: the first line must start with '>' (a record header)")
+    for number, line in enumerate(text.splitlines(), start=skipped + 1):  # Biopython's Seq holds ASCII only
+        if not line.startswith(">") and not line.isascii():
+            bad = next(c for c in line if not c.isascii())
+            raise UserError(f"{path}: line {number}: {bad!r} (U+{ord(bad):04X}) is not an amino-acid letter; "
+                            "a sequence is written in plain ASCII letters")  # fmt: skip
     records = list(SeqIO.parse(io.StringIO(text), "fasta"))
     if not records:
         raise UserError(f"{path}: no FASTA records found")
