@@ -146,6 +146,7 @@ class ModuleScore:
     open_survivors: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     unneeded: list[str] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)  # every mutant of the module that mutmut knows
 
     @property
     def total(self) -> int:
@@ -168,6 +169,7 @@ def score_group(folder: Path, only: list[str], never: list[str], excused: dict[s
         meta = folder / "mutants" / (source + ".meta")
         stamp = datetime.datetime.fromtimestamp(meta.stat().st_mtime, datetime.UTC)
         module = ModuleScore(source, measured=stamp.strftime("%Y-%m-%d %H:%M"))
+        module.names = set(statuses)
         for mutant, status in statuses.items():
             if mutant in excused and status in (KILLED, CRASHED):
                 module.unneeded.append(mutant)  # killed now (or renumbered): the row is out of date
@@ -263,6 +265,9 @@ def main(groups: tuple[str, ...], retest: bool, report_only: bool, write_docs: b
                 click.echo(f"justification of a mutant that does not survive (remove the row): {mutant}", err=True)
             for mutant in m.open_survivors:
                 click.echo(f"open ({group}): {mutant}")
+            prefix = m.source.removesuffix(".py").replace("/", ".") + ".x"
+            for mutant in sorted(k for k in excused if k.startswith(prefix) and k not in m.names):
+                click.echo(f"justification of a mutant that no longer exists (remove the row): {mutant}", err=True)
     if write_docs:
         update_docs(table)
     if failed:
