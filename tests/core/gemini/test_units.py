@@ -1,0 +1,315 @@
+"""The pure parts of core/gemini by value: config checks and their messages, the state table's
+messages, chunk packing and the size search, static placement fractions, sizes in messages, the
+tracer's queries, one chunk's shards, and the host AdamW probe's verdicts. Expected values are
+worked out by hand in the comments."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from ferryman.core.errors import ConfigError
+from ferryman.core.gemini import GeminiConfig, host_adam
+from ferryman.core.gemini.chunk import LEGAL, Chunk, FullCopy, IllegalMove, OptimAt, ShardAt, check_move
+from ferryman.core.gemini.layout import ChunkSpec, Slot, _round_up, pack, plan_layout, search_chunk_numel, waste
+from ferryman.core.gemini.manager import ChunkManager, _size, _take_fraction
+from ferryman.core.gemini.state import Ranks, export_full, import_optim_state, optim_state
+from ferryman.core.gemini.tracer import MemTracer
+
+# -- config ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"placement": "gpu"}, "gemini.placement='gpu' must be 'static' or 'auto'"),
+    ({"precision": "fp8"}, "gemini.precision='fp8' is not one of ['bf16', 'fp16', 'fp32']"),
+    ({"param_host_fraction": 1.5}, "gemini.param_host_fraction=1.5 must lie in [0, 1]"),
+    ({"param_host_fraction": -0.25}, "gemini.param_host_fraction=-0.25 must lie in [0, 1]"),
+    ({"optim_host_fraction": 1.01}, "gemini.optim_host_fraction=1.01 must lie in [0, 1]"),
+    ({"warmup_non_model_fraction": -1.0}, "gemini.warmup_non_model_fraction=-1.0 must lie in [0, 1]"),
+    ({"device_budget_bytes": -1}, "gemini.device_budget_bytes=-1 must be >= 0"),
+    ({"min_num_chunks": 0}, "gemini.min_num_chunks must be >= 1; chunk_numel and prefetch >= 0"),
+    ({"chunk_numel": -1}, "gemini.min_num_chunks must be >= 1; chunk_numel and prefetch >= 0"),
+    ({"prefetch": -1}, "gemini.min_num_chunks must be >= 1; chunk_numel and prefetch >= 0"),
+])
+def test_bad_config_is_refused_in_one_line(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        GeminiConfig(**kwargs)
+    assert str(err.value) == message
+
+
+def test_config_bounds_are_inclusive():
+    for name in ("param_host_fraction", "optim_host_fraction", "warmup_non_model_fraction"):
+        for value in (0.0, 1.0):
+            assert getattr(GeminiConfig(**{name: value}), name) == value
+    cfg = GeminiConfig(placement="static", precision="fp16", device_budget_bytes=0, min_num_chunks=1, chunk_numel=0,
+                       prefetch=0)
+    assert cfg.dtype == torch.float16 and cfg.placement == "static"
+
+
+# -- the state table's messages ------------------------------------------------------------------
+
+
+def test_check_move_names_the_states_and_the_legal_ones():
+    assert check_move("c", ShardAt.HOST, ShardAt.HOST, LEGAL[ShardAt]) == ShardAt.HOST  # staying put
+    assert check_move("c", ShardAt.HOST, ShardAt.DEVICE_AND_HOST, LEGAL[ShardAt]) == ShardAt.DEVICE_AND_HOST
+    with pytest.raises(IllegalMove) as err:
+        check_move("chunk 3", ShardAt.UNPLACED, ShardAt.DEVICE_AND_HOST, LEGAL[ShardAt])
+    assert str(err.value) == "chunk 3: ShardAt unplaced -> device+host is not a legal move (from unplaced: device, host)"
+    with pytest.raises(IllegalMove) as err:
+        check_move("chunk 0", OptimAt.HOST, OptimAt.DEVICE, LEGAL[OptimAt])
+    assert str(err.value) == "chunk 0: OptimAt host -> device is not a legal move (from host: nothing)"
+    with pytest.raises(IllegalMove) as err:
+        check_move("x", FullCopy.KEPT, FullCopy.GATHERED, LEGAL[FullCopy])
+    assert str(err.value) == "x: FullCopy kept -> gathered is not a legal move (from kept: pending)"
+
+
+# -- packing and the size search -----------------------------------------------------------------
+
+
+def test_round_up_and_pack():
+    assert [_round_up(v, 8) for v in (0, 1, 8, 9, 16)] == [0, 8, 8, 16, 16]
+    assert pack([4, 4, 8], 8) == [[0, 1], [2]]  # a parameter that fills the chunk exactly still fits
+    assert pack([5, 7, 3], 8) == [[0], [1], [2]]
+    assert pack([9, 2], 8) == [[0], [1]]  # a parameter longer than the chunk gets one of its own
+    assert pack([], 8) == []
+
+
+def test_waste_counts_the_padding_of_every_chunk_but_the_last_to_the_alignment():
+    assert waste([4, 4, 8], 8, 4) == 0
+    assert waste([5, 3, 7], 8, 4) == 1  # [5, 3] full; [7] rounded up to 8
+    assert waste([5, 7, 3], 8, 4) == 5  # 3 + 1 padding in the first two chunks; [3] rounded up to 4
+    assert waste([5, 7, 3], 8, 1) == 4
+
+
+def test_search_takes_the_largest_of_the_least_wasteful_sizes():
+    # candidates 8..16: 8 packs [3, 5] [8] and 16 packs [3, 5, 8], both without padding; 9..15 pad
+    assert search_chunk_numel([3, 5, 8], min_num_chunks=1, max_chunk_numel=100, align=1) == 16
+    assert search_chunk_numel([3, 5, 8], min_num_chunks=2, max_chunk_numel=100, align=1) == 8  # at most 16 / 2
+    assert search_chunk_numel([3, 5, 8], min_num_chunks=1, max_chunk_numel=12, align=1) == 8
+    assert search_chunk_numel([3, 5, 8], min_num_chunks=1, max_chunk_numel=100, align=4) == 16  # 8, 12, 16
+    assert search_chunk_numel([3, 5, 9], min_num_chunks=1, max_chunk_numel=100, align=4) == 20  # [3, 5, 9] in 20
+    assert search_chunk_numel([30], min_num_chunks=4, max_chunk_numel=100, align=8) == 32  # never below the largest
+    assert search_chunk_numel([], min_num_chunks=4, max_chunk_numel=100, align=16) == 16
+    # 64 candidates: from 1 to 130 in steps of (130 - 1) // 64 = 2, so 130 itself is not tried
+    assert search_chunk_numel([1] * 130, min_num_chunks=1, max_chunk_numel=1000, align=1) == 129
+
+
+def _params(**shapes):
+    return {n: nn.Parameter(torch.zeros(s), requires_grad=not n.startswith("f")) for n, s in shapes.items()}
+
+
+def test_plan_layout_groups_packs_and_orders_the_chunks():
+    # w1, w2 decay (2-D), b1, b2 do not: two groups. Decay group: its share of 4 chunks is
+    # round(4 * 32 / 40) = 3, capped at its 2 parameters: size 16, one chunk each. Bias group:
+    # share round(0.8) -> 1, size rounded up to the alignment 8: both in one chunk.
+    params = _params(w1=(4, 4), b1=(4,), w2=(4, 4), b2=(4,))
+    order = ["w1", "b1", "w2", "b2"]
+    cfg = GeminiConfig(precision="fp32", min_num_chunks=4)
+    layout = plan_layout(order, params, [["w1", "b1"], ["w2", "b2"]], shapes={n: tuple(p.shape) for n, p in params.items()},
+                         decays=lambda n: n.startswith("w"), cfg=cfg, world=1)
+    assert [[(s.name, s.offset, s.numel, s.shape) for s in spec.slots] for spec in layout.specs] == [
+        [("w1", 0, 16, (4, 4))], [("w2", 0, 16, (4, 4))], [("b1", 0, 4, (4,)), ("b2", 4, 4, (4,))]]
+    assert [(spec.numel, spec.trainable, spec.decay) for spec in layout.specs] == [(16, True, True), (16, True, True),
+                                                                                  (8, True, False)]
+    assert all(spec.slots[0].param is params[spec.slots[0].name] for spec in layout.specs)
+    assert layout.order == tuple(order)
+    assert layout.slot_of == {"w1": (0, 0), "w2": (1, 0), "b1": (2, 0), "b2": (2, 1)}
+    assert layout.gather_order == (0, 2, 1)  # first uses: w1 at 0, b1 at 1, w2 at 2
+    assert layout.reduce_order == (1, 2, 0)
+    assert layout.module_chunks == {0: [0, 2], 1: [1, 2]}
+    assert layout.module_slots == (((0, 0), (2, 0)), ((1, 0), (2, 1)))
+
+    # two ranks: alignment 16; a frozen parameter gets a chunk of its own kind, and no slot to reduce
+    params = _params(w1=(4, 4), b1=(4,), w2=(4, 4), fb=(4,))
+    order = ["w1", "b1", "w2", "fb"]
+    layout = plan_layout(order, params, [["w1", "b1"], ["w2", "fb"]], shapes={n: tuple(p.shape) for n, p in params.items()},
+                         decays=lambda n: n.startswith("w"), cfg=cfg, world=2)
+    assert [([s.name for s in spec.slots], spec.numel, spec.trainable, spec.decay) for spec in layout.specs] == [
+        (["w1"], 16, True, True), (["w2"], 16, True, True), (["b1"], 16, True, False), (["fb"], 16, False, False)]
+    assert layout.gather_order == (0, 2, 1, 3)
+    assert layout.reduce_order == (1, 2, 0)  # the frozen chunk is never reduced
+    assert layout.module_slots == (((0, 0), (2, 0)), ((1, 0),))
+
+
+def test_a_given_chunk_size_is_used_but_never_below_the_largest_parameter():
+    params = _params(a=(3,), b=(5,), c=(8,), d=(2,))
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    layout = plan_layout(list(params), params, [list(params)], shapes=shapes, decays=lambda n: False,
+                         cfg=GeminiConfig(precision="fp32", chunk_numel=6), world=1)
+    # size max(6, round_up(8, 8)) = 8: [3, 5] [8] [2]
+    assert [[s.name for s in spec.slots] for spec in layout.specs] == [["a", "b"], ["c"], ["d"]]
+    assert [spec.numel for spec in layout.specs] == [8, 8, 8]
+
+
+# -- static placement fractions, sizes in messages -----------------------------------------------
+
+
+def test_take_fraction_rounds_to_whole_chunks():
+    chunks = [SimpleNamespace(index=i) for i in (7, 3, 5, 1)]
+    ten = lambda c: 10  # noqa: E731
+    assert _take_fraction(chunks, 0.0, ten) == set()
+    assert _take_fraction(chunks, 0.3, ten) == {7}
+    assert _take_fraction(chunks, 0.36, ten) == {7}  # 14.4 of 40: the second chunk is mostly past it
+    assert _take_fraction(chunks, 0.375, ten) == {7, 3}  # 15 of 40: half a chunk rounds up
+    assert _take_fraction(chunks, 0.5, ten) == {7, 3}
+    assert _take_fraction(chunks, 1.0, ten) == {7, 3, 5, 1}
+    sizes = {7: 30, 3: 2, 5: 4, 1: 4}
+    assert _take_fraction(chunks, 0.5, lambda c: sizes[c.index]) == {7}  # half of the first chunk is below 20
+    assert _take_fraction(chunks, 0.8, lambda c: sizes[c.index]) == {7, 3}
+
+
+def test_sizes_in_messages():
+    assert [_size(n) for n in (0, 512, 1023)] == ["0 B", "512 B", "1023 B"]
+    assert [_size(n) for n in (1024, 1536, 5 * 1024**2, 3 * 1024**3, 2048 * 1024**3)] == [
+        "1.0 KiB", "1.5 KiB", "5.0 MiB", "3.0 GiB", "2048.0 GiB"]
+
+
+def _manager(cfg: GeminiConfig, budget: float, tracer: MemTracer) -> ChunkManager:
+    layout = SimpleNamespace(gather_order=(), module_chunks={})
+    return ChunkManager([], layout, cfg, device=torch.device("cpu"), group=None, budget=budget, tracer=tracer)
+
+
+def test_soft_limit_leaves_room_for_the_activations():
+    tracer = MemTracer()
+    auto = GeminiConfig(precision="fp32", warmup_non_model_fraction=0.25)
+    assert _manager(auto, 1000.0, tracer).soft_limit() == 750.0  # before the warm-up: a guess
+    assert _manager(auto, float("inf"), tracer).soft_limit() == float("inf")
+    assert _manager(GeminiConfig(placement="static", precision="fp32"), 1000.0, tracer).soft_limit() == 1000.0
+    for module, nbytes in enumerate([100, 400, 50, 10]):
+        tracer.record(module, nbytes)
+    tracer.finish({})
+    manager = _manager(auto, 1000.0, tracer)
+    assert [(manager.__setattr__("clock", c), manager.soft_limit())[1] for c in range(5)] == [600, 600, 600, 950, 990]
+    assert manager.world == 1 and manager.non_model_bytes() == 0
+    tracer.saved_bytes = 77
+    assert manager.non_model_bytes() == 77
+
+
+# -- the tracer ------------------------------------------------------------------------------------
+
+
+def test_tracer_queries():
+    tracer = MemTracer()
+    assert tracer.recording and not tracer.ready and tracer.non_model_at(3) == 0
+    tracer.touch(99)  # nothing recorded yet: nothing to raise
+    assert tracer.non_model == []
+    for module, nbytes in [(4, 5), (5, 1), (6, 7), (5, 2), (4, 3)]:
+        tracer.record(module, nbytes)
+    tracer.touch(0)
+    tracer.touch(6)
+    assert tracer.modules == [4, 5, 6, 5, 4] and tracer.non_model == [5, 1, 7, 2, 6]
+    tracer.finish({4: [0], 5: [1, 2], 6: [2]})
+    assert not tracer.recording and tracer.ready
+    tracer.touch(100)  # after the warm-up the record is fixed
+    assert tracer.non_model == [5, 1, 7, 2, 6]
+    assert [tracer.next_use(0, c) for c in range(6)] == [0, 4, 4, 4, 4, float("inf")]
+    assert [tracer.next_use(2, c) for c in range(5)] == [1, 1, 2, 3, float("inf")]  # modules 5, 6 at 1, 2, 3
+    assert tracer.next_use(9, 0) == float("inf")
+    assert tracer.upcoming(0, 2) == [5, 6] and tracer.upcoming(2, 5) == [5, 4] and tracer.upcoming(4, 1) == []
+    assert [tracer.non_model_at(c) for c in range(7)] == [5, 7, 7, 7, 6, 6, 6]  # neighbours; past the end: the last
+    empty = MemTracer()
+    empty.finish({})
+    assert not empty.ready  # nothing recorded: no plan
+
+
+def test_the_cpu_probe_counts_saved_activations_but_not_model_data():
+    tracer = MemTracer()
+    x = torch.randn(4, requires_grad=True)
+    w = torch.randn(4, requires_grad=True)
+    with tracer.saved_tensor_hooks(lambda t: t is w):
+        y = (x.exp() * w).sum()  # exp saves its result, the product saves it and w (model data)
+    assert tracer.saved_bytes == 2 * 4 * 4
+    y.backward()
+    assert tracer.saved_bytes == 0
+    assert torch.equal(x.grad, x.exp().detach() * w.detach())
+
+
+# -- one chunk -----------------------------------------------------------------------------------
+
+
+def _spec(trainable=True):
+    a, b = nn.Parameter(torch.zeros(2, 3)), nn.Parameter(torch.zeros(4))
+    slots = [Slot(name="a", param=a, offset=0, numel=6, shape=(2, 3)), Slot(name="b", param=b, offset=6, numel=4, shape=(4,))]
+    return ChunkSpec(slots=slots, numel=12, trainable=trainable, decay=False), {"a": a, "b": b}
+
+
+def test_a_chunk_holds_its_ranks_shard():
+    spec, params = _spec()
+    values = {"a": torch.arange(6.0).view(2, 3) + 0.5, "b": torch.tensor([10.0, 11.0, 12.0, 13.0])}
+    full = torch.tensor([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 10.0, 11.0, 12.0, 13.0, 0.0, 0.0])  # padded with zeros
+    chunk = Chunk.build(2, spec, values, dtype=torch.bfloat16, world=2, rank=1, device=torch.device("cpu"))
+    assert (chunk.index, chunk.numel, chunk.shard_numel, chunk.shard_range) == (2, 12, 6, (6, 12))
+    assert chunk.shard.dtype == torch.bfloat16 and torch.equal(chunk.shard, full[6:].bfloat16())
+    assert chunk.master.dtype == torch.float32 and torch.equal(chunk.master.data, full[6:])
+    assert chunk.master.data_ptr() != chunk.shard.data_ptr()
+    assert (chunk.payload_bytes, chunk.shard_bytes, chunk.optim_bytes) == (24, 12, 96)
+    assert (chunk.shard_at, chunk.optim_at, chunk.full_copy, chunk.in_use) == (ShardAt.UNPLACED, OptimAt.UNPLACED,
+                                                                               FullCopy.PENDING, 0)
+    assert torch.equal(chunk.flatten(values, torch.float32), full)
+    assert torch.equal(chunk.flatten({"b": values["b"]}, torch.float64)[:6], torch.zeros(6, dtype=torch.float64))
+    assert {k: v.tolist() for k, v in chunk.unflatten(full).items()} == {k: v.tolist() for k, v in values.items()}
+    assert repr(chunk) == "Chunk(2, 2 params, 12 elems, released, shard unplaced)"
+
+    chunk.acquire()
+    chunk.attach(full.bfloat16())
+    assert torch.equal(params["a"].data, values["a"].bfloat16()) and torch.equal(params["b"].data, values["b"].bfloat16())
+    assert chunk.state == "compute" and not chunk.payload_is_shard
+    with pytest.raises(IllegalMove) as err:
+        chunk.attach(full)
+    assert str(err.value) == "chunk 2: payload attached twice (state compute)"
+    with pytest.raises(IllegalMove) as err:
+        chunk.drop()
+    assert str(err.value) == "chunk 2: payload dropped while 1 running module(s) use it"
+    chunk.release()
+    assert chunk.state == "held"
+    chunk.drop()
+    assert params["a"].dtype == torch.bfloat16 and params["a"].shape == (2, 3) and torch.isnan(params["a"]).all()
+    with pytest.raises(IllegalMove) as err:
+        chunk.release()
+    assert str(err.value) == "Chunk(2, 2 params, 12 elems, released, shard unplaced) released more often than used"
+
+    frozen, _ = _spec(trainable=False)
+    chunk = Chunk.build(0, frozen, values, dtype=torch.float16, world=1, rank=0, device=torch.device("cpu"))
+    assert chunk.master is None and chunk.optim_at == OptimAt.NONE and chunk.optim_bytes == 0
+    assert chunk.shard.dtype == torch.float16 and torch.equal(chunk.shard, full.half())
+    assert optim_state(chunk) == {}
+
+
+def test_optimizer_state_goes_in_and_out_by_parameter_name():
+    spec, _ = _spec()
+    values = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4)}
+    chunk = Chunk.build(0, spec, values, dtype=torch.float32, world=1, rank=0, device=torch.device("cpu"))
+    assert optim_state(chunk) == {}  # not placed: no Adam state yet
+    chunk.exp_avg, chunk.exp_avg_sq = torch.full((12,), 9.0), torch.full((12,), 9.0)
+    chunk.steps = torch.tensor([5.0, 5.0])
+    moments = {"b": {"exp_avg": torch.full((4,), 2.0), "exp_avg_sq": torch.full((4,), 3.0), "step": 7}}
+    import_optim_state([chunk], moments)
+    assert chunk.exp_avg.tolist() == [0.0] * 6 + [2.0] * 4 + [0.0] * 2  # a's state is fresh
+    assert chunk.exp_avg_sq.tolist() == [0.0] * 6 + [3.0] * 4 + [0.0] * 2
+    assert chunk.steps.tolist() == [0.0, 7.0]
+    import_optim_state([chunk], {})  # nothing given: nothing changes
+    import_optim_state([chunk], {"other": moments["b"]})
+    assert chunk.steps.tolist() == [0.0, 7.0]
+
+    ranks = Ranks(1, 0, None, torch.device("cpu"))
+    out_values, out_moments = export_full([chunk], ranks)
+    assert {k: v.tolist() for k, v in out_values.items()} == {k: v.tolist() for k, v in values.items()}
+    assert set(out_moments) == {"a", "b"}
+    assert out_moments["b"]["exp_avg"].tolist() == [2.0] * 4 and out_moments["b"]["exp_avg_sq"].tolist() == [3.0] * 4
+    assert out_moments["b"]["step"] == 7.0 and out_moments["a"]["step"] == 0.0
+    assert out_moments["a"]["exp_avg"].shape == (2, 3)
+    out_moments["b"]["exp_avg"] += 1  # copies, not views of the chunk's state
+    out_values["a"] += 1
+    assert chunk.exp_avg[6].item() == 2.0 and chunk.master.data[0].item() == 0.0
+    assert export_full([chunk], ranks, with_moments=False)[1] == {}
+
+
+# -- the host AdamW probe ----------------------------------------------------------------------------
+
+
+def test_the_probe_accepts_multiples_of_the_kernels_lanes_only():
+    width = host_adam.vector_width()
+    assert width in (4, 8, 16, 32)
+    verdicts = {w: host_adam._reproduces(w) for w in range(1, 34)}
+    assert [w for w, ok in verdicts.items() if ok] == [w for w in range(1, 34) if w % width == 0]
