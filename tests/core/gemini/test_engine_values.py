@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ferryman.core.errors import UserError
 from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
 from ferryman.core.gemini.checkpoint import consolidate
 from tests.core.gemini.models import TinyNet, batches, lm_loss, train_engine
@@ -225,3 +226,45 @@ def test_the_device_account_includes_the_gradient_buffers_during_backward():
     engine.backward(lm_loss(engine(ids), tgt))
     assert seen and all(held == counted for held, counted, _ in seen)
     assert any(buffers > 0 for *_, buffers in seen)  # some chunk was half-delivered at some point
+
+
+class Wider(Buffered):
+    """Buffered with four parameters more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mid = nn.Linear(16, 16, bias=False)
+        for name in "dcba":
+            setattr(self, f"extra_{name}", nn.Parameter(torch.zeros(3)))
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path):
+    _, engine = _trained(precision="fp32")
+    engine.save(tmp_path)
+    other = gemini(Wider(), GeminiConfig(precision="fp32"), OPTIM)
+    with pytest.raises(UserError) as err:
+        other.load(tmp_path)
+    assert str(err.value) == f"{tmp_path}: checkpoint lacks 4 parameters of this model, e.g. ['extra_a', 'extra_b', 'extra_c']"
+
+    class Fewer(Buffered):
+        def __init__(self) -> None:
+            super().__init__()
+            del self.mid
+            self.mid = nn.Linear(16, 16)
+            self.frozen = nn.Linear(16, 16, bias=False)
+            self.frozen.requires_grad_(False)
+
+    fewer = gemini(Fewer(), GeminiConfig(precision="fp32"), OPTIM)
+    fewer.load(tmp_path)  # a parameter the model does not have (frozen.bias) is left out
+    state, expected = fewer.state_dict(), engine.state_dict()
+    assert "frozen.bias" not in state and all(torch.equal(state[k], expected[k]) for k in state)
+
+    class Reshaped(Buffered):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mid = nn.Linear(16, 16)
+            self.mid.weight = nn.Parameter(torch.zeros(16, 8))
+
+    with pytest.raises(UserError) as err:
+        gemini(Reshaped(), GeminiConfig(precision="fp32"), OPTIM).load(tmp_path)
+    assert str(err.value) == f"{tmp_path}: mid.weight has shape (16, 16), the model wants (16, 8)"
