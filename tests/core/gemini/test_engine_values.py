@@ -268,3 +268,57 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path):
     with pytest.raises(UserError) as err:
         gemini(Reshaped(), GeminiConfig(precision="fp32"), OPTIM).load(tmp_path)
     assert str(err.value) == f"{tmp_path}: mid.weight has shape (16, 16), the model wants (16, 8)"
+
+
+SUFFIX = "; raise the budget, move optimizer state to the host (optim_host_fraction) or use smaller chunks"
+
+
+def test_a_full_budget_names_the_move_the_bytes_and_what_holds_them():
+    # Linear(4, 4), fp32, two chunks: the weight (16 elements, 64 B) and the bias (8 with padding, 32 B).
+    # Budget 90, auto: 63 B before the warm-up; the weight's chunk goes to the host, the bias's stays.
+    # The forward holds both: moving the weight up would need 32 + 64 B > 90 B, with nothing to evict.
+    no_decay = OptimConfig(lr=1e-2)  # one kind of chunk for weights and biases
+    engine = gemini(nn.Linear(4, 4), GeminiConfig(placement="auto", precision="fp32", min_num_chunks=2,
+                                                 device_budget_bytes=90), no_decay)
+    assert [(c.numel, c.shard_on_device) for c in engine.chunks] == [(16, False), (8, True)]
+    with pytest.raises(UserError) as err:
+        engine(torch.ones(2, 4))
+    assert str(err.value) == ("gemini: moving chunk 0 to the device needs 64 B but the device budget "
+                              "(gemini.device_budget_bytes=90) is full: 32 B of model data, 96 B of it in use by "
+                              "running modules" + SUFFIX)
+    # static, everything on the host: two chunks of 24 elements (96 B each), gathered for use
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    engine = gemini(model, GeminiConfig(placement="static", precision="fp32", min_num_chunks=2, device_budget_bytes=90,
+                                        param_host_fraction=1.0, optim_host_fraction=1.0), no_decay)
+    with pytest.raises(UserError) as err:
+        engine(torch.ones(2, 4))
+    assert str(err.value) == ("gemini: gathering chunk 0 needs 96 B but the device budget "
+                              "(gemini.device_budget_bytes=90) is full: 0 B of model data, 96 B of it in use by "
+                              "running modules" + SUFFIX)
+
+
+def test_damaged_checkpoint_folders_are_refused_in_one_line(tmp_path):
+    _, engine = _trained(precision="fp32")
+    engine.save(tmp_path)
+    layout = json.loads((tmp_path / "gemini.json").read_text())
+    other = gemini(Buffered(), GeminiConfig(precision="fp32"), OPTIM)
+
+    (tmp_path / "gemini.json").write_text(json.dumps(layout | {"format": "ferryman-gemini-0"}))
+    with pytest.raises(UserError) as err:
+        other.load(tmp_path)
+    assert str(err.value) == (f"{tmp_path / 'gemini.json'}: unknown format 'ferryman-gemini-0'; this version reads "
+                              "ferryman-gemini-1, ferryman-gemini-2")
+
+    (tmp_path / "gemini.json").write_text(json.dumps(layout | {"world_size": 2}))
+    with pytest.raises(UserError) as err:
+        other.load(tmp_path)
+    assert str(err.value) == f"{tmp_path / 'shard-00000-of-00002.safetensors'}: missing; the checkpoint was written by 2 ranks"
+
+    trainable = next(i for i, c in enumerate(layout["chunks"]) if c["trainable"])
+    chunks = [dict(c) for c in layout["chunks"]]
+    count = len(chunks[trainable]["params"])
+    chunks[trainable]["params"] = chunks[trainable]["params"] * 2  # the file has a count for half of them
+    (tmp_path / "gemini.json").write_text(json.dumps(layout | {"chunks": chunks}))
+    with pytest.raises(UserError) as err:
+        other.load(tmp_path)
+    assert str(err.value) == f"{tmp_path}: c{trainable}.steps has {count} counts for {2 * count} parameters"
