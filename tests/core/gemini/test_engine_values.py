@@ -168,7 +168,7 @@ def test_load_state_dict_names_what_is_missing_and_keeps_moments_and_buffers():
 
 
 def test_save_pretrained_writes_masters_frozen_copies_and_persistent_buffers(tmp_path):
-    model, engine = _trained()
+    _, engine = _trained()
     engine.save_pretrained(tmp_path)
     written = load_file(str(tmp_path / "model.safetensors"))
     state = engine.state_dict()

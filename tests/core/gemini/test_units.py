@@ -12,7 +12,15 @@ from torch import nn
 from ferryman.core.errors import ConfigError
 from ferryman.core.gemini import GeminiConfig, host_adam
 from ferryman.core.gemini.chunk import LEGAL, Chunk, FullCopy, IllegalMove, OptimAt, ShardAt, check_move
-from ferryman.core.gemini.layout import ChunkSpec, Slot, _round_up, pack, plan_layout, search_chunk_numel, waste
+from ferryman.core.gemini.layout import (
+    ChunkSpec,
+    Slot,
+    _round_up,
+    pack,
+    plan_layout,
+    search_chunk_numel,
+    waste,
+)
 from ferryman.core.gemini.manager import ChunkManager, _size, _take_fraction
 from ferryman.core.gemini.state import Ranks, export_full, import_optim_state, optim_state
 from ferryman.core.gemini.tracer import MemTracer
