@@ -1,0 +1,111 @@
+"""core/gemini/optim.py and adam.py by value: the loss scaler's floor, the gradient norm and the
+clipping against torch's, the step's report, the engine's counters, and the pieces of a shard
+that an AdamW step updates."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
+from ferryman.core.gemini.adam import local_slice, shard_pieces
+from ferryman.core.gemini.chunk import Chunk
+from ferryman.core.gemini.host_adam import Piece
+from ferryman.core.gemini.layout import ChunkSpec, Slot
+from ferryman.core.gemini.optim import LossScaler, _squared_norm, all_reduce_small
+from tests.core.gemini.models import TinyNet, batches, lm_loss, reference_optimizer, twin
+
+
+def test_the_loss_scale_halves_down_to_its_floor_and_is_one_without_fp16():
+    scaler = LossScaler(GeminiConfig(precision="fp16", initial_loss_scale=8.0, min_loss_scale=2.0,
+                                     loss_scale_growth_interval=2))
+    assert (scaler.enabled, scaler.scale, scaler.growth_interval, scaler.min_scale) == (True, 8.0, 2, 2.0)
+    scaler.update(overflow=False)
+    scaler.update(overflow=True)  # a calm run is broken by an overflow
+    assert (scaler.scale, scaler.calm_steps) == (4.0, 0)
+    scaler.update(overflow=True)
+    scaler.update(overflow=True)
+    assert scaler.scale == 2.0
+    scaler.update(overflow=False)
+    scaler.update(overflow=False)
+    assert (scaler.scale, scaler.calm_steps) == (4.0, 0)
+    off = LossScaler(GeminiConfig(precision="bf16", initial_loss_scale=8.0))
+    assert (off.enabled, off.scale) == (False, 1.0)
+    off.update(overflow=True)
+    off.update(overflow=False)
+    assert (off.scale, off.calm_steps) == (1.0, 0)
+
+
+def test_squared_norm_and_the_one_rank_all_reduce():
+    total = _squared_norm([torch.tensor([3.0, 4.0]), torch.tensor([12.0]), torch.tensor([])])
+    assert total.dtype == torch.float64 and total.item() == 169.0
+    assert _squared_norm([]).item() == 0.0
+    t = torch.tensor([1, 2])
+    assert all_reduce_small(t, None, torch.device("cpu")) is t
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.05, 1e3])
+def test_the_step_reports_torchs_norm_and_clips_as_torch_does(max_norm):
+    torch.manual_seed(0)
+    model = TinyNet()
+    reference = twin(model)
+    optim = OptimConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=max_norm)
+    engine = gemini(model, GeminiConfig(placement="static", precision="fp32"), optim)
+    opt = reference_optimizer(reference, optim.lr, optim.weight_decay)
+    for ids, tgt in batches(3):
+        engine.backward(lm_loss(engine(ids), tgt))
+        result = engine.step()
+        engine.zero_grad()
+        lm_loss(reference(ids), tgt).backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm if max_norm > 0 else math.inf)
+        opt.step()
+        opt.zero_grad()
+        assert set(result) == {"grad_norm", "skipped", "loss_scale"}
+        assert result["grad_norm"] == pytest.approx(norm.item(), rel=1e-6)
+        assert (result["skipped"], result["loss_scale"]) == (0.0, 1.0)
+    state = engine.state_dict()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(state[name], p.detach(), rtol=0, atol=2e-6)
+
+
+def test_engine_counters():
+    model = TinyNet()
+    engine = gemini(model, GeminiConfig(placement="auto", precision="fp32"), OptimConfig(lr=1e-2))
+    stats = engine.stats()
+    assert set(stats) == {"device_bytes", "peak_bytes", "budget_bytes", "evictions", "fetches", "gathers",
+                          "chunks_on_device", "num_chunks", "overlapped_reductions", "late_reductions", "loss_scale"}
+    assert stats["budget_bytes"] == math.inf and stats["num_chunks"] == len(engine.chunks)
+    assert stats["chunks_on_device"] == len(engine.chunks)  # no budget: everything stays
+    assert (stats["evictions"], stats["fetches"], stats["gathers"], stats["loss_scale"]) == (0, 0, 0, 1.0)
+    ids, tgt = batches(1)[0]
+    engine.backward(lm_loss(engine(ids), tgt))
+    engine.step()
+    stats = engine.stats()
+    trainable = sum(c.master is not None for c in engine.chunks)
+    # one rank: each trainable chunk is reduced once, during backward, as soon as all its
+    # gradients are in; the unused layer's chunk never gets one and is reduced at the end
+    unused = {engine.layout.slot_of[n][0] for n in ("unused.weight", "unused.bias")}
+    assert stats["overlapped_reductions"] == trainable - len(unused) and stats["late_reductions"] == 0
+    assert stats["device_bytes"] == engine.manager.recount() and stats["peak_bytes"] >= stats["device_bytes"]
+
+
+def _chunk(world, rank):
+    a, b, c = (nn.Parameter(torch.zeros(n)) for n in (5, 6, 3))
+    slots = [Slot(name="a", param=a, offset=0, numel=5, shape=(5,)), Slot(name="b", param=b, offset=5, numel=6, shape=(6,)),
+             Slot(name="c", param=c, offset=11, numel=3, shape=(3,))]
+    spec = ChunkSpec(slots=slots, numel=16, trainable=True, decay=True)
+    values = {n: torch.zeros(s.numel) for n, s in zip("abc", slots)}
+    return Chunk.build(0, spec, values, dtype=torch.float32, world=world, rank=rank, device=torch.device("cpu"))
+
+
+def test_the_pieces_of_a_shard():
+    # full chunk: a [0, 5), b [5, 11), c [11, 14), padding [14, 16); four ranks of 4 elements
+    assert shard_pieces(_chunk(1, 0)) == [Piece(0, 0, 5), Piece(1, 5, 11), Piece(2, 11, 14)]
+    assert [shard_pieces(_chunk(4, r)) for r in range(4)] == [
+        [Piece(0, 0, 4)], [Piece(0, 0, 1), Piece(1, 1, 4)], [Piece(1, 0, 3), Piece(2, 3, 4)], [Piece(2, 0, 2)]]
+    chunk = _chunk(4, 2)  # elements [8, 12)
+    assert local_slice(chunk, 0, 5) is None and local_slice(chunk, 12, 4) is None
+    assert local_slice(chunk, 7, 1) is None  # ends where the shard starts
+    assert local_slice(chunk, 8, 1) == slice(0, 1) and local_slice(chunk, 11, 1) == slice(3, 4)
+    assert local_slice(chunk, 4, 100) == slice(0, 4)
