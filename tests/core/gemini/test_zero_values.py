@@ -1,0 +1,81 @@
+"""ZeRO sharding on two threaded ranks (tests/threaded.py), by value: each rank holds its half of
+every chunk, gathers give the full values, a two-rank checkpoint holds one file per rank (buffers
+and layout from rank 0) and loads on one rank, and a one-rank checkpoint loads on two."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
+from ferryman.core.gemini.state import gather_full
+from ferryman.core.parallel import init_parallel
+from tests.core.gemini.models import batches, lm_loss
+from tests.core.gemini.test_engine_values import Buffered
+from tests.threaded import one_rank_at_a_time, run_threaded
+
+OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1)
+CFG = GeminiConfig(placement="static", precision="fp32", min_num_chunks=3, param_host_fraction=0.5)
+
+
+def _initial() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return Buffered().state_dict()
+
+
+INITIAL = _initial()  # drawn before any rank starts: threaded ranks share the global RNG
+
+
+def _model() -> Buffered:
+    with one_rank_at_a_time():
+        model = Buffered()
+    model.load_state_dict(INITIAL)
+    return model
+
+
+def _train(engine, rank: int, world: int, steps: int) -> None:
+    per = 4 // world
+    for ids, tgt in batches(steps):
+        engine.backward(lm_loss(engine(ids[rank * per : (rank + 1) * per]), tgt[rank * per : (rank + 1) * per]))
+        engine.step()
+        engine.zero_grad()
+
+
+def _ranks(rank: int, world: int, folder: str):
+    dims = init_parallel()
+    engine = gemini(_model(), CFG, OPTIM, dims)
+    _train(engine, rank, world, 2)
+    shards = [(c.shard_numel, c.shard_range, c.shard.clone(), gather_full(engine.ranks, c, c.shard)) for c in engine.chunks]
+    engine.save(folder + "/two")
+    resumed = gemini(_model(), CFG, OPTIM, dims)
+    resumed.load(folder + "/one")  # written by one rank
+    return shards, engine.state_dict(), engine.named_from(engine.master_tensors()), resumed.state_dict()
+
+
+def test_two_ranks_hold_halves_gather_wholes_and_exchange_checkpoints(tmp_path):
+    single = gemini(_model(), CFG, OPTIM)
+    single.save(tmp_path / "one")
+    one_state = single.state_dict()
+    (shards0, state0, named0, resumed0), (shards1, state1, _, resumed1) = run_threaded(_ranks, 2, str(tmp_path), timeout_s=60)
+    for (n0, range0, shard0, full0), (n1, range1, shard1, full1) in zip(shards0, shards1):
+        assert range0 == (0, n0) and range1 == (n1, 2 * n1) and n0 == n1
+        assert torch.equal(full0, torch.cat([shard0, shard1])) and torch.equal(full1, full0)
+    params = [k for k in state0 if not k.startswith("bn.")]  # buffers are each rank's own (its data)
+    assert all(torch.equal(state0[k], state1[k]) for k in params)
+    assert all(torch.equal(named0[k], state0[k]) for k in named0)
+    for resumed in (resumed0, resumed1):  # a one-rank checkpoint, on two ranks
+        assert all(torch.equal(resumed[k], one_state[k]) for k in one_state)
+
+    folder = tmp_path / "two"
+    layout = json.loads((folder / "gemini.json").read_text())
+    assert layout["world_size"] == 2
+    files = [load_file(str(folder / f"shard-0000{r}-of-00002.safetensors")) for r in range(2)]
+    assert {k for k in files[0] if k.startswith("buffer.")} == {"buffer.bn.running_mean", "buffer.bn.num_batches_tracked"}
+    assert not any(k.startswith("buffer.") for k in files[1])  # buffers are rank 0's to write
+    assert files[0]["buffer.bn.num_batches_tracked"].item() == 2
+    assert {k for k in files[1]} == {k for k in files[0] if not k.startswith("buffer.")}
+
+    other = gemini(Buffered(), CFG, OPTIM)
+    other.load(folder)  # written by two ranks, read by one
+    loaded = other.state_dict()
+    assert set(loaded) == set(state0) and all(torch.equal(loaded[k], state0[k]) for k in state0)
