@@ -10,20 +10,22 @@ from safetensors.torch import load_file
 from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
 from ferryman.core.gemini.state import gather_full
 from ferryman.core.parallel import init_parallel
-from tests.core.gemini.models import batches, lm_loss
+from tests.core.gemini.models import TinyNet, batches, lm_loss
 from tests.core.gemini.test_engine_values import Buffered
 from tests.threaded import one_rank_at_a_time, run_threaded
+from tests.tolerance import assert_close
 
 OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1)
 CFG = GeminiConfig(placement="static", precision="fp32", min_num_chunks=3, param_host_fraction=0.5)
 
 
-def _initial() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return Buffered().state_dict()
+def _initial(cls) -> dict[str, torch.Tensor]:
+    with torch.random.fork_rng():  # other tests' draws stay as they were
+        torch.manual_seed(0)
+        return cls().state_dict()
 
 
-INITIAL = _initial()  # drawn before any rank starts: threaded ranks share the global RNG
+INITIAL = _initial(Buffered)  # drawn before any rank starts: threaded ranks share the global RNG
 
 
 def _model() -> Buffered:
@@ -79,3 +81,50 @@ def test_two_ranks_hold_halves_gather_wholes_and_exchange_checkpoints(tmp_path):
     other.load(folder)  # written by two ranks, read by one
     loaded = other.state_dict()
     assert set(loaded) == set(state0) and all(torch.equal(loaded[k], state0[k]) for k in state0)
+
+
+TINY = _initial(TinyNet)  # no buffers: the ranks' halves of the batch give the whole batch's gradient
+
+
+def _tiny() -> TinyNet:
+    with one_rank_at_a_time():
+        model = TinyNet()
+    model.load_state_dict(TINY)
+    return model
+
+
+def _dap_ranks(rank: int, world: int):
+    """Four ranks: two data-parallel groups of two DAP peers, which see the same data."""
+    dims = init_parallel(dap=2)
+    assert (dims.dp, dims.dap) == (2, 2)
+    engine = gemini(_tiny(), CFG, OPTIM, dims)
+    _train(engine, torch.distributed.get_rank(dims.dp_group), dims.dp, 3)
+    return engine.state_dict()
+
+
+def test_the_data_parallel_group_is_not_the_world():
+    reference = gemini(_tiny(), CFG, OPTIM)
+    _train(reference, 0, 1, 3)
+    expected = reference.state_dict()
+    for state in run_threaded(_dap_ranks, 4, timeout_s=60):
+        for name in expected:
+            assert_close(state[name], expected[name], ulps=16, msg=name)
+
+
+def _bf16_ranks(rank: int, world: int):
+    dims = init_parallel()
+    cfg = GeminiConfig(placement="static", precision="bf16", min_num_chunks=3, reorder_after_warmup=False)
+    engine = gemini(_model(), cfg, OPTIM, dims)
+    dtypes = set()
+    handle = engine.module.mid.register_forward_pre_hook(lambda m, a: dtypes.update(p.dtype for p in m.parameters()))
+    _train(engine, rank, world, 3)
+    handle.remove()
+    states = {c.state for c in engine.chunks}
+    return dtypes, engine.stats()["gathers"], len(engine.chunks), states, engine.state_dict()
+
+
+def test_two_ranks_gather_each_chunk_once_per_weight_version_in_the_compute_dtype():
+    for dtypes, gathers, num_chunks, states, _ in run_threaded(_bf16_ranks, 2, timeout_s=60):
+        assert dtypes == {torch.bfloat16}
+        assert gathers == 3 * num_chunks - 2  # every chunk each step; the frozen ones (two) only once
+        assert states == {"released"}  # static: nothing stays gathered between uses
