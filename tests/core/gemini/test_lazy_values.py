@@ -238,6 +238,22 @@ def test_buffers_come_from_the_files_when_they_are_persistent(tmp_path):
         load_later(model, path)
 
 
+def test_a_meta_buffer_of_a_submodule_is_filled_in_its_owner(tmp_path):
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = MetaBuffer()
+
+    weights = {"inner.lin.weight": torch.ones(2, 2), "inner.lin.bias": torch.zeros(2), "inner.table": torch.arange(3.0)}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with empty_weights():
+        model = Outer()
+    model.inner.scratch = torch.zeros(2)
+    load_later(model, tmp_path)
+    assert set(model.inner._buffers) == {"table", "scratch"} and not model._buffers
+    assert torch.equal(model.inner.table, torch.arange(3.0, dtype=torch.float64))
+
+
 def test_any_weight_source_object_serves(tmp_path):
     class Source:
         source = "generated"
