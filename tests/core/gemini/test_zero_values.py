@@ -7,6 +7,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from ferryman.core.errors import UserError
 from ferryman.core.gemini import GeminiConfig, OptimConfig, gemini
 from ferryman.core.gemini.state import gather_full
 from ferryman.core.parallel import init_parallel
@@ -128,3 +129,48 @@ def test_two_ranks_gather_each_chunk_once_per_weight_version_in_the_compute_dtyp
         assert dtypes == {torch.bfloat16}
         assert gathers == 3 * num_chunks - 2  # every chunk each step; the frozen ones (two) only once
         assert states == {"released"}  # static: nothing stays gathered between uses
+
+
+class Spare(torch.nn.Module):
+    """Three 16 x 16 layers, one chunk each (chunk_numel=256); ``spare`` is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.spare = (torch.nn.Linear(16, 16, bias=False) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def _skipped_ranks(rank: int, world: int):
+    dims = init_parallel()
+    out = {}
+    for placement in ("static", "auto"):
+        with one_rank_at_a_time():
+            torch.manual_seed(0)
+            model = Spare()
+        cfg = GeminiConfig(placement=placement, precision="fp32", chunk_numel=256, reorder_after_warmup=False)
+        engine = gemini(model, cfg, OPTIM, dims)
+        engine(torch.ones(2, 16)).sum()
+        spare = engine.chunks[engine.layout.slot_of["spare.weight"][0]]
+        out[placement] = (len(engine.chunks), spare.state, spare.full_copy, engine.stats()["gathers"])
+    with one_rank_at_a_time():
+        model = Spare()
+    tight = gemini(model, GeminiConfig(placement="static", precision="fp32", chunk_numel=256, device_budget_bytes=1000), OPTIM, dims)
+    try:
+        tight(torch.ones(2, 16))
+    except UserError as err:
+        out["error"] = str(err)
+    return out
+
+
+def test_a_chunk_gathered_only_for_the_other_ranks_is_kept_on_the_host_under_static_placement():
+    for out in run_threaded(_skipped_ranks, 2, timeout_s=60):
+        assert out["static"] == (3, "released", "kept", 3)  # gathered at the end of the forward, then dropped
+        assert out["auto"] == (3, "held", "gathered", 3)  # auto keeps it as a cache until evicted
+        # 256 fp32 elements per chunk (1 KiB), more than the whole budget; static placement put
+        # each rank's three shards (512 B) and their optimizer state (2 KiB) there already
+        assert out["error"] == ("gemini: gathering chunk 0 needs 1.0 KiB but the device budget "
+                                "(gemini.device_budget_bytes=1000) is full: 7.5 KiB of model data, 1.0 KiB of it in use "
+                                "by running modules; raise the budget, move optimizer state to the host "
+                                "(optim_host_fraction) or use smaller chunks")
