@@ -4,6 +4,7 @@ export with the fp16 loss scaler, ``save_pretrained``, the EMA views, and the de
 while gradient buffers are held."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,6 +181,17 @@ def test_save_pretrained_writes_masters_frozen_copies_and_persistent_buffers(tmp
     assert set(index["weight_map"]) == set(written)
     assert index["metadata"]["total_size"] == sum(v.numel() * (8 if k.endswith("tracked") else 2) for k, v in written.items())
     assert load_file(str(tmp_path / "small" / index["weight_map"]["mid.weight"]))["mid.weight"].dtype == torch.float16
+
+
+def test_save_pretrained_writes_the_modules_config(tmp_path):
+    class Config:
+        def save_pretrained(self, folder):
+            (Path(folder) / "config.json").write_text(json.dumps({"dtype": str(getattr(self, "dtype", None))}))
+
+    _, engine = _trained()
+    engine.module.config = Config()
+    engine.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "config.json").read_text()) == {"dtype": "torch.bfloat16"}
 
 
 def test_train_and_eval_switch_the_module():

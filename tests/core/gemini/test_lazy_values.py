@@ -274,3 +274,51 @@ def test_any_weight_source_object_serves(tmp_path):
     materialize(model, torch.device("cpu"))
     assert torch.equal(model.lin.weight, torch.full((2, 2), 10.0))
     assert torch.equal(model.table, torch.full((3,), 5.0))
+
+
+def test_damaged_weight_files_are_named_as_weight_files(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(_weights(), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])  # the header promises more than the file holds
+    with pytest.raises(UserError, match=r"model\.safetensors: cannot read this weight file; it looks damaged"):
+        WeightFiles(path)
+    path.write_bytes(data)
+    files = WeightFiles(path)
+    path.write_bytes(data[:200])  # cut after the header was checked: the read fails
+    with pytest.raises(UserError, match=r"model\.safetensors: cannot read this weight file; it looks damaged"):
+        files.read("scale")
+
+
+def test_placeholders_keep_the_parameters_dtype_and_real_parameters_are_left_alone(tmp_path):
+    weights = _weights()
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with empty_weights():
+        model = Net()
+    model.lin.to(torch.bfloat16)
+    model.frozen.weight = nn.Parameter(torch.ones(2, 4), requires_grad=False)  # real, before a meta one
+    load_later(model, tmp_path)
+    assert model.lin.weight.dtype == torch.bfloat16 and torch.isnan(model.lin.weight).all()
+    assert not is_deferred(model.frozen.weight) and torch.equal(model.frozen.weight, torch.ones(2, 4))
+    assert is_deferred(model.frozen.bias)  # the module's next parameter is still taken from the files
+    materialize(model, torch.device("cpu"))
+    assert torch.equal(model.frozen.bias, weights["frozen.bias"])
+    assert torch.equal(model.lin.weight, weights["lin.weight"].bfloat16())
+
+
+def test_the_missing_tensor_message_lists_every_name_tried(tmp_path):
+    class TiedPrefixed(Net):
+        base_model_prefix = "model"
+
+    weights = {k: v for k, v in _weights().items() if k != "embed.weight"}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError) as err:
+        _lazy(tmp_path, TiedPrefixed)
+    assert str(err.value) == (f"{tmp_path}: no tensor embed.weight (nor head.weight, model.embed.weight); "
+                              "are these the weights of this model?")
+    save_file({}, str(tmp_path / "model.safetensors"))
+    with empty_weights():
+        bare = MetaBuffer()  # no base_model_prefix at all: nothing else is tried
+    with pytest.raises(UserError) as err:
+        load_later(bare, tmp_path)
+    assert str(err.value) == f"{tmp_path}: no tensor lin.weight (nor -); are these the weights of this model?"

@@ -321,3 +321,10 @@ def test_the_probe_accepts_multiples_of_the_kernels_lanes_only():
     assert width in (4, 8, 16, 32)
     verdicts = {w: host_adam._reproduces(w) for w in range(1, 34)}
     assert [w for w, ok in verdicts.items() if ok] == [w for w in range(1, 34) if w % width == 0]
+
+
+def test_the_probe_draws_from_its_own_generator():
+    """The first offloaded step runs the probe: it must not move the global RNG (dropout streams)."""
+    state = torch.get_rng_state()
+    host_adam._reproduces(8)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -50,6 +50,7 @@ def _ranks(rank: int, world: int, folder: str):
     _train(engine, rank, world, 2)
     shards = [(c.shard_numel, c.shard_range, c.shard.clone(), gather_full(engine.ranks, c, c.shard)) for c in engine.chunks]
     engine.save(folder + "/two")
+    engine.save_pretrained(f"{folder}/pretrained-{rank}")  # every rank gathers; rank 0 alone writes
     resumed = gemini(_model(), CFG, OPTIM, dims)
     resumed.load(folder + "/one")  # written by one rank
     return shards, engine.state_dict(), engine.named_from(engine.master_tensors()), resumed.state_dict()
@@ -68,6 +69,10 @@ def test_two_ranks_hold_halves_gather_wholes_and_exchange_checkpoints(tmp_path):
     assert all(torch.equal(named0[k], state0[k]) for k in named0)
     for resumed in (resumed0, resumed1):  # a one-rank checkpoint, on two ranks
         assert all(torch.equal(resumed[k], one_state[k]) for k in one_state)
+
+    written = load_file(str(tmp_path / "pretrained-0" / "model.safetensors"))
+    assert set(written) == set(state0) - {"head.weight"} and all(torch.equal(written[k], state0[k]) for k in written)
+    assert not (tmp_path / "pretrained-1").exists()
 
     folder = tmp_path / "two"
     layout = json.loads((folder / "gemini.json").read_text())
