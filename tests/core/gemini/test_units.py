@@ -328,3 +328,50 @@ def test_the_probe_draws_from_its_own_generator():
     state = torch.get_rng_state()
     host_adam._reproduces(8)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def _placed(placement: str, budget: float = float("inf")):
+    """Three one-parameter chunks of 8 fp32 elements, placed by a manager (one rank)."""
+    specs = []
+    for i in range(3):
+        p = nn.Parameter(torch.full((8,), float(i)))
+        specs.append(ChunkSpec(slots=[Slot(name=f"p{i}", param=p, offset=0, numel=8, shape=(8,))], numel=8,
+                               trainable=True, decay=False))
+    chunks = [Chunk.build(i, s, {f"p{i}": s.slots[0].param.data}, dtype=torch.float32, world=1, rank=0,
+                          device=torch.device("cpu")) for i, s in enumerate(specs)]
+    layout = SimpleNamespace(gather_order=(0, 1, 2), module_chunks={0: [0], 1: [1], 2: [2]})
+    cfg = GeminiConfig(placement=placement, precision="fp32")
+    manager = ChunkManager(chunks, layout, cfg, device=torch.device("cpu"), group=None, budget=budget, tracer=MemTracer())
+    manager.place()
+    return manager
+
+
+def test_eviction_takes_the_chunk_needed_latest():
+    manager = _placed("auto")
+    assert manager.device_bytes == 3 * (32 + 128)  # shards and optimizer state, all on the device
+    for module in (1, 0, 2, 0, 1):  # uses: chunk 1 at 0 and 4, chunk 0 at 1 and 3, chunk 2 at 2
+        manager.tracer.record(module, 0)
+    manager.tracer.finish(manager.module_chunks)
+    manager.clock = 3  # next uses: chunk 0 at 3, chunk 1 at 4, chunk 2 never
+    manager.chunks[1].acquire()
+    evicted = []
+    while manager._evict_one():
+        evicted.append(next(c.index for c in manager.chunks if not c.shard_on_device and c.index not in evicted))
+    assert evicted == [2, 0]  # never needed again first; chunk 1 is in use and stays
+    assert manager.num_evictions == 2 and manager.device_bytes == 3 * 128 + 32
+    assert [c.shard_at for c in manager.chunks] == [ShardAt.HOST, ShardAt.DEVICE, ShardAt.HOST]
+    assert torch.equal(manager.chunks[2].shard, torch.full((8,), 2.0))  # the values went home
+    manager.chunks[1].release()
+    manager.clock = 0
+    assert manager._evict_one() and manager.chunks[1].shard_at == ShardAt.HOST
+    assert not manager._evict_one()  # nothing left on the device
+
+
+def test_ties_in_eviction_go_to_the_higher_index_and_static_chunks_keep_their_shards():
+    manager = _placed("auto")
+    manager.tracer.record(0, 0)
+    manager.tracer.finish({})  # no chunk is used again: all tie at infinity
+    assert manager._evict_one() and [c.shard_on_device for c in manager.chunks] == [True, True, False]
+    static = _placed("static")
+    assert not static._evict_one()  # a static shard is never evicted, only gathered copies
+    assert static.num_evictions == 0
