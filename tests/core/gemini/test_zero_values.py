@@ -126,12 +126,15 @@ def _bf16_ranks(rank: int, world: int):
     _train(engine, rank, world, 3)
     handle.remove()
     states = {c.state for c in engine.chunks}
-    return dtypes, engine.stats()["gathers"], len(engine.chunks), states, engine.state_dict()
+    stats = engine.stats()
+    trainable = sum(c.master is not None for c in engine.chunks)
+    return dtypes, stats["gathers"], len(engine.chunks), states, (stats["overlapped_reductions"], trainable)
 
 
 def test_two_ranks_gather_each_chunk_once_per_weight_version_in_the_compute_dtype():
-    for dtypes, gathers, num_chunks, states, _ in run_threaded(_bf16_ranks, 2, timeout_s=60):
+    for dtypes, gathers, num_chunks, states, (overlapped, trainable) in run_threaded(_bf16_ranks, 2, timeout_s=60):
         assert dtypes == {torch.bfloat16}
+        assert overlapped == 3 * trainable  # every parameter gets its gradient: each chunk goes during backward
         assert gathers == 3 * num_chunks - 2  # every chunk each step; the frozen ones (two) only once
         assert states == {"released"}  # static: nothing stays gathered between uses
 
