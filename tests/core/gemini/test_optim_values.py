@@ -90,6 +90,19 @@ def test_engine_counters():
     assert stats["device_bytes"] == engine.manager.recount() and stats["peak_bytes"] >= stats["device_bytes"]
 
 
+def test_fetches_count_every_copy_up_of_a_released_chunk():
+    # static, everything on the host, two chunks (one per layer): each step fetches chunk 0 and 1
+    # for the forward and again, in reverse, for the backward
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    cfg = GeminiConfig(placement="static", precision="fp32", min_num_chunks=2, param_host_fraction=1.0)
+    engine = gemini(model, cfg, OptimConfig(lr=1e-2))
+    assert len(engine.chunks) == 2
+    for step in range(2):
+        engine.backward(engine(torch.ones(2, 4)).square().sum())
+        engine.step()
+        assert engine.stats()["fetches"] == 4 * (step + 1)
+
+
 def _chunk(world, rank):
     a, b, c = (nn.Parameter(torch.zeros(n)) for n in (5, 6, 3))
     slots = [Slot(name="a", param=a, offset=0, numel=5, shape=(5,)), Slot(name="b", param=b, offset=5, numel=6, shape=(6,)),

@@ -122,7 +122,12 @@ def _bf16_ranks(rank: int, world: int):
     cfg = GeminiConfig(placement="static", precision="bf16", min_num_chunks=3, reorder_after_warmup=False)
     engine = gemini(_model(), cfg, OPTIM, dims)
     dtypes = set()
-    handle = engine.module.mid.register_forward_pre_hook(lambda m, a: dtypes.update(p.dtype for p in m.parameters()))
+
+    def watch(module, args, out):  # after the engine's hooks: sees what forward and backward use
+        dtypes.update(p.dtype for p in module.parameters())
+        out.register_hook(lambda grad: dtypes.update(p.dtype for p in module.parameters()))
+
+    handle = engine.module.mid.register_forward_hook(watch)
     _train(engine, rank, world, 3)
     handle.remove()
     states = {c.state for c in engine.chunks}
@@ -133,7 +138,7 @@ def _bf16_ranks(rank: int, world: int):
 
 def test_two_ranks_gather_each_chunk_once_per_weight_version_in_the_compute_dtype():
     for dtypes, gathers, num_chunks, states, (overlapped, trainable) in run_threaded(_bf16_ranks, 2, timeout_s=60):
-        assert dtypes == {torch.bfloat16}
+        assert dtypes == {torch.bfloat16}  # backward too, from the host copy of the gathered values
         assert overlapped == 3 * trainable  # every parameter gets its gradient: each chunk goes during backward
         assert gathers == 3 * num_chunks - 2  # every chunk each step; the frozen ones (two) only once
         assert states == {"released"}  # static: nothing stays gathered between uses
