@@ -334,3 +334,23 @@ def test_damaged_checkpoint_folders_are_refused_in_one_line(tmp_path):
     with pytest.raises(UserError) as err:
         other.load(tmp_path)
     assert str(err.value) == f"{tmp_path}: c{trainable}.steps has {count} counts for {2 * count} parameters"
+
+
+def test_the_peak_outlives_the_warm_up_repack():
+    class Reversed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(self.b(self.c(x)))
+
+    cfg = GeminiConfig(placement="static", precision="fp32", min_num_chunks=3, param_host_fraction=1.0)
+    engine = gemini(Reversed(), cfg, OptimConfig(lr=1e-2))
+    before = engine.layout_order
+    seen = []
+    engine.module.a.register_forward_hook(lambda *_: seen.append(engine.manager.peak_bytes))  # a runs last
+    engine(torch.ones(2, 4))
+    assert engine.layout_order != before  # repacked in the order of use: a new manager
+    # the peak of the warm-up forward (a gathered chunk beside the optimizer state) is kept
+    assert engine.manager.peak_bytes == seen[-1] > engine.manager.device_bytes
