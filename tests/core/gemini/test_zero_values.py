@@ -164,9 +164,11 @@ def _skipped_ranks(rank: int, world: int):
             model = Spare()
         cfg = GeminiConfig(placement=placement, precision="fp32", chunk_numel=256, reorder_after_warmup=False)
         engine = gemini(model, cfg, OPTIM, dims)
+        during = []  # at a's use (after the engine's own hook): gathered on demand, not ahead
+        model.a.register_forward_pre_hook(lambda *_: during.append([str(c.full_copy) for c in engine.chunks]))
         engine(torch.ones(2, 16)).sum()
         spare = engine.chunks[engine.layout.slot_of["spare.weight"][0]]
-        out[placement] = (len(engine.chunks), spare.state, spare.full_copy, engine.stats()["gathers"])
+        out[placement] = (len(engine.chunks), spare.state, spare.full_copy, engine.stats()["gathers"], during)
     with one_rank_at_a_time():
         model = Spare()
     tight = gemini(model, GeminiConfig(placement="static", precision="fp32", chunk_numel=256, device_budget_bytes=1000), OPTIM, dims)
@@ -179,8 +181,9 @@ def _skipped_ranks(rank: int, world: int):
 
 def test_a_chunk_gathered_only_for_the_other_ranks_is_kept_on_the_host_under_static_placement():
     for out in run_threaded(_skipped_ranks, 2, timeout_s=60):
-        assert out["static"] == (3, "released", "kept", 3)  # gathered at the end of the forward, then dropped
-        assert out["auto"] == (3, "held", "gathered", 3)  # auto keeps it as a cache until evicted
+        on_demand = [["gathered", "pending", "pending"]]
+        assert out["static"] == (3, "released", "kept", 3, on_demand)  # gathered at the end of the forward, then dropped
+        assert out["auto"] == (3, "held", "gathered", 3, on_demand)  # auto keeps it as a cache until evicted
         # 256 fp32 elements per chunk (1 KiB), more than the whole budget; static placement put
         # each rank's three shards (512 B) and their optimizer state (2 KiB) there already
         assert out["error"] == ("gemini: gathering chunk 0 needs 1.0 KiB but the device budget "
