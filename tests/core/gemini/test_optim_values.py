@@ -122,3 +122,28 @@ def test_the_pieces_of_a_shard():
     assert local_slice(chunk, 7, 1) is None  # ends where the shard starts
     assert local_slice(chunk, 8, 1) == slice(0, 1) and local_slice(chunk, 11, 1) == slice(3, 4)
     assert local_slice(chunk, 4, 100) == slice(0, 4)
+
+
+def _first_norm(precision: str, scale: float) -> float:
+    torch.manual_seed(0)
+    engine = gemini(TinyNet(), GeminiConfig(placement="static", precision=precision, initial_loss_scale=scale),
+                    OptimConfig(lr=1e-2))
+    ids, tgt = batches(1)[0]
+    engine.backward(lm_loss(engine(ids), tgt))
+    return engine.step()["grad_norm"]
+
+
+def test_fp16_gradients_are_unscaled_before_the_norm():
+    # powers of two scale fp16 gradients exactly (no overflow, no underflow here): the same norm
+    assert _first_norm("fp16", 2.0**4) == _first_norm("fp16", 2.0**8)
+    assert _first_norm("fp16", 2.0**8) == pytest.approx(_first_norm("fp32", 1.0), rel=1e-2)  # fp16's resolution
+
+
+def test_an_overflowing_step_reports_the_skip():
+    engine = gemini(TinyNet(), GeminiConfig(placement="static", precision="fp16", initial_loss_scale=2.0**10),
+                    OptimConfig(lr=1e-2))
+    ids, tgt = batches(1)[0]
+    engine.backward(lm_loss(engine(ids), tgt) * 1e30)
+    result = engine.step()
+    assert set(result) == {"grad_norm", "skipped", "loss_scale"} and not math.isfinite(result["grad_norm"])
+    assert (result["skipped"], result["loss_scale"]) == (1.0, 2.0**9)

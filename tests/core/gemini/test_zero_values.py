@@ -165,7 +165,7 @@ def _skipped_ranks(rank: int, world: int):
         cfg = GeminiConfig(placement=placement, precision="fp32", chunk_numel=256, reorder_after_warmup=False)
         engine = gemini(model, cfg, OPTIM, dims)
         during = []  # at a's use (after the engine's own hook): gathered on demand, not ahead
-        model.a.register_forward_pre_hook(lambda *_: during.append([str(c.full_copy) for c in engine.chunks]))
+        model.a.register_forward_pre_hook(lambda *_, e=engine, d=during: d.append([str(c.full_copy) for c in e.chunks]))
         engine(torch.ones(2, 16)).sum()
         spare = engine.chunks[engine.layout.slot_of["spare.weight"][0]]
         out[placement] = (len(engine.chunks), spare.state, spare.full_copy, engine.stats()["gathers"], during)
