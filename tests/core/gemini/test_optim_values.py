@@ -147,3 +147,36 @@ def test_an_overflowing_step_reports_the_skip():
     result = engine.step()
     assert set(result) == {"grad_norm", "skipped", "loss_scale"} and not math.isfinite(result["grad_norm"])
     assert (result["skipped"], result["loss_scale"]) == (1.0, 2.0**9)
+
+
+class UnusedFirst(nn.Module):
+    """The first registered layer is never called: its chunk gets no gradient, the later ones do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused, self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("placement", [dict(placement="auto"), dict(placement="static", optim_host_fraction=1.0)])
+def test_a_chunk_without_gradients_does_not_stop_the_others_update(placement):
+    torch.manual_seed(0)
+    model = UnusedFirst()
+    reference = twin(model)
+    cfg = GeminiConfig(precision="fp32", min_num_chunks=3, reorder_after_warmup=False, **placement)
+    engine = gemini(model, cfg, OptimConfig(lr=1e-2, weight_decay=0.1))
+    assert engine.layout.slot_of["unused.weight"][0] < engine.layout.slot_of["a.weight"][0]
+    opt = reference_optimizer(reference, 1e-2, 0.1)
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        engine.backward(engine(x).square().mean())
+        engine.step()
+        engine.zero_grad()
+        reference(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    state = engine.state_dict()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(state[name], p.detach(), rtol=0, atol=1e-6, msg=name)
