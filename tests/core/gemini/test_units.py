@@ -330,8 +330,9 @@ def test_the_probe_draws_from_its_own_generator():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def _placed(placement: str, budget: float = float("inf")):
-    """Three one-parameter chunks of 8 fp32 elements, placed by a manager (one rank)."""
+def _placed(placement: str, budget: float = float("inf"), **fractions):
+    """Three one-parameter chunks of 8 fp32 elements (shard 32 B, optimizer state 128 B), placed by
+    a manager (one rank)."""
     specs = []
     for i in range(3):
         p = nn.Parameter(torch.full((8,), float(i)))
@@ -340,7 +341,7 @@ def _placed(placement: str, budget: float = float("inf")):
     chunks = [Chunk.build(i, s, {f"p{i}": s.slots[0].param.data}, dtype=torch.float32, world=1, rank=0,
                           device=torch.device("cpu")) for i, s in enumerate(specs)]
     layout = SimpleNamespace(gather_order=(0, 1, 2), module_chunks={0: [0], 1: [1], 2: [2]})
-    cfg = GeminiConfig(placement=placement, precision="fp32")
+    cfg = GeminiConfig(placement=placement, precision="fp32", **fractions)
     manager = ChunkManager(chunks, layout, cfg, device=torch.device("cpu"), group=None, budget=budget, tracer=MemTracer())
     manager.place()
     return manager
@@ -375,3 +376,30 @@ def test_ties_in_eviction_go_to_the_higher_index_and_static_chunks_keep_their_sh
     static = _placed("static")
     assert not static._evict_one()  # a static shard is never evicted, only gathered copies
     assert static.num_evictions == 0
+
+
+def _where(manager):
+    return [(c.shard_on_device, c.optim_on_device) for c in manager.chunks]
+
+
+def test_auto_placement_fills_the_budget_with_parameters_first():
+    # room before the warm-up: 70 % of the budget. 300 B -> 210: the three shards (96 B) fit, no
+    # optimizer state (96 + 128 > 210). 400 B -> 280: the first chunk's state fits too (224).
+    assert _where(_placed("auto", 300.0)) == [(True, False)] * 3
+    manager = _placed("auto", 400.0)
+    assert _where(manager) == [(True, True), (True, False), (True, False)]
+    assert manager.device_bytes == manager.peak_bytes == 96 + 128
+    assert _where(_placed("auto", 60.0)) == [(True, False), (False, False), (False, False)]  # room 42: one shard
+    half = _placed("auto", 400.0, warmup_non_model_fraction=0.5)  # room 200: shards only
+    assert _where(half) == [(True, False)] * 3
+    assert all(c.payload_is_shard for c in manager.chunks if c.shard_on_device)  # one rank: used in place
+    assert all(torch.isnan(c.slots[0].param).all() for c in _placed("auto", 60.0).chunks[1:])  # host: placeholders
+
+
+def test_static_placement_puts_the_last_chunks_on_the_host():
+    # param_host_fraction 0.5 of 96 B, from the last chunk back: 32 (half of it, 16, is within 48),
+    # then 64 (48 is not past 48), then the first would pass it. Optimizer state 0.25 of 384 B: one.
+    manager = _placed("static", param_host_fraction=0.5, optim_host_fraction=0.25)
+    assert _where(manager) == [(True, True), (False, True), (False, False)]
+    assert manager.device_bytes == 32 + 2 * 128
+    assert [c.payload is not None for c in manager.chunks] == [True, False, False]
