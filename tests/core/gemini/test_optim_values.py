@@ -180,3 +180,19 @@ def test_a_chunk_without_gradients_does_not_stop_the_others_update(placement):
     state = engine.state_dict()
     for name, p in reference.named_parameters():
         torch.testing.assert_close(state[name], p.detach(), rtol=0, atol=1e-6, msg=name)
+
+
+def test_after_the_warm_up_the_trace_clock_follows_the_modules():
+    """The eviction plan is read at the trace position of the module running: step() rewinds it."""
+    model = TinyNet()
+    engine = gemini(model, GeminiConfig(placement="auto", precision="fp32"), OptimConfig(lr=1e-2))
+    positions = []
+    for index, module in enumerate(engine.hook_modules):  # after the engine's own hooks: clock is past it
+        module.register_forward_pre_hook(lambda *_, i=index: positions.append((i, engine.manager.clock)))
+    data = batches(3)
+    for ids, tgt in data:
+        positions.clear()
+        engine.backward(lm_loss(engine(ids), tgt))
+        engine.step()
+    trace = engine.manager.tracer.modules
+    assert positions and all(trace[clock - 1] == i for i, clock in positions)
