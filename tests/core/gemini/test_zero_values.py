@@ -190,3 +190,19 @@ def test_a_chunk_gathered_only_for_the_other_ranks_is_kept_on_the_host_under_sta
                                 "(gemini.device_budget_bytes=1000) is full: 7.5 KiB of model data, 1.0 KiB of it in use "
                                 "by running modules; raise the budget, move optimizer state to the host "
                                 "(optim_host_fraction) or use smaller chunks")
+
+
+def _trace(rank: int, world: int, rows: list[int]):
+    dims = init_parallel() if world > 1 else None
+    engine = gemini(_tiny(), GeminiConfig(placement="auto", precision="fp32"), OPTIM, dims)
+    ids, tgt = batches(1, batch=max(rows))[0]
+    engine.backward(lm_loss(engine(ids[: rows[rank]]), tgt[: rows[rank]]))
+    engine.step()
+    return engine.manager.tracer.non_model
+
+
+def test_the_ranks_plan_with_the_largest_activations_any_rank_saw():
+    small, large = _trace(0, 1, [1]), _trace(0, 1, [3])
+    assert len(small) == len(large) and any(a < b for a, b in zip(small, large))
+    merged = [max(a, b) for a, b in zip(small, large)]
+    assert run_threaded(_trace, 2, [1, 3], timeout_s=60) == [merged, merged]
