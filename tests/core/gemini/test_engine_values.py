@@ -354,3 +354,18 @@ def test_the_peak_outlives_the_warm_up_repack():
     assert engine.layout_order != before  # repacked in the order of use: a new manager
     # the peak of the warm-up forward (a gathered chunk beside the optimizer state) is kept
     assert engine.manager.peak_bytes == seen[-1] > engine.manager.device_bytes
+
+
+def test_a_gradient_buffer_over_the_budget_is_named():
+    # static, everything on the host, two chunks of 96 B: the backward holds the second layer's
+    # chunk (96 B) and needs its gradient buffer (96 B more) under a budget of 150 B
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    cfg = GeminiConfig(placement="static", precision="fp32", min_num_chunks=2, device_budget_bytes=150,
+                       param_host_fraction=1.0, optim_host_fraction=1.0)
+    engine = gemini(model, cfg, OptimConfig(lr=1e-2))
+    loss = engine(torch.ones(2, 4)).sum()
+    with pytest.raises(UserError) as err:
+        engine.backward(loss)
+    assert str(err.value) == ("gemini: gradient buffer of chunk 1 needs 96 B but the device budget "
+                              "(gemini.device_budget_bytes=150) is full: 96 B of model data, 96 B of it in use by "
+                              "running modules" + SUFFIX)

@@ -22,6 +22,7 @@ from ferryman.core.gemini.layout import (
     waste,
 )
 from ferryman.core.gemini.manager import ChunkManager, _size, _take_fraction
+from ferryman.core.gemini.optim import ChunkGrads, Reduction
 from ferryman.core.gemini.state import Ranks, export_full, import_optim_state, optim_state
 from ferryman.core.gemini.tracer import MemTracer
 
@@ -258,6 +259,20 @@ def test_a_chunk_holds_its_ranks_shard():
     assert torch.equal(chunk.flatten({"b": values["b"]}, torch.float64)[:6], torch.zeros(6, dtype=torch.float64))
     assert {k: v.tolist() for k, v in chunk.unflatten(full).items()} == {k: v.tolist() for k, v in values.items()}
     assert repr(chunk) == "Chunk(2, 2 params, 12 elems, released, shard unplaced)"
+    with pytest.raises(IllegalMove) as err:
+        chunk.set_full_copy(FullCopy.KEPT)
+    assert str(err.value) == "chunk 2: FullCopy pending -> kept is not a legal move (from pending: gathered)"
+    with pytest.raises(IllegalMove) as err:
+        chunk.move_shard(ShardAt.DEVICE_AND_HOST)
+    assert str(err.value) == "chunk 2: ShardAt unplaced -> device+host is not a legal move (from unplaced: device, host)"
+    with pytest.raises(IllegalMove) as err:
+        chunk.place_optim(OptimAt.NONE)
+    assert str(err.value) == "chunk 2: OptimAt unplaced -> none is not a legal move (from unplaced: device, host)"
+    grads = ChunkGrads(chunk, torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(IllegalMove) as err:
+        grads.move(Reduction.LATE)
+    assert str(err.value) == ("gradients of chunk 2: Reduction collecting -> late is not a legal move "
+                              "(from collecting: reduced)")
 
     chunk.acquire()
     chunk.attach(full.bfloat16())

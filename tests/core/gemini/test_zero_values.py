@@ -99,17 +99,20 @@ def _tiny() -> TinyNet:
     return model
 
 
+CLIPPED = OptimConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=0.1)  # the norm is summed over the dp group only
+
+
 def _dap_ranks(rank: int, world: int):
     """Four ranks: two data-parallel groups of two DAP peers, which see the same data."""
     dims = init_parallel(dap=2)
     assert (dims.dp, dims.dap) == (2, 2)
-    engine = gemini(_tiny(), CFG, OPTIM, dims)
+    engine = gemini(_tiny(), CFG, CLIPPED, dims)
     _train(engine, torch.distributed.get_rank(dims.dp_group), dims.dp, 3)
     return engine.state_dict()
 
 
 def test_the_data_parallel_group_is_not_the_world():
-    reference = gemini(_tiny(), CFG, OPTIM)
+    reference = gemini(_tiny(), CFG, CLIPPED)
     _train(reference, 0, 1, 3)
     expected = reference.state_dict()
     for state in run_threaded(_dap_ranks, 4, timeout_s=60):
@@ -206,3 +209,29 @@ def test_the_ranks_plan_with_the_largest_activations_any_rank_saw():
     assert len(small) == len(large) and any(a < b for a, b in zip(small, large))
     merged = [max(a, b) for a, b in zip(small, large)]
     assert run_threaded(_trace, 2, [1, 3], timeout_s=60) == [merged, merged]
+
+
+def _tight_backward(rank: int, world: int):
+    dims = init_parallel()
+    with one_rank_at_a_time():
+        model = Spare()
+    cfg = GeminiConfig(placement="static", precision="fp32", chunk_numel=256, device_budget_bytes=3500,
+                       param_host_fraction=1.0, optim_host_fraction=1.0, reorder_after_warmup=False)
+    engine = gemini(model, cfg, OPTIM, dims)
+    loss = engine(torch.ones(2, 16)).sum()
+    try:
+        engine.backward(loss)
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def test_a_reduce_scatter_output_over_the_budget_is_named():
+    # everything on the host: the backward holds b (1 KiB) and its gradient buffer (1 KiB); spare,
+    # first in the reduction order and unused, is reduced at once: its buffer (1 KiB) fits under
+    # 3500 B, its reduce-scatter output (512 B) does not, and nothing can be evicted
+    for message in run_threaded(_tight_backward, 2, timeout_s=60):
+        assert message == ("gemini: reduce-scatter output of chunk 2 needs 512 B but the device budget "
+                           "(gemini.device_budget_bytes=3500) is full: 3.0 KiB of model data, 1.0 KiB of it in use "
+                           "by running modules; raise the budget, move optimizer state to the host "
+                           "(optim_host_fraction) or use smaller chunks")
