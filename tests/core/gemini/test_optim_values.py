@@ -196,3 +196,36 @@ def test_after_the_warm_up_the_trace_clock_follows_the_modules():
         engine.step()
     trace = engine.manager.tracer.modules
     assert positions and all(trace[clock - 1] == i for i, clock in positions)
+
+
+class Partial(nn.Module):
+    """A module that runs but leaves one of its parameters out of its output: no gradient for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.idle = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w)
+
+
+def test_a_chunk_missing_a_gradient_is_reduced_at_the_end_of_backward():
+    torch.manual_seed(0)
+    model = Partial()
+    reference = twin(model)
+    engine = gemini(model, GeminiConfig(placement="static", precision="fp32", min_num_chunks=1), OptimConfig(lr=1e-2))
+    assert len(engine.chunks) == 1  # w and idle together: the chunk never has all its gradients
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
+    x = torch.randn(3, 4)
+    for _ in range(2):
+        engine.backward(engine(x).sum())
+        engine.step()
+        engine.zero_grad()
+        reference(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    state = engine.state_dict()
+    assert engine.stats()["overlapped_reductions"] == 0
+    torch.testing.assert_close(state["w"], reference.w.detach(), rtol=0, atol=1e-6)
+    assert torch.equal(state["idle"], reference.idle.detach())  # no gradient: untouched

@@ -418,3 +418,13 @@ def test_static_placement_puts_the_last_chunks_on_the_host():
     assert _where(manager) == [(True, True), (False, True), (False, False)]
     assert manager.device_bytes == 32 + 2 * 128
     assert [c.payload is not None for c in manager.chunks] == [True, False, False]
+
+
+def test_reserve_evicts_only_past_the_soft_limit():
+    manager = _placed("auto", 1000.0)  # room 700 before the warm-up; all 480 B placed on the device
+    assert manager.device_bytes == 480
+    manager.reserve(220, "x")  # exactly up to the limit: nothing to evict
+    assert (manager.num_evictions, manager.device_bytes) == (0, 700)
+    manager.reserve(1, "y")  # one byte more: the chunk needed latest (all tie: the last) goes home
+    assert manager.num_evictions == 1 and manager.device_bytes == 700 + 1 - 32
+    assert [c.shard_on_device for c in manager.chunks] == [True, True, False]
