@@ -259,20 +259,6 @@ def test_a_chunk_holds_its_ranks_shard():
     assert torch.equal(chunk.flatten({"b": values["b"]}, torch.float64)[:6], torch.zeros(6, dtype=torch.float64))
     assert {k: v.tolist() for k, v in chunk.unflatten(full).items()} == {k: v.tolist() for k, v in values.items()}
     assert repr(chunk) == "Chunk(2, 2 params, 12 elems, released, shard unplaced)"
-    with pytest.raises(IllegalMove) as err:
-        chunk.set_full_copy(FullCopy.KEPT)
-    assert str(err.value) == "chunk 2: FullCopy pending -> kept is not a legal move (from pending: gathered)"
-    with pytest.raises(IllegalMove) as err:
-        chunk.move_shard(ShardAt.DEVICE_AND_HOST)
-    assert str(err.value) == "chunk 2: ShardAt unplaced -> device+host is not a legal move (from unplaced: device, host)"
-    with pytest.raises(IllegalMove) as err:
-        chunk.place_optim(OptimAt.NONE)
-    assert str(err.value) == "chunk 2: OptimAt unplaced -> none is not a legal move (from unplaced: device, host)"
-    grads = ChunkGrads(chunk, torch.zeros(2, dtype=torch.bool))
-    with pytest.raises(IllegalMove) as err:
-        grads.move(Reduction.LATE)
-    assert str(err.value) == ("gradients of chunk 2: Reduction collecting -> late is not a legal move "
-                              "(from collecting: reduced)")
 
     chunk.acquire()
     chunk.attach(full.bfloat16())
@@ -297,6 +283,26 @@ def test_a_chunk_holds_its_ranks_shard():
     assert chunk.master is None and chunk.optim_at == OptimAt.NONE and chunk.optim_bytes == 0
     assert chunk.shard.dtype == torch.float16 and torch.equal(chunk.shard, full.half())
     assert optim_state(chunk) == {}
+
+
+def test_every_move_names_the_chunk_in_its_message():
+    spec, _ = _spec()
+    chunk = Chunk.build(2, spec, {"a": torch.zeros(2, 3), "b": torch.zeros(4)}, dtype=torch.float32, world=1, rank=0,
+                        device=torch.device("cpu"))
+    with pytest.raises(IllegalMove) as err:
+        chunk.set_full_copy(FullCopy.KEPT)
+    assert str(err.value) == "chunk 2: FullCopy pending -> kept is not a legal move (from pending: gathered)"
+    with pytest.raises(IllegalMove) as err:
+        chunk.move_shard(ShardAt.DEVICE_AND_HOST)
+    assert str(err.value) == "chunk 2: ShardAt unplaced -> device+host is not a legal move (from unplaced: device, host)"
+    with pytest.raises(IllegalMove) as err:
+        chunk.place_optim(OptimAt.NONE)
+    assert str(err.value) == "chunk 2: OptimAt unplaced -> none is not a legal move (from unplaced: device, host)"
+    grads = ChunkGrads(chunk, torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(IllegalMove) as err:
+        grads.move(Reduction.LATE)
+    assert str(err.value) == ("gradients of chunk 2: Reduction collecting -> late is not a legal move "
+                              "(from collecting: reduced)")
 
 
 def test_optimizer_state_goes_in_and_out_by_parameter_name():
@@ -360,6 +366,18 @@ def _placed(placement: str, budget: float = float("inf"), **fractions):
     manager = ChunkManager(chunks, layout, cfg, device=torch.device("cpu"), group=None, budget=budget, tracer=MemTracer())
     manager.place()
     return manager
+
+
+def test_eviction_follows_the_trace_not_the_chunk_order():
+    manager = _placed("auto")
+    for module in (2, 1, 2, 1):  # chunk 2 is needed first, then 1; chunk 0 never
+        manager.tracer.record(module, 0)
+    manager.tracer.finish(manager.module_chunks)
+    manager.clock = 0
+    order = []
+    while manager._evict_one():
+        order.append(next(c.index for c in manager.chunks if not c.shard_on_device and c.index not in order))
+    assert order == [0, 1, 2]  # never again, then latest next use (1 at 1, 2 at 0)
 
 
 def test_eviction_takes_the_chunk_needed_latest():

@@ -50,7 +50,6 @@ def _ranks(rank: int, world: int, folder: str):
     _train(engine, rank, world, 2)
     shards = [(c.shard_numel, c.shard_range, c.shard.clone(), gather_full(engine.ranks, c, c.shard)) for c in engine.chunks]
     engine.save(folder + "/two")
-    engine.save_pretrained(f"{folder}/pretrained-{rank}")  # every rank gathers; rank 0 alone writes
     resumed = gemini(_model(), CFG, OPTIM, dims)
     resumed.load(folder + "/one")  # written by one rank
     return shards, engine.state_dict(), engine.named_from(engine.master_tensors()), resumed.state_dict()
@@ -69,10 +68,6 @@ def test_two_ranks_hold_halves_gather_wholes_and_exchange_checkpoints(tmp_path):
     assert all(torch.equal(named0[k], state0[k]) for k in named0)
     for resumed in (resumed0, resumed1):  # a one-rank checkpoint, on two ranks
         assert all(torch.equal(resumed[k], one_state[k]) for k in one_state)
-
-    written = load_file(str(tmp_path / "pretrained-0" / "model.safetensors"))
-    assert set(written) == set(state0) - {"head.weight"} and all(torch.equal(written[k], state0[k]) for k in written)
-    assert not (tmp_path / "pretrained-1").exists()
 
     folder = tmp_path / "two"
     layout = json.loads((folder / "gemini.json").read_text())
@@ -235,3 +230,41 @@ def test_a_reduce_scatter_output_over_the_budget_is_named():
                            "(gemini.device_budget_bytes=3500) is full: 3.0 KiB of model data, 1.0 KiB of it in use "
                            "by running modules; raise the budget, move optimizer state to the host "
                            "(optim_host_fraction) or use smaller chunks")
+
+
+def _pretrained_ranks(rank: int, world: int, folder: str):
+    dims = init_parallel()
+    engine = gemini(_model(), CFG, OPTIM, dims)
+    _train(engine, rank, world, 1)
+    engine.save_pretrained(f"{folder}/pretrained-{rank}")  # every rank gathers; rank 0 alone writes
+    return engine.state_dict()
+
+
+def test_save_pretrained_on_two_ranks_writes_the_whole_model_once(tmp_path):
+    state, _ = run_threaded(_pretrained_ranks, 2, str(tmp_path), timeout_s=60)
+    written = load_file(str(tmp_path / "pretrained-0" / "model.safetensors"))
+    assert set(written) == set(state) - {"head.weight"} and all(torch.equal(written[k], state[k]) for k in written)
+    assert not (tmp_path / "pretrained-1").exists()
+
+
+def _partial_ranks(rank: int, world: int):
+    from tests.core.gemini.test_optim_values import Partial
+
+    dims = init_parallel() if world > 1 else None
+    with one_rank_at_a_time():
+        torch.manual_seed(0)
+        model = Partial()
+    engine = gemini(model, GeminiConfig(placement="static", precision="fp32", min_num_chunks=1), OPTIM, dims)
+    x = torch.linspace(-1, 1, 12).reshape(3, 4)
+    for _ in range(2):  # the same data on every rank: the mean gradient is one rank's
+        engine.backward(engine(x).sum())
+        engine.step()
+        engine.zero_grad()
+    return engine.state_dict()
+
+
+def test_a_chunk_missing_a_gradient_is_reduced_at_the_end_of_backward_on_two_ranks():
+    (expected,) = [_partial_ranks(0, 1)]
+    for state in run_threaded(_partial_ranks, 2, timeout_s=60):
+        assert_close(state["w"], expected["w"], ulps=16)
+        assert torch.equal(state["idle"], expected["idle"])
