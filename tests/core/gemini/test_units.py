@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ferryman.core.errors import ConfigError
+from ferryman.core.errors import ConfigError, UserError
 from ferryman.core.gemini import GeminiConfig, host_adam
 from ferryman.core.gemini.chunk import LEGAL, Chunk, FullCopy, IllegalMove, OptimAt, ShardAt, check_move
 from ferryman.core.gemini.layout import (
@@ -446,3 +446,18 @@ def test_reserve_evicts_only_past_the_soft_limit():
     manager.reserve(1, "y")  # one byte more: the chunk needed latest (all tie: the last) goes home
     assert manager.num_evictions == 1 and manager.device_bytes == 700 + 1 - 32
     assert [c.shard_on_device for c in manager.chunks] == [True, True, False]
+
+
+def test_the_size_search_steps_through_every_size_for_a_small_range():
+    # low 8 (the largest), high 11: steps of 1 try 11, where [3, 8] fits without padding
+    assert search_chunk_numel([3, 8], min_num_chunks=1, max_chunk_numel=100, align=1) == 11
+    # low 100, high 199: (199 - 100) // 64 = 1, a step of 1 reaches 199 (no padding)
+    assert search_chunk_numel([100] + [1] * 99, min_num_chunks=1, max_chunk_numel=1000, align=1) == 199
+
+
+def test_the_budget_itself_may_be_filled():
+    manager = _placed("static", 1000.0)  # static: no eviction, the budget is the limit
+    manager.reserve(1000 - manager.device_bytes, "all of it")
+    assert manager.device_bytes == 1000
+    with pytest.raises(UserError, match=r"gemini: one more needs 1 B but the device budget"):
+        manager.reserve(1, "one more")
