@@ -268,3 +268,25 @@ def test_a_chunk_missing_a_gradient_is_reduced_at_the_end_of_backward_on_two_ran
     for state in run_threaded(_partial_ranks, 2, timeout_s=60):
         assert_close(state["w"], expected["w"], ulps=16)
         assert torch.equal(state["idle"], expected["idle"])
+
+
+def _reused_ranks(rank: int, world: int, steps: int):
+    from tests.core.gemini.test_unused import BranchNet
+
+    dims = init_parallel()
+    with one_rank_at_a_time():
+        torch.manual_seed(0)
+        model = BranchNet(reuse=True)
+    engine = gemini(model, GeminiConfig(placement="static", precision="fp32"), OPTIM, dims)
+    for ids, tgt in batches(steps):
+        rows = slice(2 * rank, 2 * rank + 2)
+        engine.backward(lm_loss(engine(ids[rows], True, False), tgt[rows]))
+        engine.step()
+        engine.zero_grad()
+    return engine.stats()["late_reductions"]
+
+
+def test_a_reused_block_takes_one_late_reduction_per_step():
+    """The last block runs twice in reentrant checkpoints: one of its chunks is reduced before the
+    recomputation delivers its second gradients, once in every backward, on every rank alike."""
+    assert run_threaded(_reused_ranks, 2, 3, timeout_s=60) == [3, 3]
