@@ -229,3 +229,13 @@ def test_a_chunk_missing_a_gradient_is_reduced_at_the_end_of_backward():
     assert engine.stats()["overlapped_reductions"] == 0
     torch.testing.assert_close(state["w"], reference.w.detach(), rtol=0, atol=1e-6)
     assert torch.equal(state["idle"], reference.idle.detach())  # no gradient: untouched
+
+
+def test_the_warm_up_counts_saved_activations_not_the_weights():
+    # Linear 1 saves its input x (2 x 4 fp32: 32 B); Linear 2 saves its input h (32 B) and its
+    # weight, which is model data (the chunk's payload) and must not count as an activation
+    engine = gemini(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), GeminiConfig(placement="auto", precision="fp32"),
+                    OptimConfig(lr=1e-2))
+    engine.backward(engine(torch.ones(2, 4)).sum())
+    engine.step()
+    assert max(engine.manager.tracer.non_model) == 64
