@@ -239,3 +239,48 @@ def test_the_warm_up_counts_saved_activations_not_the_weights():
     engine.backward(engine(torch.ones(2, 4)).sum())
     engine.step()
     assert max(engine.manager.tracer.non_model) == 64
+
+
+def test_the_trace_clock_follows_backward_too_and_skips_evaluation_forwards():
+    model = TinyNet()
+    engine = gemini(model, GeminiConfig(placement="auto", precision="fp32"), OptimConfig(lr=1e-2))
+    seen = []
+
+    def watch(out, i):
+        if out.requires_grad:  # after the engine's own hook on the output: the clock is past it
+            out.register_hook(lambda grad: seen.append((i, engine.manager.clock)))
+
+    for index, module in enumerate(engine.hook_modules):
+        module.register_forward_hook(lambda m, a, o, i=index: watch(o, i))
+    for ids, tgt in batches(3):
+        seen.clear()
+        engine.backward(lm_loss(engine(ids), tgt))
+        engine.step()
+        with torch.no_grad():  # evaluations between steps must not move the clock of the next step
+            engine(ids)
+            engine(ids)
+    trace = engine.manager.tracer.modules
+    assert len(seen) > 5 and all(trace[clock - 1] == i for i, clock in seen)
+
+
+def test_step_finishes_a_backward_run_by_autograd_directly():
+    """loss.backward() without engine.backward: step() reduces the gradients (an evaluation
+    forward in between must not make it forget that a backward is due). Partial's chunk is never
+    complete, so only the end of backward reduces it."""
+    def run(direct: bool):
+        torch.manual_seed(0)
+        engine = gemini(Partial(), GeminiConfig(placement="static", precision="fp32", min_num_chunks=1),
+                        OptimConfig(lr=1e-2))
+        x = torch.linspace(-1, 1, 12).reshape(3, 4)
+        for _ in range(2):
+            loss = engine(x).sum()
+            with torch.no_grad():
+                engine(x)
+            loss.backward() if direct else engine.backward(loss)
+            engine.step()
+            engine.zero_grad()
+        return engine.state_dict()
+
+    direct, through, start = run(True), run(False), (torch.manual_seed(0), Partial())[1]
+    assert not torch.equal(through["w"], start.w.detach())  # it trained
+    assert all(torch.equal(direct[k], through[k]) for k in through)
