@@ -369,3 +369,59 @@ def test_a_gradient_buffer_over_the_budget_is_named():
     assert str(err.value) == ("gemini: gradient buffer of chunk 1 needs 96 B but the device budget "
                               "(gemini.device_budget_bytes=150) is full: 96 B of model data, 96 B of it in use by "
                               "running modules" + SUFFIX)
+
+
+class FrozenFirst(nn.Module):
+    """A frozen embedding used first (its chunk comes first), trainable layers after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.embed.requires_grad_(False)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.embed(ids))))
+
+
+class Failing(FrozenFirst):
+    """The root module owns ``scale`` (so it is hooked too) and raises on request inside its
+    forward, as a model can fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, ids: torch.Tensor, fail: bool = False) -> torch.Tensor:
+        x = torch.tanh(self.mid(self.embed(ids))) * self.scale
+        if fail:
+            raise ValueError("a model error")
+        return self.head(x)
+
+
+def test_a_failing_forward_releases_its_chunks():
+    torch.manual_seed(0)
+    engine = gemini(Failing(), GeminiConfig(placement="static", precision="fp32", param_host_fraction=1.0), OPTIM)
+    ids, tgt = batches(1)[0]
+    with pytest.raises(ValueError, match="a model error"):
+        engine(ids, fail=True)
+    assert all(c.in_use == 0 for c in engine.chunks)  # the post-hook ran despite the error
+    engine.backward(lm_loss(engine(ids), tgt))
+    assert engine.step()["skipped"] == 0.0
+
+
+def test_moments_after_a_frozen_chunk_come_back_from_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = FrozenFirst()
+    fresh = FrozenFirst()
+    fresh.load_state_dict(model.state_dict())
+    cfg = GeminiConfig(placement="static", precision="fp32")
+    straight = gemini(model, cfg, OPTIM)
+    assert straight.chunks[0].master is None  # the frozen chunk first
+    data = batches(4)
+    train_engine(straight, data[:2])
+    straight.save(tmp_path)
+    resumed = gemini(fresh, cfg, OPTIM)
+    resumed.load(tmp_path)
+    assert train_engine(resumed, data[2:]) == train_engine(straight, data[2:])
