@@ -461,3 +461,20 @@ def test_the_budget_itself_may_be_filled():
     assert manager.device_bytes == 1000
     with pytest.raises(UserError, match=r"gemini: one more needs 1 B but the device budget"):
         manager.reserve(1, "one more")
+
+
+def test_a_given_chunk_size_larger_than_the_search_would_pick_is_used():
+    params = _params(a=(3,), b=(5,), c=(8,), d=(2,))
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    layout = plan_layout(list(params), params, [list(params)], shapes=shapes, decays=lambda n: False,
+                         cfg=GeminiConfig(precision="fp32", chunk_numel=16), world=1)
+    assert [[s.name for s in spec.slots] for spec in layout.specs] == [["a", "b", "c"], ["d"]]  # 3 + 5 + 8 = 16
+
+
+def test_placement_boundaries_are_inclusive():
+    # warm-up fraction 0.5: the room is half the budget. 192 B: the three shards (96 B) just fit.
+    assert _where(_placed("auto", 192.0, warmup_non_model_fraction=0.5)) == [(True, False)] * 3
+    # 448 B: room 224 = the shards and exactly one chunk's optimizer state (128 B)
+    assert _where(_placed("auto", 448.0, warmup_non_model_fraction=0.5)) == [(True, True), (True, False), (True, False)]
+    empty = _manager(GeminiConfig(precision="fp32"), 1000.0, MemTracer())
+    assert empty.stats()["peak_bytes"] == 0 and empty.stats()["device_bytes"] == 0
