@@ -478,3 +478,12 @@ def test_placement_boundaries_are_inclusive():
     assert _where(_placed("auto", 448.0, warmup_non_model_fraction=0.5)) == [(True, True), (True, False), (True, False)]
     empty = _manager(GeminiConfig(precision="fp32"), 1000.0, MemTracer())
     assert empty.stats()["peak_bytes"] == 0 and empty.stats()["device_bytes"] == 0
+
+
+def test_moments_reach_a_chunk_after_chunks_that_have_none():
+    """A trainable-only state lists the parameters that stepped: earlier chunks may have none."""
+    chunks = _placed("auto").chunks
+    moments = {"p2": {"exp_avg": torch.full((8,), 0.5), "exp_avg_sq": torch.full((8,), 0.25), "step": 3.0}}
+    import_optim_state(chunks, moments)
+    assert chunks[2].exp_avg.tolist() == [0.5] * 8 and chunks[2].exp_avg_sq.tolist() == [0.25] * 8
+    assert chunks[2].steps.tolist() == [3.0] and chunks[0].steps.tolist() == [0.0]
