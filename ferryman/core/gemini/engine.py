@@ -296,10 +296,11 @@ class GeminiEngine:
 
     # -- state, checkpoints (see state.py and checkpoint.py for the formats) ------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain consolidated state dict: fp32 master weights (compute copies of frozen ones), buffers."""
+        """Plain consolidated state dict: fp32 master weights (compute copies of frozen ones), and the
+        persistent buffers (as ``nn.Module.state_dict``: a plain module loads it strictly)."""
         values = self.param_values()
         values |= {alias: values[name] for alias, name in self.aliases.items()}
-        return values | {n: b.detach().cpu() for n, b in self.module.named_buffers()}
+        return values | {n: b.detach().cpu() for n, b in pretrained.persistent_buffers(self.module).items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights by name (optimizer moments are kept); buffers too."""
@@ -320,7 +321,7 @@ class GeminiEngine:
         """Write this rank's shards and (rank 0) the layout: ``checkpoint.py``'s format (every rank calls it)."""
         header = {"dtype": str(self.dtype).removeprefix("torch."), "loss_scale": self.scaler.scale,
                   "calm_steps": self.scaler.calm_steps, "aliases": self.aliases}
-        save_sharded(folder, self.chunks, self.ranks, buffers=dict(self.module.named_buffers()), header=header)
+        save_sharded(folder, self.chunks, self.ranks, buffers=pretrained.persistent_buffers(self.module), header=header)
 
     def load(self, folder: str | Path) -> None:
         """Load weights, Adam state, buffers and loss scale from a sharded checkpoint of any layout."""

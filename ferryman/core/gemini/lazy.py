@@ -177,7 +177,10 @@ def _load_buffers(model: nn.Module, files: WeightSource, prefix: str) -> None:
     persistent = set(model.state_dict(keep_vars=True)) - {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for name, buf in model.named_buffers():
         key = next((k for k in _candidates(name, prefix) if k in files), None) if name in persistent else None
-        if key is not None:
+        if key is not None and buf.device.type == "meta":  # copy_ into a meta tensor does nothing: replace it
+            owner, _, local = name.rpartition(".")
+            model.get_submodule(owner)._buffers[local] = files.read(key).to(buf.dtype)
+        elif key is not None:
             with torch.no_grad():
                 buf.copy_(files.read(key))
         elif buf.device.type == "meta":

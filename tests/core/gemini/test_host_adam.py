@@ -71,3 +71,16 @@ def test_gemini_with_host_optimizer_equals_torch_adamw_bit_for_bit(placement):
     assert train_engine(engine, data) == train_reference(reference, data)
     state = engine.state_dict()
     assert all(torch.equal(state[n], p.detach()) for n, p in reference.named_parameters())
+
+
+def test_the_fallback_for_an_unknown_kernel_is_one_call_per_parameter(monkeypatch):
+    """A torch build whose CPU kernel no probed width reproduces: plain per-parameter calls."""
+    monkeypatch.setattr(host_adam, "vector_width", lambda: None)
+    pieces, tensors = _shard([5, 17, 40, 3], seed=3)
+    pieces = [p for p in pieces if p.slot != 1]
+    steps = torch.tensor([2.0, 2.0, 5.0, 2.0])
+    want = _per_parameter(tensors, pieces, steps)
+    got = [t.clone() for t in tensors]
+    host_adamw_(*got, steps, pieces, **HYPER)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert all(torch.equal(a[5:22], b[5:22]) for a, b in zip(got, tensors))  # the skipped piece is untouched
