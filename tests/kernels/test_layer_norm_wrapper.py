@@ -105,3 +105,14 @@ def test_fused_path_default_eps():
                                rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(LAYER_NORM.layer_norm_triton(x.double()), _by_hand(x.double(), w, b, 1e-5),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_module_is_built_where_and_as_asked_like_torchs():
+    """A drop-in for nn.LayerNorm takes its device and dtype (meta: a model built before its
+    weights are loaded, as lazy loading does)."""
+    ours = LayerNorm(8, eps=1e-3, device="meta", dtype=torch.float64)
+    theirs = torch.nn.LayerNorm(8, eps=1e-3, device="meta", dtype=torch.float64)
+    for name, p in theirs.named_parameters():
+        mine = dict(ours.named_parameters())[name]
+        assert (mine.device, mine.dtype, mine.shape) == (p.device, p.dtype, p.shape)
+    assert mine.device.type == "meta" and ours.eps == 1e-3
