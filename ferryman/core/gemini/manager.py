@@ -63,6 +63,8 @@ class ChunkManager:
         self.gather_order = list(layout.gather_order)
         self.module_chunks = layout.module_chunks  # module index -> chunk indices
         self.buffer_bytes: list[Callable[[], int]] = []  # other holders of the accounted bytes (gradient buffers)
+        # holders that can give accounted bytes back when asked (finished reductions' buffers)
+        self.give_back: list[Callable[[], None]] = []
         self._prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -86,6 +88,9 @@ class ChunkManager:
 
     def reserve(self, nbytes: int, what: str) -> None:
         """Account ``nbytes`` more on the device, evicting unused chunks to make room."""
+        if self.device_bytes + nbytes > self.soft_limit():
+            for give_back in self.give_back:  # finished reductions return their buffers before anything is evicted
+                give_back()
         while self.device_bytes + nbytes > self.soft_limit():
             if not self._evict_one():
                 break

@@ -85,6 +85,7 @@ class GradReducer:
         self.num_late = 0  # second-round reductions of gradients that came after their chunk's
         self._pending: list[tuple[Chunk, torch.Tensor, torch.Tensor, dist.Work | None]] = []
         manager.buffer_bytes.append(self.buffer_bytes)
+        manager.give_back.append(lambda: self._drain(0))  # any reservation, a fetch's too, may wait for them
 
     def buffer_bytes(self) -> int:
         """Device bytes of the gradient buffers being filled (the manager's recount adds them)."""
@@ -106,14 +107,9 @@ class GradReducer:
             g.seen.clear()
 
     # -- backward --------------------------------------------------------------------------------
-    def _reserve(self, nbytes: int, what: str) -> None:
-        if self.manager.device_bytes + nbytes > self.manager.soft_limit():
-            self._drain(0)  # finished reductions give their buffers back before anything is evicted
-        self.manager.reserve(nbytes, what)
-
     def _buffer(self, g: ChunkGrads) -> torch.Tensor:
         if g.buffer is None:
-            self._reserve(g.chunk.payload_bytes, f"gradient buffer of chunk {g.chunk.index}")
+            self.manager.reserve(g.chunk.payload_bytes, f"gradient buffer of chunk {g.chunk.index}")
             g.buffer = torch.zeros(g.chunk.numel, dtype=g.chunk.dtype, device=self.manager.device)
         return g.buffer
 
@@ -153,7 +149,7 @@ class GradReducer:
         if self.world == 1:
             self._pending.append((chunk, full, full, None))
         else:
-            self._reserve(chunk.shard_bytes, f"reduce-scatter output of chunk {chunk.index}")
+            self.manager.reserve(chunk.shard_bytes, f"reduce-scatter output of chunk {chunk.index}")
             out = torch.empty(chunk.shard_numel, dtype=chunk.dtype, device=self.manager.device)
             work = dist.reduce_scatter_tensor(out, full, group=self.group, async_op=True)
             self._pending.append((chunk, full, out, work))
